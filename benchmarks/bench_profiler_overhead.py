@@ -3,16 +3,22 @@
 The runner has no switch for its instrumentation, so this is a harness around the runner's own
 ``PPORunner.train_step`` (the same rollout, reward, log-prob, GAE, PPO and AdamW code) in two states:
 
-- bare: ``PhaseTimer(enabled=False)`` (no ranges, no memory reads: a host clock for the step only), the probe
-  functions the runner calls (``block_grad_norms``, ``block_drift``, ``kl_estimates``, ``layer_metrics``)
-  replaced by ones returning nothing, no sampler;
-- instrumented: the runner as shipped, with ``SystemSampler`` running at its default 1 s period.
+- bare: ``PhaseTimer(enabled=False)`` (no ranges, no memory reads: a host clock for the step only), the probes
+  the runner calls (``FlatParams.grad_norms`` and ``.drift``, ``kl_estimates``, ``layer_metrics``) replaced by
+  ones returning nothing;
+- instrumented: the runner as shipped.
 
-Paired steps: the policy, optimizer, KL controller and RNG state are saved before a step and restored between
-the two runs of it, so both states generate the same tokens and do the same work (checked: the response
-lengths must match); the order alternates. The overhead is the median over pairs of instrumented / bare − 1,
-with its spread. The tracing window is measured on the same runner: the steps inside an active window and
-the one-off export at the window's end, with every artefact (``with_stack``) and without Python stacks.
+The ``SystemSampler`` (default 1 s period) runs through both: starting its thread, or any idle wait, right
+before a timed step slowed that step by 1-7% in a bare-vs-bare test on this VM, which a run (it starts the
+sampler once) never sees. Its cost is its readings, measured per reading and counted at one a second.
+
+Paired steps: the policy, optimizer, KL controller and RNG state are saved before ``STEPS_PER_SIDE`` steps and
+restored between the two runs of them, so both states generate the same tokens and do the same work (checked:
+the response lengths must match); the order alternates. The overhead is the median over pairs of
+instrumented / bare − 1, with its spread. A control runs the same harness bare against bare, so its bias and
+noise are in the results too. The tracing window is measured on the same runner: the steps inside an active
+window and the one-off export at the window's end, with every artefact (``with_stack``) and without Python
+stacks.
 """
 from __future__ import annotations
 
@@ -32,9 +38,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from benchmarks.common import row, spread, write_result  # noqa: E402
 
-PAIRS = 40
+PAIRS = 400
+STEPS_PER_SIDE = 1  # one step a side, many pairs: the CPU speed here drifts on a ~0.1 s scale
 TRACE_ACTIVE = 1
-PROBES = ("block_grad_norms", "block_drift", "kl_estimates", "layer_metrics")
+PROBES = ("kl_estimates", "layer_metrics")       # functions of rlhf_core.runner
+PARAM_PROBES = ("grad_norms", "drift")            # methods of the runner's FlatParams
 ARGS = ["--batch_size", "2", "--max_new_tokens", "10", "--sample_interval", "0", "--no_tensorboard"]  # train_smoke
 
 
@@ -46,8 +54,8 @@ def bare(runner) -> Iterator[None]:
 
     saved = {name: getattr(mod, name) for name in PROBES}
     timer = runner.timer
-    mod.block_grad_norms = lambda model: (0.0, {})  # clipping (clip_grad_norm_) still runs, as in any PPO loop
-    mod.block_drift = lambda model, ref: (0.0, {})
+    runner.params.grad_norms = lambda: (None, {})  # clipping computes its norm itself, as in any PPO loop
+    runner.params.drift = lambda: (0.0, {})
     mod.kl_estimates = lambda logp, ref_logp, mask=None: {}
     mod.layer_metrics = lambda prefix, per_block: {}
     runner.timer = PhaseTimer(runner.device, enabled=False)
@@ -56,6 +64,8 @@ def bare(runner) -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(mod, name, fn)
+        for name in PARAM_PROBES:
+            delattr(runner.params, name)
         runner.timer = timer
 
 
@@ -64,6 +74,42 @@ def timed_step(runner, step: int) -> tuple[float, dict, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     record = runner.train_step(step)
     return time.perf_counter() - t0, record, time.process_time() - c0
+
+
+def timed_steps(runner, first: int, n: int) -> tuple[float, list[dict], float]:
+    """Wall and process CPU seconds per step over ``n`` consecutive steps, and their records."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    records = [runner.train_step(step) for step in range(first, first + n)]
+    return (time.perf_counter() - t0) / n, records, (time.process_time() - c0) / n
+
+
+@contextmanager
+def instrumented(runner) -> Iterator[None]:
+    """The runner as shipped."""
+    yield
+
+
+def paired(runner, first_step: int, side_a, side_b) -> dict:
+    """PAIRS pairs: the same STEPS_PER_SIDE steps under ``side_a`` and under ``side_b`` (contexts), state restored
+    in between, order alternating. Per pair a/b − 1 in wall and in process CPU time, and the step times."""
+    out: dict = {"ratios": [], "cpu_ratios": [], "a_s": [], "b_s": [], "same_work": True}
+    step = first_step
+    for pair in range(PAIRS):
+        state = snapshot(runner)
+        got = {}
+        for k, side in enumerate(("a", "b") if pair % 2 == 0 else ("b", "a")):
+            if k:
+                restore(runner, state)
+            with (side_a if side == "a" else side_b)(runner):
+                got[side] = timed_steps(runner, step, STEPS_PER_SIDE)
+        out["same_work"] &= ([r["response/length_mean"] for r in got["a"][1]]
+                             == [r["response/length_mean"] for r in got["b"][1]])
+        out["a_s"].append(got["a"][0])
+        out["b_s"].append(got["b"][0])
+        out["ratios"].append(got["a"][0] / got["b"][0] - 1)
+        out["cpu_ratios"].append(got["a"][2] / got["b"][2] - 1)
+        step += STEPS_PER_SIDE
+    return out
 
 
 def snapshot(runner) -> dict:
@@ -125,6 +171,8 @@ def attribution(runner, first: int, n: int) -> dict[str, float]:
 
     for name, fn in saved.items():
         setattr(mod, name, timed(fn))
+    for name in PARAM_PROBES:
+        setattr(runner.params, name, timed(getattr(runner.params, name)))
     runner.timer.phase = counted
     steps = []
     try:
@@ -133,6 +181,8 @@ def attribution(runner, first: int, n: int) -> dict[str, float]:
     finally:
         for name, fn in saved.items():
             setattr(mod, name, fn)
+        for name in PARAM_PROBES:
+            delattr(runner.params, name)
         del runner.timer.phase
     return {"probes_s_per_step": spent["probes_s"] / n, "phases_per_step": spent["phases"] / n,
             "step_s": statistics.median(steps)}
@@ -183,29 +233,21 @@ def main() -> int:
         for step in (1, 2):  # warm-up: first-call allocations, lazy imports
             timed_step(runner, step)
         step = 3
-        bare_s, inst_s, ratios, cpu_ratios, same_work = [], [], [], [], True
-        sampler = SystemSampler(runner.writer, 1.0)
-        for pair in range(PAIRS):
-            state = snapshot(runner)
-            got = {}
-            for k, mode in enumerate(("bare", "inst") if pair % 2 == 0 else ("inst", "bare")):
-                if k:
-                    restore(runner, state)
-                if mode == "bare":
-                    with bare(runner):
-                        got[mode] = timed_step(runner, step)
-                else:
-                    sampler.start()
-                    got[mode] = timed_step(runner, step)
-                    sampler.stop()
-            same_work &= got["bare"][1]["response/length_mean"] == got["inst"][1]["response/length_mean"]
-            bare_s.append(got["bare"][0])
-            inst_s.append(got["inst"][0])
-            ratios.append(got["inst"][0] / got["bare"][0] - 1)
-            cpu_ratios.append(got["inst"][2] / got["bare"][2] - 1)
-            step += 1
-        print(f"{PAIRS} pairs: bare {statistics.median(bare_s):.3f} s, instrumented {statistics.median(inst_s):.3f} s "
-              f"(median step); identical work: {same_work}", flush=True)
+        # Running through both sides: starting a thread (or any idle wait) just before a timed step slowed
+        # that step by 1-7% in a bare-vs-bare test here, an artefact a run, which starts it once, never sees.
+        # Its cost is its readings (micro_costs), one a second.
+        sampler = SystemSampler(runner.writer, 1.0).start()
+        try:
+            main_pairs = paired(runner, step, instrumented, bare)
+            step += PAIRS * STEPS_PER_SIDE
+            control = paired(runner, step, bare, bare)
+            step += PAIRS * STEPS_PER_SIDE
+        finally:
+            sampler.stop()
+        ratios, cpu_ratios, inst_s, bare_s = (main_pairs[k] for k in ("ratios", "cpu_ratios", "a_s", "b_s"))
+        same_work = main_pairs["same_work"] and control["same_work"]
+        print(f"{PAIRS} pairs of {STEPS_PER_SIDE} step(s): bare {statistics.median(bare_s):.3f} s, instrumented "
+              f"{statistics.median(inst_s):.3f} s (median step); identical work: {same_work}", flush=True)
         bare_step = statistics.median(bare_s)
         attr = attribution(runner, step, 6)
         step += 6
@@ -216,9 +258,11 @@ def main() -> int:
         micro = micro_costs(runner.device)
 
     ov, b, i, cov = spread(ratios), spread(bare_s), spread(inst_s), spread(cpu_ratios)
+    ctl = spread(control["ratios"])
     fa, la = spread(full["active_s"]), spread(light["active_s"])
     print(f"overhead (timer+probes+sampler): median {100 * ov['median']:+.2f}% (min {100 * ov['min']:+.2f}%, "
           f"max {100 * ov['max']:+.2f}%, stdev {100 * ov['stdev']:.2f} pts, n={ov['n']})")
+    print(f"control, bare vs bare: median {100 * ctl['median']:+.2f}% (stdev {100 * ctl['stdev']:.2f} pts)")
     print(f"overhead in process CPU time: median {100 * cov['median']:+.2f}% (min {100 * cov['min']:+.2f}%, "
           f"max {100 * cov['max']:+.2f}%, stdev {100 * cov['stdev']:.2f} pts)")
     for name, w, a in (("full", full, fa), ("no stacks", light, la)):
@@ -237,8 +281,11 @@ def main() -> int:
     rows = [
         row("timer+probes+sampler overhead (tracing off)", round(100 * ov["median"], 2), "% of step", "<= 3 %",
             ov["median"] <= 0.03,
-            f"median of {ov['n']} paired steps (same tokens), range {100 * ov['min']:+.1f}..{100 * ov['max']:+.1f}%, "
+            f"median of {ov['n']} pairs of {STEPS_PER_SIDE} identical steps (same tokens), range {100 * ov['min']:+.1f}..{100 * ov['max']:+.1f}%, "
             f"stdev {100 * ov['stdev']:.1f} pts; bare step {bare_step * 1000:.0f} ms; CPU shared (load {load[0]:.1f})"),
+        row("control: bare vs bare, same harness", round(100 * ctl["median"], 2), "% of step", "reported", None,
+            f"median of {ctl['n']} pairs, range {100 * ctl['min']:+.1f}..{100 * ctl['max']:+.1f}%, stdev "
+            f"{100 * ctl['stdev']:.1f} pts: the harness's own bias and noise"),
         row("same, in process CPU time", round(100 * cov["median"], 2), "% of step", "<= 3 %", cov["median"] <= 0.03,
             f"median of {cov['n']} pairs, range {100 * cov['min']:+.1f}..{100 * cov['max']:+.1f}%, "
             f"stdev {100 * cov['stdev']:.1f} pts (CPU seconds of all threads: less sensitive to other load)"),
@@ -262,7 +309,7 @@ def main() -> int:
     details = {
         "harness": "PPORunner.train_step with instrumentation swapped out (the runner has no switch); see docstring",
         "args": ARGS, "pairs": PAIRS, "identical_work": same_work,
-        "overhead_ratio_per_pair": ratios, "cpu_overhead_ratio_per_pair": cpu_ratios, "spread_cpu_overhead": cov,
+        "overhead_ratio_per_pair": ratios, "control_ratio_per_pair": control["ratios"], "spread_control": ctl, "cpu_overhead_ratio_per_pair": cpu_ratios, "spread_cpu_overhead": cov,
         "torch_threads": torch.get_num_threads(), "bare_step_s": bare_s, "instrumented_step_s": inst_s,
         "spread_overhead": ov, "spread_bare": b, "spread_instrumented": i,
         "attribution": {"parts_s_per_step": parts, "shares": shares, **attr},

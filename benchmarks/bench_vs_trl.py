@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 COMPLETIONS_PER_STEP = 8
 NUM_GENERATIONS = 2          # GRPO needs >= 2 completions per prompt: 4 prompts x 2 completions
 NEW_TOKENS = 16
-STEPS = 20
+STEPS = 40
 WARMUP_STEPS = 2
-REPEATS = 4
+REPEATS = 6
 THREADS = 1
 KL_COEF = 0.04
 LEARNING_RATE = 1e-5

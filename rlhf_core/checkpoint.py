@@ -41,6 +41,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return ckpts[-1] if ckpts else None
 
 
+def own_storage(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict with every distinct tensor in storage of its own (tied entries stay one tensor).
+
+    The runner's parameters are views of one flat buffer (``flat_params``); saved as they are, each would
+    load as a view of the whole buffer, which tools such as safetensors refuse.
+    """
+    copies: dict[tuple, Any] = {}
+    out = {}
+    for k, v in state_dict.items():
+        if hasattr(v, "untyped_storage"):
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+            if key not in copies:
+                copies[key] = v.detach().clone()
+            v = copies[key]
+        out[k] = v
+    return out
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
     """Write ``state`` and ``info`` for ``step``; the info file is written last, marking it complete."""
     import torch

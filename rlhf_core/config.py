@@ -19,6 +19,7 @@ REWARD_NAMES = ("sentiment", "preference", "length", "mix")
 DEVICES = ("auto", "cpu", "cuda")
 LOGPROB_IMPLS = ("auto", "torch", "chunked", "triton")
 DTYPES = ("fp32", "bf16")
+OLD_LOGPROBS = ("auto", "rollout", "recompute")
 REF_DEVICES = ("same", "cpu")
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     ref_device: str = "same"
     gradient_checkpointing: bool = False
     logprob_impl: str = "auto"
+    old_logprobs: str = "auto"
     # sampling
     max_new_tokens: int = 15
     temperature: float = 1.0
@@ -93,6 +95,10 @@ class TrainConfig:
     @property
     def effective_rollout_batch_size(self) -> int:
         return self.rollout_batch_size or self.batch_size
+
+    @property
+    def old_logprobs_from_rollout(self) -> bool:
+        return self.old_logprobs == "rollout" or (self.old_logprobs == "auto" and self.dtype == "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +199,10 @@ def build_parser(suppress_defaults: bool = False, prog: str = "train.py") -> arg
     add("--gradient_checkpointing", action="store_true", default=d.gradient_checkpointing)
     add("--logprob_impl", choices=LOGPROB_IMPLS, default=d.logprob_impl,
         help="torch: logits + log_softmax; chunked/triton: memory.logprobs (no full logits)")
+    add("--old_logprobs", choices=OLD_LOGPROBS, default=d.old_logprobs,
+        help="old-policy log-probs and values from the hidden states kept while sampling (rollout, no second "
+             "forward; GPT-2 models) or from a fresh forward (recompute); auto: rollout in fp32, recompute in "
+             "bf16, where a cached decode differs from a full forward by more than the PPO ratio can ignore")
     g = p.add_argument_group("sampling")
     add("--max_new_tokens", type=_positive_int, default=d.max_new_tokens)
     add("--temperature", type=_POS, default=d.temperature)

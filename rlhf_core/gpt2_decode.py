@@ -37,9 +37,9 @@ def supports(model: nn.Module) -> bool:
     )
 
 
-def _conv1d(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """transformers' Conv1D: x @ W + b with W stored as [in, out]."""
-    return torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight).view(*x.shape[:-1], -1)
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
 
 
 class GPT2Decoder:
@@ -56,42 +56,59 @@ class GPT2Decoder:
         self.eps = cfg.layer_norm_epsilon
         self.act = _ACTIVATIONS[cfg.activation_function]
         self.head_weight = model.get_output_embeddings().weight
-        w = self.tf.wte.weight
+        self.wte, self.wpe = self.tf.wte.weight, self.tf.wpe.weight
+        self.ln_f = (self.tf.ln_f.weight, self.tf.ln_f.bias)
+        # the weight tensors themselves, looked up once: nn.Module attribute access per token and layer was
+        # ~5% of a decode step (the optimizer updates these tensors in place, so the references stay current)
+        self.blocks = [
+            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+             b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+            for b in self.tf.h
+        ]
         shape = (batch, self.n_head, max_len, self.head_dim)
-        self.k = [w.new_zeros(shape) for _ in self.tf.h]
-        self.v = [w.new_zeros(shape) for _ in self.tf.h]
+        self.k = [self.wte.new_zeros(shape) for _ in self.tf.h]
+        self.v = [self.wte.new_zeros(shape) for _ in self.tf.h]
         self.length = 0
+        self.hidden: torch.Tensor | None = None  # final-norm hidden state of the last position, [b, n_embd]
 
-    def _block(self, i: int, block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_w, mlp_b = self.blocks[i]
         b, t, c = x.shape
-        a = F.layer_norm(x, (c,), block.ln_1.weight, block.ln_1.bias, self.eps)
-        q, k, v = _conv1d(a, block.attn.c_attn).split(c, dim=-1)
+        a = F.layer_norm(x, (c,), ln1_w, ln1_b, self.eps)
+        q, k, v = _conv1d(a, attn_w, attn_b).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
         end = self.length + t
         self.k[i][:, :, self.length:end] = k
         self.v[i][:, :, self.length:end] = v
         y = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=mask)
-        x = x + _conv1d(y.transpose(1, 2).reshape(b, t, c), block.attn.c_proj)
-        m = F.layer_norm(x, (c,), block.ln_2.weight, block.ln_2.bias, self.eps)
-        return x + _conv1d(self.act(_conv1d(m, block.mlp.c_fc)), block.mlp.c_proj)
+        x = x + _conv1d(y.transpose(1, 2).reshape(b, t, c), proj_w, proj_b)
+        m = F.layer_norm(x, (c,), ln2_w, ln2_b, self.eps)
+        return x + _conv1d(self.act(_conv1d(m, fc_w, fc_b)), mlp_w, mlp_b)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the last position for ``ids`` [b, t] appended to the cache.
 
-        ``key_mask`` [b, length + t] marks real (non-pad) tokens of the whole sequence so far.
+        ``key_mask`` [b, length + t] marks real (non-pad) tokens of the whole sequence so far. The final-norm
+        hidden state behind those logits stays in ``self.hidden``: the policy's scoring pass reads it instead
+        of running the model again (see ``Rollout.hidden``).
         """
         t = ids.shape[1]
         end = self.length + t
-        causal = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(self.length)
-        allowed = causal[None] & key_mask[:, None, :end].bool()
-        # a left-pad query may see no real key at all: let it see itself so its row stays finite
-        rows = torch.arange(t, device=ids.device)
-        allowed[:, rows, self.length + rows] = True
-        mask = allowed[:, None]
-        x = self.tf.wte(ids) + self.tf.wpe(positions)
-        for i, block in enumerate(self.tf.h):
-            x = self._block(i, block, x, mask)
+        if t == 1 and bool(key_mask[:, end - 1].all()):
+            # one new real token per row: every cached key is in its past, so the padding mask is the whole mask
+            mask = key_mask[:, None, None, :end].bool()
+        else:
+            causal = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(self.length)
+            allowed = causal[None] & key_mask[:, None, :end].bool()
+            # a left-pad query may see no real key at all: let it see itself so its row stays finite
+            rows = torch.arange(t, device=ids.device)
+            allowed[:, rows, self.length + rows] = True
+            mask = allowed[:, None]
+        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        for i in range(len(self.blocks)):
+            x = self._block(i, x, mask)
         self.length = end
-        last = F.layer_norm(x[:, -1], (x.shape[-1],), self.tf.ln_f.weight, self.tf.ln_f.bias, self.eps)
-        return last @ self.head_weight.t()
+        self.hidden = F.layer_norm(x[:, -1], (x.shape[-1],), *self.ln_f, self.eps)
+        return self.hidden @ self.head_weight.t()
 

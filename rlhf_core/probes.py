@@ -19,13 +19,6 @@ _NUMBERED = re.compile(r"^(.*?\.\d+)\.")
 _STRIP = ("base_model.model.", "module.", "_orig_mod.", "pretrained_model.", "policy.", "model.")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return x.mean()
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k1 = log π − log π_ref."""
     return logp - ref_logp
@@ -44,14 +37,14 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def kl_estimates(
     logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Token-mean k1/k2/k3 under the canonical keys ``kl/ref_k1`` … ``kl/ref_k3``."""
+    """Token-mean k1/k2/k3 under the canonical keys ``kl/ref_k1`` … ``kl/ref_k3`` (float64, one host sync)."""
     with torch.no_grad():
         logp, ref_logp = logp.double(), ref_logp.double()
-        return {
-            "kl/ref_k1": _masked_mean(kl_k1(logp, ref_logp), mask).item(),
-            "kl/ref_k2": _masked_mean(kl_k2(logp, ref_logp), mask).item(),
-            "kl/ref_k3": _masked_mean(kl_k3(logp, ref_logp), mask).item(),
-        }
+        per_token = torch.stack([kl_k1(logp, ref_logp), kl_k2(logp, ref_logp), kl_k3(logp, ref_logp)]).flatten(1)
+        weights = torch.ones_like(per_token[0]) if mask is None else mask.reshape(-1).to(per_token.dtype)
+        *sums, count = torch.cat([per_token @ weights, weights.sum().reshape(1)]).tolist()
+    k1, k2, k3 = (v / max(count, 1.0) for v in sums)
+    return {"kl/ref_k1": k1, "kl/ref_k2": k2, "kl/ref_k3": k3}
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ class Rollout:
     prompt_len: int                # P
     response_mask: torch.Tensor    # [b, R] 1 for real response tokens (through the first EOS)
     eos: torch.Tensor              # [b] bool: the response ended with EOS
+    # [b, R, H] final-norm hidden states that predicted each response token, as sampled (the lean GPT-2
+    # decoder keeps them; None otherwise): the old-policy log-probs and values without a second forward
+    hidden: torch.Tensor | None = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -69,7 +72,8 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
                        pad_token_id=pad_token_id, generator=generator, temperature=temperature, top_k=top_k,
                        top_p=top_p)
     return Rollout(roll.input_ids.clone(), roll.attention_mask.clone(), roll.prompt_len,
-                   roll.response_mask.clone(), roll.eos.clone())
+                   roll.response_mask.clone(), roll.eos.clone(),
+                   None if roll.hidden is None else roll.hidden.clone())
 
 
 class HFDecoder:
@@ -78,6 +82,7 @@ class HFDecoder:
     def __init__(self, model: nn.Module):
         self.model = model
         self.past = None
+        self.hidden = None  # hidden states are not kept on this path: the runner recomputes them
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=key_mask, position_ids=positions,
@@ -107,8 +112,10 @@ def _sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         logits = decoder.forward(prompt_ids, position_ids_from_mask(mask), mask)
         next_pos = mask.sum(-1, keepdim=True)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-        tokens, real = [], []
+        tokens, real, hidden = [], [], []
         for _ in range(max_new_tokens):
+            if decoder.hidden is not None:
+                hidden.append(decoder.hidden)
             nxt = sample_next(logits, generator, temperature, top_k, top_p)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             tokens.append(nxt)
@@ -123,7 +130,8 @@ def _sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         response_mask = torch.stack(real, dim=1).long()
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask.long(), torch.ones_like(response)], dim=1)
-        return Rollout(input_ids, attention_mask, prompt_ids.shape[1], response_mask, finished)
+        return Rollout(input_ids, attention_mask, prompt_ids.shape[1], response_mask, finished,
+                       torch.stack(hidden, dim=1) if len(hidden) == len(tokens) else None)
     finally:
         if toggle:
             model.train(True)
@@ -135,7 +143,7 @@ def pad_and_concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         return rollouts[0]
     p_len = max(r.prompt_len for r in rollouts)
     r_len = max(r.response_mask.shape[1] for r in rollouts)
-    ids, attn, rmask, eos = [], [], [], []
+    ids, attn, rmask, eos, hidden = [], [], [], [], []
     for r in rollouts:
         b, lp, lr = r.input_ids.shape[0], p_len - r.prompt_len, r_len - r.response_mask.shape[1]
         prompt, resp = r.input_ids[:, : r.prompt_len], r.response_ids
@@ -144,4 +152,7 @@ def pad_and_concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         attn.append(torch.cat([pm.new_zeros((b, lp)), pm, ra, ra.new_ones((b, lr))], 1))
         rmask.append(torch.cat([r.response_mask, r.response_mask.new_zeros((b, lr))], 1))
         eos.append(r.eos)
-    return Rollout(torch.cat(ids), torch.cat(attn), p_len, torch.cat(rmask), torch.cat(eos))
+        if r.hidden is not None:
+            hidden.append(torch.cat([r.hidden, r.hidden.new_zeros((b, lr, r.hidden.shape[-1]))], 1))
+    return Rollout(torch.cat(ids), torch.cat(attn), p_len, torch.cat(rmask), torch.cat(eos),
+                   torch.cat(hidden) if len(hidden) == len(rollouts) else None)

@@ -75,6 +75,18 @@ def test_clipped_value_loss_by_hand():
     assert clipfrac.item() == 0.0
 
 
+def test_value_clipfrac_ignores_rounding_inside_the_clip_range():
+    # values seen in a run: V_old + (V − V_old) rounds away from V, well inside the clip range
+    f32 = torch.float32
+    old = torch.tensor([-0.01983799785375595, -0.07858191430568695, -0.11095918715000153], dtype=f32)
+    values = torch.tensor([0.04529251530766487, -0.012059684842824936, -0.014016401953995228], dtype=f32)
+    returns = values.clone()  # a critic that is exactly right: any difference in V_clip shows in the loss
+    clipped = old + torch.clamp(values - old, -0.2, 0.2)
+    assert ((clipped - returns) ** 2 > (values - returns) ** 2).all()
+    _, clipfrac = ppo.value_loss(values, old, returns, torch.ones(3), cliprange_value=0.2)
+    assert clipfrac.item() == 0.0
+
+
 def test_kl_estimators_by_hand():
     # π = 0.5, π_ref = 0.25: k1 = log 2; r = 0.5, k3 = (0.5 − 1) − log 0.5 = log 2 − 0.5
     logp, ref = torch.log(t([0.5])), torch.log(t([0.25]))

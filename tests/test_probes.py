@@ -87,3 +87,14 @@ def test_kl_estimates_are_zero_for_identical_policies_and_k3_nonnegative() -> No
     assert all(v == pytest.approx(0.0, abs=1e-12) for v in kl_estimates(logp, logp).values())
     est = kl_estimates(logp, logp + 0.3 * torch.randn(4, 6))
     assert est["kl/ref_k3"] >= 0.0
+
+
+def test_kl_estimates_average_over_unmasked_tokens_only() -> None:
+    # log r = ref − logp: 0.2 and −0.4 on real tokens; the masked token's huge gap must not count
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-0.8, -2.4, 50.0]])
+    est = kl_estimates(logp, ref, torch.tensor([[1, 1, 0]]))
+    log_r = [0.2, -0.4]
+    assert est["kl/ref_k1"] == pytest.approx(sum(-x for x in log_r) / 2, rel=1e-6)
+    assert est["kl/ref_k2"] == pytest.approx(sum(0.5 * x * x for x in log_r) / 2, rel=1e-6)
+    assert est["kl/ref_k3"] == pytest.approx(sum(math.expm1(x) - x for x in log_r) / 2, rel=1e-6)

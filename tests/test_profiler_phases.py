@@ -111,3 +111,27 @@ def test_rss_reader_matches_psutil():
 
     rss = RssReader()()
     assert abs(rss - psutil.Process().memory_info().rss) < 64 * 2**20
+
+
+def test_rss_is_read_at_most_once_per_max_age_on_the_cpu(monkeypatch):
+    """Phases ending soon after the last reading reuse it; one ending later than the max age reads again."""
+    import time
+
+    import profiler.phases as phases
+
+    monkeypatch.setattr(phases, "RSS_MAX_AGE_S", 0.2)  # wide, so a busy machine cannot make it flaky
+    timer = phases.PhaseTimer("cpu")
+    readings = iter(range(1, 100))
+    calls = []
+    timer._rss = lambda: calls.append(1) or next(readings) * 1000
+    timer.start_step()
+    for name in ("rollout", "reward", "values"):
+        with timer.phase(name):
+            pass
+    time.sleep(0.25)
+    with timer.phase("advantages"):
+        pass
+    rec = timer.end_step()
+    assert len(calls) == 2
+    assert rec["mem/rollout_peak_bytes"] == rec["mem/reward_peak_bytes"] == rec["mem/values_peak_bytes"] == 1000
+    assert rec["mem/advantages_peak_bytes"] == 2000

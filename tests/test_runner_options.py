@@ -124,13 +124,34 @@ def test_pad_and_concat_joins_chunks():
     assert out.eos.tolist() == [False, True]
 
 
-@pytest.mark.parametrize("impl", ["torch", "chunked"])
-def test_first_update_sees_ratio_exactly_one(tmp_path, impl):
-    """Old log-probs and the update's log-probs come from the same computation, so before any optimizer step
-    the PPO ratio is 1 and nothing is clipped (a mismatch here would bias every update)."""
+@pytest.mark.parametrize("impl,old", [("torch", "rollout"), ("chunked", "rollout"), ("chunked", "recompute")])
+def test_first_update_sees_ratio_exactly_one(tmp_path, impl, old):
+    """Old log-probs come from the hidden states kept while sampling (or a fresh forward) and the update's from
+    its own forward: before any optimizer step the PPO ratio is 1 and nothing is clipped (a mismatch here
+    would bias every update)."""
     assert main([*BASE, "--run_dir", str(tmp_path / "r"), "--mini_batch_size", "4", "--steps_per_epoch", "1",
-                 "--logprob_impl", impl]) == 0
+                 "--logprob_impl", impl, "--old_logprobs", old]) == 0
     rec = Run(tmp_path / "r").metrics()[0]
     assert rec["policy/ratio_min"] == pytest.approx(1.0, abs=1e-6)
     assert rec["policy/ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert rec["policy/clipfrac"] == 0.0 and rec["policy/approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert rec["value/clipfrac"] == 0.0
+
+
+def test_old_logprobs_source_follows_the_flag_and_dtype():
+    assert parse_args([]).old_logprobs_from_rollout
+    assert not parse_args(["--dtype", "bf16"]).old_logprobs_from_rollout
+    assert parse_args(["--dtype", "bf16", "--old_logprobs", "rollout"]).old_logprobs_from_rollout
+    assert not parse_args(["--old_logprobs", "recompute"]).old_logprobs_from_rollout
+
+
+def test_old_logprobs_from_the_rollout_train_like_a_fresh_forward(tmp_path):
+    """Three steps with either source: the same samples and, within float rounding, the same numbers."""
+    for old in ("rollout", "recompute"):
+        assert main([*BASE, "--run_dir", str(tmp_path / old), "--steps_per_epoch", "3", "--learning_rate", "1e-3",
+                     "--old_logprobs", old]) == 0
+    a, b = Run(tmp_path / "rollout").metrics(), Run(tmp_path / "recompute").metrics()
+    for x, y in zip(a, b):
+        assert x["response/length_mean"] == y["response/length_mean"] and x["reward/mean"] == y["reward/mean"]
+        for key in ("loss/total", "kl/ref_k1", "kl/ref_k3", "policy/entropy", "value/mean", "grad/norm", "drift/rel"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key

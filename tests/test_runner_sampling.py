@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rlhf_core.policy import PolicyWithValue, load_causal_lm, load_tokenizer
-from rlhf_core.sampling import generate
+from rlhf_core.policy import PolicyWithValue, load_causal_lm, load_tokenizer, score_tokens
+from rlhf_core.sampling import HFDecoder, generate, pad_and_concat
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,45 @@ def test_greedy_samples_are_the_argmax_of_the_scoring_pass(lm, impl):
     torch.testing.assert_close(scored.logp, expected, rtol=1e-4, atol=1e-4)
     assert scored.values.shape == roll.response_ids.shape
     assert (scored.entropy > 0).all()
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_hidden_states_kept_while_sampling_give_the_scoring_pass_numbers(lm, chunks):
+    """The runner's old log-probs, entropy and values come from ``Rollout.hidden`` (no second forward): on real
+    tokens they must equal a fresh scoring pass, with left padding, early EOS and chunked rollouts."""
+    tok, model = lm
+    enc = _batch(tok)
+    gen = torch.Generator().manual_seed(5)
+    greedy = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=4, eos_token_id=-1,
+                      pad_token_id=tok.pad_token_id, generator=gen, top_k=1)
+    eos = int(greedy.response_ids[1, 2])  # pretend this token is EOS, so that row stops early
+    step = 2 if chunks == 2 else 3
+    parts = [generate(model, enc.input_ids[i: i + step], enc.attention_mask[i: i + step], max_new_tokens=8,
+                      eos_token_id=eos, pad_token_id=tok.pad_token_id, generator=gen, top_k=1)
+             for i in range(0, 3, step)]
+    assert len(parts) == chunks
+    roll = pad_and_concat(parts, tok.pad_token_id)
+    assert roll.hidden is not None and roll.hidden.shape[:2] == roll.response_ids.shape
+    assert not roll.response_mask.all()  # some row stopped early
+    policy = PolicyWithValue(model)
+    m = roll.response_mask.bool()
+    with torch.no_grad():
+        fresh = policy(roll.input_ids, roll.attention_mask, roll.prompt_len)
+        logp, entropy = score_tokens(model, roll.hidden, roll.response_ids, impl="auto", temperature=1.0,
+                                     with_entropy=True)
+        values = policy.values_from_hidden(roll.hidden)
+    torch.testing.assert_close(logp[m], fresh.logp[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[m], fresh.entropy[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[m], fresh.values[m], rtol=0, atol=1e-5)
+
+
+def test_the_generic_decoder_keeps_no_hidden_states(lm, monkeypatch):
+    tok, model = lm
+    enc = _batch(tok)
+    monkeypatch.setattr("rlhf_core.sampling.make_decoder", lambda m, b, n: HFDecoder(m))
+    roll = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=3, eos_token_id=-1,
+                    pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert roll.hidden is None  # the runner then runs the scoring forward itself
 
 
 def test_generation_stops_at_eos_and_masks_the_rest(lm):
