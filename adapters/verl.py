@@ -19,9 +19,8 @@ from .mapping import map_verl
 class _NumberedCursor(JsonlCursor):
     """The reader's cursor, returning (line number, record) so a bad record can be reported where it is."""
 
-    def _parse(self, raw: bytes, line_no: int):
-        rec = super()._parse(raw, line_no)
-        return None if rec is None else (line_no, rec)
+    def _collect(self, rec: dict, line_no: int) -> tuple[int, dict]:
+        return line_no, rec
 
 
 class _VerlPoll:

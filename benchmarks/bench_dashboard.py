@@ -4,19 +4,30 @@ Both read the same scalars: the run is written as ``metrics.jsonl`` (through ``R
 generator writes a TensorBoard event file; TensorBoard's side is ``EventAccumulator.Reload()`` keeping every
 scalar. Without TensorFlow installed its record reader and writer are pure Python (CRC32C per record), ~1 ms
 per 50-key step here, so TensorBoard gets the first 20k steps only and the comparison is given both raw and
-per step. "Cold" is a fresh server (the run is read from
-disk within the timed request); "warm" reopens the page with the run cached and the detectors done.
+per step.
+
+Three states of the page, each in the same headless Chromium:
+
+- cold server: ``python -m dashboard.app`` (``rlhfkit dashboard``) started afresh in its own process, on the
+  address the browser used before, as when the dashboard is restarted: nothing read or cached on the
+  server, the page's scripts (6.5 MB, 4.8 MB of it plotly.js) in the browser's cache. The process start-up
+  is not timed; the clock starts at the page request.
+- first visit: the same on an address the browser has never seen, so it downloads and compiles every script
+  too. Also measured with the run already read on the server (in-process), which isolates the browser's share.
+- warm: the page reopened with the run cached and the detectors done.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -109,13 +120,54 @@ def render_s(driver: Any, url: str) -> float:
 
 
 def wait_detectors(app: Any, run_key: str, timeout: float = 300) -> None:
-    """Let the background detectors finish so a warm measurement does not share the CPU with them."""
+    """Let the background detectors finish (starting them if needed) so the next measurement does not share
+    the CPU with them."""
     data = app.server.config["RLHFKIT_CACHE"].peek(run_key)
+    if data is not None:
+        data.alerts(start=True)
     deadline = time.monotonic() + timeout
     while data is not None and time.monotonic() < deadline:
         if not data.alerts(start=False)[1] and not (data._detector and data._detector.is_alive()):
             return
         time.sleep(0.2)
+
+
+@contextmanager
+def dashboard_process(root: Path, port: int, render: str) -> Iterator[str]:
+    """``python -m dashboard.app`` serving ``root`` on ``port``; yields its URL once it accepts connections."""
+    import socket
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "dashboard.app", "--runs", str(root), "--port", str(port),
+                             "--render", render], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dashboard process exited with {proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"dashboard process not serving on port {port} after 120 s") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+FIRST_VISITS = 2
+COLD_RESTARTS = 3
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> int:
@@ -137,23 +189,50 @@ def main() -> int:
         parse_s = time.perf_counter() - t0
 
         timings: dict[str, dict[str, list[float]]] = {}
+        port = free_port()
         with chromium() as driver:
             renderer = None
-            for render, colds, warms in (("auto", 2, 3), ("webgl", 1, 2)):
-                got = timings[render] = {"cold": [], "warm": []}
-                for _ in range(colds):  # a new app each time: nothing cached on the server
-                    app = create_app(root, render=render)
-                    with ServerThread(app.server) as server:
-                        got["cold"].append(render_s(driver, f"{server.url}/?run=big"))
-                        renderer = renderer or driver.execute_script(
-                            "return document.querySelector('#fig-kl .js-plotly-plot').data[0].type")
-                        wait_detectors(app, "big")
-                        if not got["warm"]:
-                            got["warm"] += [render_s(driver, f"{server.url}/?run=big") for _ in range(warms)]
+
+            def cold(render: str, server_port: int) -> float:
+                """``rlhfkit dashboard`` started afresh in its own process on ``server_port`` (its start-up is
+                not timed: the clock starts at the page request)."""
+                nonlocal renderer
+                with dashboard_process(root, server_port, render) as url:
+                    took = render_s(driver, f"{url}/?run=big")
+                    renderer = renderer or driver.execute_script(
+                        "return document.querySelector('#fig-kl .js-plotly-plot').data[0].type")
+                return took
+
+            def preread_first_visit() -> float:
+                """A never-seen address whose server has already read the run: the browser's share."""
+                app = create_app(root)
+                app.server.config["RLHFKIT_CACHE"].get("big")
+                wait_detectors(app, "big")
+                with ServerThread(app.server) as server:
+                    took = render_s(driver, f"{server.url}/?run=big")
+                del app
+                gc.collect()
+                return took
+
+            for render, colds, warms in (("auto", FIRST_VISITS, 3), ("webgl", 1, 2)):
+                got = timings[render] = {"first_visit": [], "cold": [], "warm": [], "first_visit_preread": []}
+                for _ in range(colds):  # a port never used before: the browser has nothing cached for it
+                    got["first_visit"].append(cold(render, free_port()))
+                if render == "auto":
+                    got["first_visit_preread"] = [preread_first_visit() for _ in range(FIRST_VISITS)]
+                cold(render, port)  # the browser now has this address's scripts, as after any earlier visit
+                for _ in range(COLD_RESTARTS if render == "auto" else 1):
+                    got["cold"].append(cold(render, port))
+                app = create_app(root, render=render)
+                app.server.config["RLHFKIT_CACHE"].get("big")
+                wait_detectors(app, "big")
+                with ServerThread(app.server, port=port) as server:
+                    got["warm"] += [render_s(driver, f"{server.url}/?run=big") for _ in range(warms)]
         tb = [tensorboard_load_s(Path(tmp) / "tb") for _ in range(2)]
         tb_s = [t for t, _ in tb]
 
     auto_cold, auto_warm = spread(timings["auto"]["cold"]), spread(timings["auto"]["warm"])
+    first, first_pre = spread(timings["auto"]["first_visit"]), spread(timings["auto"]["first_visit_preread"])
     gl_cold, gl_warm = spread(timings["webgl"]["cold"]), spread(timings["webgl"]["warm"])
     tb_sp = spread(tb_s)
     cold_s = auto_cold
@@ -164,8 +243,14 @@ def main() -> int:
 
     rows = [
         row("first render, cold server (100k steps x 50 keys, default --render auto)", round(auto_cold["median"], 2),
-            "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; drew '{renderer}' traces (headless Chromium "
-            f"has software WebGL only); includes reading the run ({parse_s:.1f} s for Run.metrics() alone)"),
+            "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; a fresh server process on the address the "
+            f"browser used before (its scripts cached); drew '{renderer}' traces (headless Chromium has software WebGL "
+            f"only); includes reading the run ({parse_s:.1f} s for Run.metrics() alone)"),
+        row("first render, first visit (cold server, cold browser cache)", round(first["median"], 2), "s", "< 2 s",
+            first["median"] < 2, f"{note(first)}; an address the browser never saw: it also downloads and compiles "
+            "6.5 MB of scripts"),
+        row("first visit with the run already read on the server", round(first_pre["median"], 2), "s", "", None,
+            f"{note(first_pre)}; the browser's share of a first visit (scripts, Dash, drawing)"),
         row("first render, warm server cache (--render auto)", round(auto_warm["median"], 2), "s", "< 2 s",
             auto_warm["median"] < 2, note(auto_warm)),
         row("first render, cold server (--render webgl, forced Scattergl)", round(gl_cold["median"], 2), "s", "",

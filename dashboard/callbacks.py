@@ -107,13 +107,20 @@ class Builder:
                 notes.append(f"{d.key}: {progress}")
         return out, notes
 
+    @staticmethod
+    def prepare(data: RunData, rank: Any = ALL) -> None:
+        """Fill the columns the figures read, in one pass (under the run's lock: once, whoever asks first)."""
+        with data.lock:
+            view = data.view(rank)
+            view.prefetch(F.needed_keys(view))
+
     def full(self, selection: Sequence[str], rank: Any, trace_type: str = "scattergl"
              ) -> tuple[list[Any], dict[str, Any], list[str]]:
         """Every stability figure, the new cursor and the problems of the selected runs."""
         runs, problems = self.load(selection)
         series = self.series(runs, rank)
-        for s in series:
-            s.view.prefetch(F.needed_keys(s.view))
+        for data in runs:
+            self.prepare(data, rank)
         alerts, _ = self.alerts_of(runs, start=False)  # the detectors start after the charts are drawn
         uirev = "|".join(selection) + f"|{rank}"
         figs, traces = [], {}
@@ -231,7 +238,7 @@ function(_) {
 """
 
 
-def register(app: Dash, cache: RunCache, render: str = "auto") -> None:
+def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
     """Attach every callback of the page to ``app``; ``render`` is auto, scattergl or scatter."""
     builder = Builder(cache)
     app.clientside_callback(DETECT_RENDER_JS, Output("trace-type", "data"), Input("url", "pathname"))
@@ -258,7 +265,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> None:
                     problems.append(str(err))
         if selection is None:  # first call of this page
             selection = [w for w in wanted if w in ids] if wanted else ids[:1]
-            cache.warm(selection)
+            cache.warm(selection, builder.prepare)
         selected = [ids.index(k) for k in selection if k in ids]
         data_out = rows if rows != old_rows else no_update
         sel_out = selected if selected != (old_selected or []) or data_out is not no_update else no_update
@@ -425,6 +432,8 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> None:
         fig = F.memory_figure(report)
         fig.update_layout(title_text=f"{fig.layout.title.text}: {runs[0].key}")
         return fig, ""
+
+    return builder
 
 
 def _rank_value(rank: Any) -> Any:

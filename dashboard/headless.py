@@ -30,12 +30,12 @@ def browser_paths() -> tuple[str | None, str | None]:
 
 
 class ServerThread:
-    """A threaded werkzeug server for a WSGI app on 127.0.0.1 and a free port."""
+    """A threaded werkzeug server for a WSGI app on 127.0.0.1 and ``port`` (0: a free one)."""
 
-    def __init__(self, wsgi_app: Any, quiet: bool = True):
+    def __init__(self, wsgi_app: Any, quiet: bool = True, port: int = 0):
         if quiet:
             logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self.server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+        self.server = make_server("127.0.0.1", port, wsgi_app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -45,6 +45,7 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
+        self.server.server_close()  # free the port: a later server may take the same address
         self.thread.join(timeout=10)
 
 

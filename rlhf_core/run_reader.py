@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,14 +20,20 @@ from .keys import unknown_keys
 try:  # orjson parses ~3x faster; it is strict (no bare NaN), so json stays the fallback for such lines
     import orjson
 
+    _fast_loads = orjson.loads
+
     def _loads(raw: bytes) -> Any:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             return json.loads(raw)
 except ImportError:  # pragma: no cover - orjson is in requirements.txt
+    _fast_loads = json.loads
+
     def _loads(raw: bytes) -> Any:
         return json.loads(raw)
+
+YIELD_EVERY_LINES = 2000  # a big read sleeps(0) this often, so other threads of a reader (the dashboard) run
 
 
 class RunError(Exception):
@@ -53,7 +60,7 @@ class JsonlCursor:
     line_no: int = 0
     problems: list[Problem] = field(default_factory=list)
 
-    def read_new(self) -> list[dict[str, Any]]:
+    def read_new(self) -> list[Any]:
         """Records of the complete lines written since the last call."""
         try:
             size = self.path.stat().st_size
@@ -72,13 +79,27 @@ class JsonlCursor:
             return []
         complete = chunk[: end + 1]
         self.offset += len(complete)
-        records = []
-        for raw in complete.split(b"\n")[:-1]:
-            self.line_no += 1
-            rec = self._parse(raw, self.line_no)
-            if rec is not None:
-                records.append(rec)
+        records: list[dict[str, Any]] = []
+        append, loads, base = records.append, _fast_loads, self.line_no
+        numbered = type(self)._collect is not JsonlCursor._collect
+        for i, raw in enumerate(complete.split(b"\n")[:-1], 1):
+            try:  # the common case in a tight loop: a JSON object per line
+                rec = loads(raw)
+            except ValueError:  # orjson's and json's decode errors both are ValueErrors
+                rec = None
+            if type(rec) is not dict:
+                rec = self._parse(raw, base + i)  # blank, NaN, malformed, not an object: slow path, problems
+                if rec is None:
+                    continue
+            append(self._collect(rec, base + i) if numbered else rec)
+            if not i % YIELD_EVERY_LINES:
+                time.sleep(0)  # let other threads (a dashboard's requests) take the GIL during a big read
+        self.line_no = base + complete.count(b"\n")
         return records
+
+    def _collect(self, rec: dict[str, Any], line_no: int) -> Any:
+        """What :meth:`read_new` returns for a good line; subclasses may keep the line number with it."""
+        return rec
 
     def pending_bytes(self) -> int:
         try:

@@ -28,7 +28,7 @@ def test_full_render_overlays_runs_downsampled_with_thresholds(tmp_path):
     assert problems == [] and len(figs) == len(F.FIGURE_IDS)
     kl = figs[F.FIGURE_IDS.index("kl")]
     assert [t["type"] for t in kl["data"]] == ["scattergl"] * 4
-    assert 1000 < len(kl["data"][0]["x"]) <= MAX_POINTS
+    assert MAX_POINTS // 2 < len(kl["data"][0]["x"]) <= MAX_POINTS
     assert len(kl["data"][2]["x"]) == 40
     assert cursor["traces"]["kl"] == [["a", 0], ["a", 1], ["b", 0], ["b", 1]]
     budget = [s for s in kl["layout"]["shapes"] if s["yref"] == "y"]
