@@ -35,7 +35,7 @@ NUM_GENERATIONS = 2          # GRPO needs >= 2 completions per prompt: 4 prompts
 NEW_TOKENS = 16
 STEPS = 40
 WARMUP_STEPS = 2
-REPEATS = 6
+REPEATS = 10
 THREADS = 1
 KL_COEF = 0.04
 LEARNING_RATE = 1e-5

@@ -67,6 +67,13 @@ def configure_threads(cfg: TrainConfig) -> int:
     return torch.get_num_threads()
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 def step_seed(seed: int, stream: str, step: int, rank: int) -> int:
     """A seed that depends only on (seed, stream, step, rank): resume needs no sampler state."""
     return random.Random(f"{stream}/{seed}/{rank}/{step}").getrandbits(63)
@@ -397,10 +404,16 @@ class PPORunner:
         self._print(f"WARNING [{alert.rule}] step {alert.step}: {alert.message} (suggestion: {alert.suggestion})")
 
     def _print(self, line: str) -> None:
-        if self.info.is_main:
+        """One console line. Around the progress bar (stderr) only when both share a terminal: clearing and
+        redrawing the bar for every line costs ~0.2 ms a step, and in a log file it only adds noise."""
+        if not self.info.is_main:
+            return
+        if _isatty(sys.stdout) and _isatty(sys.stderr):
             from tqdm import tqdm
 
             tqdm.write(line)
+        else:
+            print(line, flush=True)
 
     def _checkpoint(self, step: int) -> None:
         if self.info.is_main:

@@ -108,23 +108,24 @@ def _sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     if toggle:
         model.eval()
     try:
-        mask = prompt_mask.long()
-        logits = decoder.forward(prompt_ids, position_ids_from_mask(mask), mask)
-        next_pos = mask.sum(-1, keepdim=True)
+        prompt_len = prompt_ids.shape[1]
+        # the key mask of the whole sequence at once: every sampled position is real; each step takes a view
+        mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones((batch, max_new_tokens), dtype=torch.long)], 1)
+        logits = decoder.forward(prompt_ids, position_ids_from_mask(mask[:, :prompt_len]), mask[:, :prompt_len])
+        next_pos = mask[:, :prompt_len].sum(-1, keepdim=True)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+        pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=prompt_ids.device)
         tokens, real, hidden = [], [], []
         for _ in range(max_new_tokens):
             if decoder.hidden is not None:
                 hidden.append(decoder.hidden)
-            nxt = sample_next(logits, generator, temperature, top_k, top_p)
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            nxt = torch.where(finished, pad, sample_next(logits, generator, temperature, top_k, top_p))
             tokens.append(nxt)
             real.append(~finished)
             finished = finished | (nxt == eos_token_id)
             if bool(finished.all()) or len(tokens) == max_new_tokens:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = decoder.forward(nxt[:, None], next_pos, mask)
+            logits = decoder.forward(nxt[:, None], next_pos, mask[:, : prompt_len + len(tokens)])
             next_pos = next_pos + 1
         response = torch.stack(tokens, dim=1)
         response_mask = torch.stack(real, dim=1).long()
