@@ -93,6 +93,9 @@ class _Phase:
         self._range: Any = None
 
     def __enter__(self) -> None:
+        # the host clock brackets the profiler range too: inside a trace window opening and closing a range
+        # costs tens of µs, which belongs to the phase (the phases still add up to the step)
+        self._t0 = time.perf_counter()
         timer = self.timer
         if timer._cuda:
             if timer.track_memory:
@@ -101,12 +104,11 @@ class _Phase:
         if _profiling():
             self._range = torch.profiler.record_function(RANGE_PREFIX + self.name)
             self._range.__enter__()
-        self._t0 = time.perf_counter()
 
     def __exit__(self, *exc: Any) -> None:
-        elapsed = time.perf_counter() - self._t0
         if self._range is not None:
             self._range.__exit__(*exc)
+        elapsed = time.perf_counter() - self._t0
         timer = self.timer
         if timer._cuda:
             timer._pending.append((self.name, self._ev0, timer._event()))
