@@ -92,3 +92,18 @@ def test_resume_refuses_what_is_not_a_resumable_run(tmp_path, capsys, bad_dir):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train.py: error: argument --resume:")
+
+
+def test_resume_from_a_per_tensor_optimizer_state_is_one_line(tmp_path, capsys):
+    """Checkpoints from before the flat parameter buffer hold one AdamW state per tensor: refused, in a line."""
+    run_dir = tmp_path / "old"
+    train(run_dir, "--epochs", "1")
+    state_path = run_dir / "checkpoints" / "step_2" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    n = len(state["policy"])
+    state["optimizer"]["param_groups"][0]["params"] = list(range(n))
+    state["optimizer"]["state"] = {}
+    torch.save(state, state_path)
+    assert main(["--resume", str(run_dir), "--epochs", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "optimizer state does not fit this runner" in err[-1] and "Traceback" not in "\n".join(err)
