@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
+from benchmarks.common import pairwise, row, spread, write_result  # noqa: E402
 
 GLOBAL_BATCH = 16
 NEW_TOKENS = 16
@@ -82,8 +82,7 @@ def main() -> int:
             for name, s in spreads.items()]
     ratio_stats = {}
     for base in ("1 process x 2 threads", "1 process x 1 thread"):
-        ratios = [b / a for a, b in zip(tps[base], tps["2 processes x 1 thread"])]
-        qs = spread(ratios)
+        ratios, qs = pairwise(tps["2 processes x 1 thread"], tps[base])
         ratio_stats[base] = {"ratios": ratios, "spread": qs}
         print(f"2 processes / {base}: {qs['median']:.2f}x [{qs['min']:.2f}-{qs['max']:.2f}]")
         rows.append(row(f"2 processes x 1 thread / {base}", round(qs["median"], 2), "x",

@@ -69,15 +69,8 @@ def bare(runner) -> Iterator[None]:
         runner.timer = timer
 
 
-def timed_step(runner, step: int) -> tuple[float, dict, float]:
-    """Wall seconds, the step's record, and the process CPU seconds (all threads) of one train_step."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    record = runner.train_step(step)
-    return time.perf_counter() - t0, record, time.process_time() - c0
-
-
-def timed_steps(runner, first: int, n: int) -> tuple[float, list[dict], float]:
-    """Wall and process CPU seconds per step over ``n`` consecutive steps, and their records."""
+def timed_steps(runner, first: int, n: int = 1) -> tuple[float, list[dict], float]:
+    """Wall and process CPU seconds (all threads) per step over ``n`` consecutive steps, and their records."""
     c0, t0 = time.process_time(), time.perf_counter()
     records = [runner.train_step(step) for step in range(first, first + n)]
     return (time.perf_counter() - t0) / n, records, (time.process_time() - c0) / n
@@ -135,10 +128,10 @@ def trace_window(runner, step: int, trace_dir: Path, with_stack: bool) -> dict:
     active, export = [], 0.0
     with TraceSession(trace_dir, wait=0, warmup=1, active=TRACE_ACTIVE, repeat=1, device=runner.device,
                       with_stack=with_stack) as ts:
-        timed_step(runner, step)
+        timed_steps(runner, step)
         ts.step()
         for i in range(TRACE_ACTIVE):
-            active.append(timed_step(runner, step + 1 + i)[0])
+            active.append(timed_steps(runner, step + 1 + i)[0])
             t0 = time.perf_counter()
             ts.step()
             export = time.perf_counter() - t0
@@ -177,7 +170,7 @@ def attribution(runner, first: int, n: int) -> dict[str, float]:
     steps = []
     try:
         for step in range(first, first + n):
-            steps.append(timed_step(runner, step)[0])
+            steps.append(timed_steps(runner, step)[0])
     finally:
         for name, fn in saved.items():
             setattr(mod, name, fn)
@@ -231,7 +224,7 @@ def main() -> int:
         cfg = parse_args([*ARGS, "--run_dir", str(Path(tmp) / "run")])
         runner = PPORunner(cfg)
         for step in (1, 2):  # warm-up: first-call allocations, lazy imports
-            timed_step(runner, step)
+            timed_steps(runner, step)
         step = 3
         # Running through both sides: starting a thread (or any idle wait) just before a timed step slowed
         # that step by 1-7% in a bare-vs-bare test here, an artefact a run, which starts it once, never sees.

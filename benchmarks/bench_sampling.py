@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
+from benchmarks.common import pairwise, row, spread, write_result  # noqa: E402
 
 BATCH = 8
 NEW_TOKENS = 32
@@ -73,8 +73,7 @@ def main() -> int:
     for idx, clock in ((1, "CPU"), (0, "wall")):
         o = [tokens / t[idx] for t in times["ours"]]
         h = [tokens / t[idx] for t in times["hf"]]
-        r = [a / b for a, b in zip(o, h)]
-        so, sh, sr = spread(o), spread(h), spread(r)
+        so, sh, (_, sr) = spread(o), spread(h), pairwise(o, h)
         unit = "tok/CPU-s" if clock == "CPU" else "tok/s"
         print(f"{clock}: ours {so['median']:.0f} {unit} [{so['min']:.0f}-{so['max']:.0f}], generate() "
               f"{sh['median']:.0f} [{sh['min']:.0f}-{sh['max']:.0f}], ratio {sr['median']:.2f} "

@@ -166,7 +166,7 @@ def measure(side: str, tmp: Path) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ driver
 def main() -> int:
-    from benchmarks.common import row, spread, write_result
+    from benchmarks.common import pairwise, row, spread, write_result
 
     runs: dict[str, list[dict[str, float]]] = {"runner": [], "trl": []}
     for i in range(REPEATS):
@@ -182,8 +182,8 @@ def main() -> int:
     for metric, unit, label in (("tokens_per_s", "tokens/s", "wall"), ("tokens_per_cpu_s", "tokens/CPU-s", "CPU")):
         r = [x[metric] for x in runs["runner"]]
         t = [x[metric] for x in runs["trl"]]
-        ratios = [a / b for a, b in zip(r, t)]
-        rs, ts, qs = spread(r), spread(t), spread(ratios)
+        ratios, qs = pairwise(r, t)
+        rs, ts = spread(r), spread(t)
         stats[metric] = {"runner": rs, "trl": ts, "ratio": qs, "ratios": ratios}
         print(f"{label}: runner {rs['median']:.0f} [{rs['min']:.0f}-{rs['max']:.0f}], TRL {ts['median']:.0f} "
               f"[{ts['min']:.0f}-{ts['max']:.0f}] {unit}; ratio {qs['median']:.2f}x [{qs['min']:.2f}-{qs['max']:.2f}]")

@@ -41,6 +41,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def pairwise(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], dict[str, float]]:
+    """Ratios a[i] / b[i] of paired measurements (taken together, so both saw the same machine load) and
+    their spread: the comparison a shared CPU allows."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return ratios, spread(ratios)
+
+
 def write_result(name: str, rows: Iterable[dict[str, Any]], details: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -359,16 +359,22 @@ class RunCache:
 
     def get(self, run_key: str) -> RunData:
         """The cached run, refreshed; RunError (one line) for a refused or unreadable id."""
-        path = resolve_run_path(self.root, run_key)
-        with self._lock:
-            data = self._items.get(run_key)
-            if data is None or not data.path.is_dir():
-                data = RunData(run_key, path)
-                self._items[run_key] = data
-            self._items.move_to_end(run_key)
+        data, _ = self._entry(run_key)
         data.refresh()
         self._evict()
         return data
+
+    def _entry(self, run_key: str) -> tuple[RunData, bool]:
+        """The cache entry of ``run_key`` (not refreshed) and whether it was created now."""
+        path = resolve_run_path(self.root, run_key)
+        with self._lock:
+            data = self._items.get(run_key)
+            created = data is None or not data.path.is_dir()
+            if created:
+                data = RunData(run_key, path)
+                self._items[run_key] = data
+            self._items.move_to_end(run_key)
+        return data, created
 
     def _evict(self) -> None:
         with self._lock:
@@ -379,16 +385,29 @@ class RunCache:
     def warm(self, run_keys: Sequence[str], prepare: Callable[[RunData], None] | None = None) -> None:
         """Start reading runs on a background thread (the page's first render then finds them read or
         being read, instead of starting the read after its round trips); ``prepare`` then runs on each
-        (the figures' columns, built while the page is still loading)."""
+        (the figures' columns, built while the page is still loading). Runs already in the cache are left to
+        the requests that refresh them: a page linked to a run warms it twice (index request, run list)."""
+        new = []
+        for key in run_keys:
+            try:
+                data, created = self._entry(key)
+            except RunError:
+                continue  # the render reports it
+            if created:
+                new.append(data)
+        if not new:
+            return
+
         def read() -> None:
             _lower_priority()
-            for key in run_keys:
+            for data in new:
                 try:
-                    data = self.get(key)
+                    data.refresh()
                 except RunError:
                     continue  # the render reports it
                 if prepare is not None:
                     prepare(data)
+            self._evict()
 
         threading.Thread(target=read, daemon=True, name="warm-runs").start()
 

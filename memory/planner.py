@@ -84,22 +84,23 @@ def _largest(fits: Callable[[int], bool], hi: int = MAX_BATCH) -> int:
     return lo
 
 
+def _largest_batch(spec: StepSpec, budget: int, knob: str, phase: str) -> int:
+    """Largest value of the batch ``knob`` whose ``phase`` fits ``budget`` (other knobs unchanged; the step's
+    batch grows with it where needed)."""
+    def fits(n: int) -> bool:
+        s = spec.with_(batch_size=max(spec.batch_size, n), **{knob: n})
+        return predict(s).phases[phase]["total"] <= budget
+    return _largest(fits)
+
+
 def largest_train_batch(spec: StepSpec, budget: int) -> int:
     """Largest train micro-batch whose update phase fits ``budget`` (other knobs unchanged)."""
-    def fits(n: int) -> bool:
-        s = spec.with_(batch_size=max(spec.batch_size, n), train_batch_size=n,
-                       rollout_batch_size=spec.rollout_batch_size)
-        return predict(s).phases["update"]["total"] <= budget
-    return _largest(fits)
+    return _largest_batch(spec, budget, "train_batch_size", "update")
 
 
 def largest_rollout_batch(spec: StepSpec, budget: int) -> int:
     """Largest generation batch whose rollout phase fits ``budget``."""
-    def fits(n: int) -> bool:
-        s = spec.with_(batch_size=max(spec.batch_size, n), rollout_batch_size=n,
-                       train_batch_size=spec.train_batch_size)
-        return predict(s).phases["rollout"]["total"] <= budget
-    return _largest(fits)
+    return _largest_batch(spec, budget, "rollout_batch_size", "rollout")
 
 
 def _candidates(spec: StepSpec, budget: int) -> list[tuple[str, StepSpec, str | None, str]]:

@@ -63,19 +63,15 @@ class FlatParams:
         blocks: dict[str, int] = {}
         for n, _ in named:
             blocks.setdefault(block_of(n), len(blocks))
-
-        def shared(item: tuple[str, nn.Parameter]) -> bool:
-            r = ref_params.get(item[0])
-            return r is not None and r.shape == item[1].shape
-
-        named.sort(key=lambda item: (not shared(item), blocks[block_of(item[0])]))  # stable: keeps module order
+        shared = {n for n, p in named if n in ref_params and ref_params[n].shape == p.shape}
+        named.sort(key=lambda item: (item[0] not in shared, blocks[block_of(item[0])]))  # stable: module order
         self.params = [p for _, p in named]
         self.sizes = [p.numel() for p in self.params]
         self.data = nn.Parameter(_flatten_into(self.params, self.sizes))
         self.segments: list[Segment] = []
         start = 0
         for (name, p), n in zip(named, self.sizes):
-            block, is_shared = block_of(name), shared((name, p))
+            block, is_shared = block_of(name), name in shared
             last = self.segments[-1] if self.segments else None
             if last is not None and last.block == block and last.shared == is_shared:
                 self.segments[-1] = Segment(block, last.start, start + n, is_shared)
@@ -87,15 +83,13 @@ class FlatParams:
         seg_block = [blocks[seg.block] for seg in self.segments]
         self._seg_block = (None if len(set(seg_block)) == len(seg_block)
                            else torch.tensor(seg_block, device=self.data.device))
-        self._seg_names = [self.blocks[b] for b in dict.fromkeys(seg_block)] if self._seg_block is None else self.blocks
-        self._init_reference(named, ref_params)
+        self._seg_names = [seg.block for seg in self.segments] if self._seg_block is None else self.blocks
+        self._init_reference([ref_params[n] for n, _ in named if n in shared], {n: ref_params[n] for n in shared})
 
     # ------------------------------------------------------------------ reference
-    def _init_reference(self, named: list[tuple[str, nn.Parameter]], ref_params: Mapping[str, torch.Tensor]) -> None:
-        shared = [(n, ref_params[n]) for n, p in named if n in ref_params and ref_params[n].shape == p.shape]
-        self._ref_named = dict(shared)
-        self.n_shared = sum(r.numel() for _, r in shared)
-        ref = [r for _, r in shared]
+    def _init_reference(self, ref: list[torch.Tensor], ref_named: dict[str, torch.Tensor]) -> None:
+        """``ref``: the shared reference tensors in buffer order."""
+        self._ref_named = ref_named
         same_place = all(r.device == self.data.device and r.dtype == self.data.dtype for r in ref)
         ref_storages = {r.untyped_storage().data_ptr() for r in ref}
         self.ref_data: torch.Tensor | None = None

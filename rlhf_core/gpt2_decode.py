@@ -49,7 +49,6 @@ class GPT2Decoder:
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a plain GPT-2 model")
         cfg = model.config
-        self.model = model
         self.tf = model.transformer
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head

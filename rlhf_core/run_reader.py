@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,8 +31,6 @@ except ImportError:  # pragma: no cover - orjson is in requirements.txt
 
     def _loads(raw: bytes) -> Any:
         return json.loads(raw)
-
-YIELD_EVERY_LINES = 2000  # a big read sleeps(0) this often, so other threads of a reader (the dashboard) run
 
 
 class RunError(Exception):
@@ -80,8 +77,7 @@ class JsonlCursor:
         complete = chunk[: end + 1]
         self.offset += len(complete)
         records: list[dict[str, Any]] = []
-        append, loads, base = records.append, _fast_loads, self.line_no
-        numbered = type(self)._collect is not JsonlCursor._collect
+        append, loads, collect, base = records.append, _fast_loads, self._collect, self.line_no
         for i, raw in enumerate(complete.split(b"\n")[:-1], 1):
             try:  # the common case in a tight loop: a JSON object per line
                 rec = loads(raw)
@@ -91,9 +87,7 @@ class JsonlCursor:
                 rec = self._parse(raw, base + i)  # blank, NaN, malformed, not an object: slow path, problems
                 if rec is None:
                     continue
-            append(self._collect(rec, base + i) if numbered else rec)
-            if not i % YIELD_EVERY_LINES:
-                time.sleep(0)  # let other threads (a dashboard's requests) take the GIL during a big read
+            append(collect(rec, base + i))
         self.line_no = base + complete.count(b"\n")
         return records
 
