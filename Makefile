@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv check train_smoke train_quick train_full train_ddp test bench tensorboard dashboard clean distclean
+.PHONY: venv check train_smoke train_quick train_full train_ddp test bench tensorboard dashboard plotly_bundle clean distclean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ tensorboard: $(STAMP)
 
 dashboard: $(STAMP)
 	$(VENV)/bin/rlhfkit dashboard --runs $(RUNS)
+
+# Rebuilds the dashboard's partial plotly.js (dashboard/assets/plotly-rlhfkit.min.js, committed); needs node and npm.
+plotly_bundle:
+	cd dashboard/plotly_bundle && npm ci --no-audit --no-fund && node build.js
 
 clean:
 	find $(RUNS) -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

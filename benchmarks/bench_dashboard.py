@@ -10,11 +10,15 @@ Three states of the page, each in the same headless Chromium:
 
 - cold server: ``python -m dashboard.app`` (``rlhfkit dashboard``) started afresh in its own process, on the
   address the browser used before, as when the dashboard is restarted: nothing read or cached on the
-  server, the page's scripts (6.5 MB, 4.8 MB of it plotly.js) in the browser's cache. The process start-up
-  is not timed; the clock starts at the page request.
+  server, the page's scripts in the browser's cache. The process start-up is not timed; the clock starts at
+  the page request.
 - first visit: the same on an address the browser has never seen, so it downloads and compiles every script
-  too. Also measured with the run already read on the server (in-process), which isolates the browser's share.
+  too (their size is measured in the page). Also measured with the run already read on the server
+  (in-process), which isolates the browser's share.
 - warm: the page reopened with the run cached and the detectors done.
+
+Before any of these the browser opens one page of an empty dashboard on another address, as a browser in
+use has: the first page a new Chromium process loads pays ~0.3-0.5 s of its own start-up here.
 """
 from __future__ import annotations
 
@@ -158,8 +162,10 @@ def dashboard_process(root: Path, port: int, render: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-FIRST_VISITS = 2
-COLD_RESTARTS = 3
+FIRST_VISITS = 3
+COLD_RESTARTS = 5
+SCRIPT_BYTES_JS = ("return performance.getEntriesByType('resource').filter(e => /\\.js(\\?|$)/.test(e.name))"
+                   ".reduce((n, e) => n + e.decodedBodySize, 0)")
 
 
 def free_port() -> int:
@@ -183,24 +189,36 @@ def main() -> int:
         write_s = time.perf_counter() - t0
         write_tb_events(Path(tmp) / "tb", TB_STEPS)
         size_mb = (root / "big" / "metrics.jsonl").stat().st_size / 1e6
+        if hasattr(os, "sync"):
+            os.sync()  # the kernel's write-back of ~200 MB just written would otherwise share the first timings
 
         t0 = time.perf_counter()
         n_records = len(Run(root / "big").metrics())
         parse_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_rows = Run(root / "big").metric_columns().rows
+        columns_s = time.perf_counter() - t0
+        assert n_rows == n_records
 
         timings: dict[str, dict[str, list[float]]] = {}
         port = free_port()
+        (Path(tmp) / "empty").mkdir()
         with chromium() as driver:
+            with ServerThread(create_app(Path(tmp) / "empty").server) as server:  # the browser's own start-up
+                driver.get(server.url)
+                driver.execute_script("return document.title")
             renderer = None
+            script_bytes = 0
 
             def cold(render: str, server_port: int) -> float:
                 """``rlhfkit dashboard`` started afresh in its own process on ``server_port`` (its start-up is
                 not timed: the clock starts at the page request)."""
-                nonlocal renderer
+                nonlocal renderer, script_bytes
                 with dashboard_process(root, server_port, render) as url:
                     took = render_s(driver, f"{url}/?run=big")
                     renderer = renderer or driver.execute_script(
                         "return document.querySelector('#fig-kl .js-plotly-plot').data[0].type")
+                    script_bytes = max(script_bytes, driver.execute_script(SCRIPT_BYTES_JS))
                 return took
 
             def preread_first_visit() -> float:
@@ -245,10 +263,11 @@ def main() -> int:
         row("first render, cold server (100k steps x 50 keys, default --render auto)", round(auto_cold["median"], 2),
             "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; a fresh server process on the address the "
             f"browser used before (its scripts cached); drew '{renderer}' traces (headless Chromium has software WebGL "
-            f"only); includes reading the run ({parse_s:.1f} s for Run.metrics() alone)"),
+            f"only); includes reading the run: a columnar parse, {columns_s:.2f} s alone (a dict per line, "
+            f"Run.metrics(): {parse_s:.2f} s)"),
         row("first render, first visit (cold server, cold browser cache)", round(first["median"], 2), "s", "< 2 s",
             first["median"] < 2, f"{note(first)}; an address the browser never saw: it also downloads and compiles "
-            "6.5 MB of scripts"),
+            f"{script_bytes / 1e6:.1f} MB of scripts"),
         row("first visit with the run already read on the server", round(first_pre["median"], 2), "s", "", None,
             f"{note(first_pre)}; the browser's share of a first visit (scripts, Dash, drawing)"),
         row("first render, warm server cache (--render auto)", round(auto_warm["median"], 2), "s", "< 2 s",
@@ -270,9 +289,11 @@ def main() -> int:
             "load is linear in steps (it reads every event)"),
     ]
     details = {"steps": STEPS, "keys": len(RUN_KEYS) + 2 * BLOCKS, "metrics_mb": round(size_mb, 1),
-               "write_run_s": round(write_s, 1), "run_metrics_parse_s": round(parse_s, 2), "records": n_records,
+               "write_run_s": round(write_s, 1), "run_metrics_parse_s": round(parse_s, 2),
+               "run_metric_columns_s": round(columns_s, 2), "records": n_records,
                "timings_s": timings, "auto_trace_type": renderer, "tensorboard_s": tb_s,
                "tensorboard_points": tb[0][1], "tensorboard_steps": TB_STEPS,
+               "page_script_mb": round(script_bytes / 1e6, 2),
                "load_average": os.getloadavg(), "note": "CPU shared with other jobs while measured"}
     write_result("dashboard", rows, details)
     for r in rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import math
 import operator
 import os
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
+from rlhf_core.metric_columns import MetricColumns
 from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
 
 ALL = "all"  # the run-level view (one record per step, ranks merged)
@@ -32,9 +34,12 @@ HEATMAP_COLUMNS = 400  # step buckets of a layer heatmap
 SMALL_METRICS_BYTES = 20 * 2**20  # runs below this are read for the run list; bigger ones when opened
 STALE_S = 600  # a "running" run silent this long is shown as possibly dead
 NICE_BACKGROUND = 10  # nice increment of background reads
+COLUMNAR_MIN_BYTES = 8 * 2**20  # a first read this big takes the columnar parse (smaller: records directly)
+CATCH_UP_BYTES = 4 * 2**20  # bytes of records read per lock hold behind a columnar read (~25 ms here)
 DETECT_CHUNK = 2000  # records per detector pass; the data lock is free between passes
 
 _DOWNSAMPLER = MinMaxLTTBDownsampler()
+log = logging.getLogger("rlhfkit.dashboard")
 _DETECT_SLOT = threading.Lock()
 
 
@@ -55,25 +60,53 @@ class View:
     """The records of one view of a run (run-level or one rank) with float columns built lazily per key.
 
     A column is a numpy array grown by doubling and filled only for rows it has not seen, so a poll costs
-    the new rows and a redraw costs no conversion at all.
+    the new rows and a redraw costs no conversion at all. A big run's first rows may come as columns from
+    one columnar parse (:meth:`load_columns`) before their records are read: the view then has more rows
+    than records (``lagging``) until a background reader catches up, and the charts need not wait for it.
     """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.keys: dict[str, Any] = {}  # every key seen, in first-seen order (values are irrelevant)
         self._cols: dict[str, tuple[np.ndarray, int]] = {}
+        self.bulk_rows = 0  # rows whose columns came from a columnar parse
 
     def __len__(self) -> int:
-        return len(self.records)
+        return max(len(self.records), self.bulk_rows)
+
+    @property
+    def lagging(self) -> bool:
+        """Rows known from the columnar parse whose records have not been read yet."""
+        return len(self.records) < self.bulk_rows
+
+    def load_columns(self, columns: MetricColumns) -> None:
+        """Take the first ``columns.rows`` rows as columns (only into an empty view)."""
+        if len(self):
+            raise ValueError("columns can only be loaded into an empty view")
+        self.bulk_rows = columns.rows
+        self.keys.update(dict.fromkeys(columns.keys))
+        self._cols = {k: (v, columns.rows) for k, v in columns.values.items()}
+
+    def drop_columns(self) -> None:
+        """Forget the columnar rows (the records disagree with them): every column is rebuilt from records."""
+        self.bulk_rows = 0
+        self._cols = {}
 
     def extend(self, records: Sequence[dict[str, Any]]) -> None:
         self.records.extend(records)
         for rec in records:
             self.keys.update(rec)  # C-level: cheaper than adding the keys one by one
 
+    def _state(self, key: str) -> tuple[np.ndarray, int]:
+        """A column and the rows it holds; a key the columnar rows lack is NaN over them."""
+        got = self._cols.get(key)
+        if got is not None:
+            return got
+        return (np.full(self.bulk_rows, np.nan), self.bulk_rows) if self.bulk_rows else (np.empty(0), 0)
+
     def column(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Values of ``key`` for rows ``start:stop`` as float64; missing or non-numeric values are NaN."""
-        arr, filled = self._cols.get(key, (np.empty(0), 0))
+        arr, filled = self._state(key)
         n = len(self.records)
         if filled < n:
             if len(arr) < n:
@@ -82,7 +115,7 @@ class View:
                 arr = grown
             arr[filled:n] = _floats([r.get(key) for r in self.records[filled:n]])
             self._cols[key] = (arr, n)
-        return arr[:n][start:stop]
+        return arr[:len(self)][start:stop]
 
     def steps(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.column("step", start, stop)
@@ -92,10 +125,10 @@ class View:
         ``dict.get`` per value: ~3x faster on a cold 100k-step run). Rows missing a key fall back to
         :meth:`column`, key by key."""
         n = len(self.records)
-        todo = sorted({k for k in keys if k in self.keys and self._cols.get(k, (None, 0))[1] < n})
+        todo = sorted({k for k in keys if k in self.keys and self._state(k)[1] < n})
         if len(todo) < 2:
             return
-        start = min(self._cols.get(k, (None, 0))[1] for k in todo)
+        start = min(self._state(k)[1] for k in todo)
         getter = operator.itemgetter(*todo)
         try:  # fromiter over one flat stream: ~2x faster than np.array of row tuples
             block = np.fromiter(itertools.chain.from_iterable(map(getter, self.records[start:n])),
@@ -103,11 +136,20 @@ class View:
         except (KeyError, TypeError, ValueError):
             return
         for j, key in enumerate(todo):
-            arr, _ = self._cols.get(key, (np.empty(0), 0))
+            arr, _ = self._state(key)
             full = arr if len(arr) >= n else np.empty(max(n, 2 * len(arr), 1024))
             full[:start] = arr[:start]  # every key had at least ``start`` rows filled
             full[start:n] = block[:, j]
             self._cols[key] = (full, n)
+
+    def last(self, key: str) -> Any:
+        """``key`` of the last row: from its record, or from its column while the records lag (None if NaN)."""
+        if not len(self):
+            return None
+        if not self.lagging:
+            return self.records[-1].get(key)
+        value = float(self.column(key, len(self) - 1)[0])
+        return None if math.isnan(value) else (int(value) if key == "step" else value)
 
     def prefixed(self, prefix: str) -> list[str]:
         """Suffixes of the keys under ``prefix`` (e.g. the blocks of ``grad/layer/``) in logged order, which
@@ -170,6 +212,7 @@ class RunData:
         self.alert_count: int | None = None
         self._diagnoser: Any = None
         self._detector: threading.Thread | None = None
+        self._catch_up: threading.Thread | None = None
         self._diag_rows = 0
         self._rank_rows: dict[int, int] = {}
         self._rank_pending: dict[int, dict[int, dict[str, Any]]] = {}
@@ -186,13 +229,57 @@ class RunData:
                 self._open()
                 meta = self.meta
             self.meta = meta
-            self._extend(self.views[ALL], self.run.metrics())
+            view = self.views[ALL]
+            if not len(view) and not self.run.rank_files():
+                self._load_columns(view)
+            if not view.lagging:  # while it lags, the catch-up thread reads the records
+                self._extend(view, self.run.metrics())
             if self.run.rank_files():
                 per_rank = self.run.rank_metrics()
                 self.rank_ids = sorted(per_rank)
                 for rank, recs in per_rank.items():
                     self._extend(self.views.setdefault(rank, View()), recs)
             self.system = self.run.system()
+
+    def _load_columns(self, view: View) -> None:
+        """A big first read: the charts' columns from one columnar parse (~3x faster than building a dict per
+        line, and off the GIL); the records follow once the detectors start (:meth:`_start_catch_up`)."""
+        columns = self.run.metric_columns(min_bytes=COLUMNAR_MIN_BYTES)
+        if columns is None or not columns.rows:
+            return
+        view.load_columns(columns)
+
+    def _start_catch_up(self) -> None:
+        """Read the records behind the columnar rows on a background thread (once), after the first render:
+        it is started with the detectors, which need them, so it does not compete with the page's drawing."""
+        if self.views[ALL].lagging and self._catch_up is None:
+            self._catch_up = threading.Thread(target=self._read_records, args=(self.start_time,), daemon=True,
+                                              name=f"records-{self.key}")
+            self._catch_up.start()
+
+    def _read_records(self, generation: Any) -> None:
+        """Read the records behind columnar rows in pieces (the lock is free between them), then check that
+        they match the columns row for row; on any disagreement the records win and the columns are rebuilt."""
+        _lower_priority()
+        while True:
+            with self.lock, _gc_paused():
+                view = self.views[ALL]
+                if generation != self.start_time or not view.lagging:
+                    break
+                before = len(view.records)
+                self._extend(view, self.run.metrics(max_bytes=CATCH_UP_BYTES))
+                if len(view.records) == before:  # the line reader found fewer records than the columns
+                    break
+            time.sleep(0.001)
+        with self.lock:
+            if generation != self.start_time:
+                return
+            view = self.views[ALL]
+            rows = view.bulk_rows
+            steps = _floats([r.get("step") for r in view.records[:rows]])
+            if view.lagging or not np.array_equal(steps, view.column("step", 0, rows), equal_nan=True):
+                log.warning("%s: columnar and line reads of metrics.jsonl disagree; using the line read", self.key)
+                view.drop_columns()
 
     def try_refresh(self) -> bool:
         """:meth:`refresh` unless another thread holds the run (a big first read): False then, at once."""
@@ -206,8 +293,8 @@ class RunData:
 
     @staticmethod
     def _extend(view: View, records: list[dict[str, Any]]) -> None:
-        if len(records) > len(view):
-            view.extend(records[len(view):])
+        if len(records) > len(view.records):
+            view.extend(records[len(view.records):])
 
     def view(self, rank: Any = ALL) -> View:
         """The records of ``rank``, or the run-level view where this run has no such rank."""
@@ -217,6 +304,7 @@ class RunData:
     def start_detection(self) -> None:
         """Run the detectors over rows not seen yet, on a background thread (no-op while one runs)."""
         with self.lock:
+            self._start_catch_up()
             if self.detector_error or (self._detector is not None and self._detector.is_alive()):
                 return
             pending = self._diag_rows < len(self.views[ALL]) or any(
@@ -255,7 +343,11 @@ class RunData:
                     start = self._diag_rows
                     chunk = self.views[ALL].records[start:start + DETECT_CHUNK]
                     rank_steps = self._complete_rank_steps() if not chunk else []
+                    waiting = self.views[ALL].lagging and self._catch_up is not None and self._catch_up.is_alive()
                 if not chunk and not rank_steps:
+                    if waiting:  # the records behind the columnar rows are still being read
+                        time.sleep(0.05)
+                        continue
                     return
                 diagnoser.update(chunk)  # outside the lock: the page keeps reading while this runs
                 for step, per_rank in rank_steps:
@@ -332,13 +424,12 @@ class RunData:
     def summary(self) -> dict[str, Any]:
         with self.lock:
             view = self.views[ALL]
-            last = view.records[-1] if view.records else {}
             status = str(self.meta.get("status", "unknown"))
-            written = last.get("time")
+            written = view.last("time")
             if status == "running" and isinstance(written, (int, float)) and time.time() - written > STALE_S:
                 status = f"running? (silent {int((time.time() - written) // 60)} min)"
             return {"id": self.key, "run_id": self.run.run_id, "source": self.meta.get("source"),
-                    "status": status, "steps": len(view), "last_step": last.get("step"),
+                    "status": status, "steps": len(view), "last_step": view.last("step"),
                     "start_time": self.start_time, "world_size": self.run.world_size,
                     "alerts": self.alert_count}
 
@@ -386,7 +477,9 @@ class RunCache:
         """Start reading runs on a background thread (the page's first render then finds them read or
         being read, instead of starting the read after its round trips); ``prepare`` then runs on each
         (the figures' columns, built while the page is still loading). Runs already in the cache are left to
-        the requests that refresh them: a page linked to a run warms it twice (index request, run list)."""
+        the requests that refresh them: a page linked to a run warms it twice (index request, run list).
+        The read keeps normal priority: the page is waiting for it (at nice +10 a 100k-step first render took
+        ~0.15 s longer here, the browser's work crowding the read out)."""
         new = []
         for key in run_keys:
             try:
@@ -399,7 +492,6 @@ class RunCache:
             return
 
         def read() -> None:
-            _lower_priority()
             for data in new:
                 try:
                     data.refresh()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dash import dash_table, dcc, html
 
-from .figures import FIGURE_IDS, empty_figure
+from .figures import FIGURE_IDS, placeholder_figure
 
 LIVE_INTERVAL_MS = 1000
 LIST_INTERVAL_MS = 5000
@@ -18,7 +18,7 @@ CARD = {"border": "1px solid #e3e3e3", "borderRadius": "6px", "padding": "4px", 
 
 
 def graph(fig_id: str, title: str = "") -> dcc.Graph:
-    return dcc.Graph(id=f"fig-{fig_id}", figure=empty_figure(title or fig_id, "loading..."),
+    return dcc.Graph(id=f"fig-{fig_id}", figure=placeholder_figure(title or fig_id, "loading..."),
                      config=GRAPH_CONFIG, style=CARD)
 
 

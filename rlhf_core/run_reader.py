@@ -57,8 +57,9 @@ class JsonlCursor:
     line_no: int = 0
     problems: list[Problem] = field(default_factory=list)
 
-    def read_new(self) -> list[Any]:
-        """Records of the complete lines written since the last call."""
+    def read_new(self, max_bytes: int | None = None) -> list[Any]:
+        """Records of the complete lines written since the last call; with ``max_bytes``, of about that many
+        bytes of them (at least one line), so a caller holding a lock can read a big file in pieces."""
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
@@ -68,17 +69,25 @@ class JsonlCursor:
             self.offset, self.line_no = 0, 0
         if size == self.offset:
             return []
+        want = size - self.offset if max_bytes is None else min(size - self.offset, max(1, max_bytes))
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
-            chunk = fh.read(size - self.offset)
-        end = chunk.rfind(b"\n")
+            chunk = fh.read(want)
+            end = chunk.rfind(b"\n")
+            while end < 0 and len(chunk) < size - self.offset:  # a line longer than max_bytes: on to its end
+                more = fh.read(min(want, size - self.offset - len(chunk)))
+                found = more.find(b"\n")
+                end = len(chunk) + found if found >= 0 else -1
+                chunk += more
         if end < 0:
             return []
         complete = chunk[: end + 1]
         self.offset += len(complete)
         records: list[dict[str, Any]] = []
         append, loads, collect, base = records.append, _fast_loads, self._collect, self.line_no
-        for i, raw in enumerate(complete.split(b"\n")[:-1], 1):
+        lines = complete.split(b"\n")
+        lines.pop()  # the empty piece after the final newline
+        for i, raw in enumerate(lines, 1):
             try:  # the common case in a tight loop: a JSON object per line
                 rec = loads(raw)
             except ValueError:  # orjson's and json's decode errors both are ValueErrors
@@ -88,7 +97,7 @@ class JsonlCursor:
                 if rec is None:
                     continue
             append(collect(rec, base + i))
-        self.line_no = base + complete.count(b"\n")
+        self.line_no = base + len(lines)
         return records
 
     def _collect(self, rec: dict[str, Any], line_no: int) -> Any:
@@ -204,13 +213,13 @@ class Run:
             self._records[name] = []
         return self._cursors[name]
 
-    def _tail_file(self, name: str) -> list[dict[str, Any]]:
-        new = [_restore_nonfinite(r) for r in self._cursor(name).read_new()]
+    def _tail_file(self, name: str, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        new = [_restore_nonfinite(r) for r in self._cursor(name).read_new(max_bytes)]
         self._records[name].extend(new)
         return new
 
-    def _all(self, name: str) -> list[dict[str, Any]]:
-        self._tail_file(name)
+    def _all(self, name: str, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        self._tail_file(name, max_bytes)
         return list(self._records[name])
 
     def rank_files(self) -> dict[int, str]:
@@ -221,11 +230,26 @@ class Run:
                 out[int(digits)] = p.name
         return dict(sorted(out.items()))
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """Run-level records: ``metrics.jsonl``, or the mean over rank files when only those exist."""
+    def metrics(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Run-level records: ``metrics.jsonl``, or the mean over rank files when only those exist.
+
+        ``max_bytes`` reads at most about that many new bytes of ``metrics.jsonl`` this call (the records
+        returned are then those read so far); the rank-file merge ignores it.
+        """
         if (self.path / "metrics.jsonl").exists() or not self.rank_files():
-            return self._all("metrics.jsonl")
+            return self._all("metrics.jsonl", max_bytes)
         return merge_ranks(self.rank_metrics())
+
+    def metric_columns(self, min_bytes: int = 0) -> Any:
+        """``metrics.jsonl``'s complete lines as float columns in one columnar parse
+        (:class:`rlhf_core.metric_columns.MetricColumns`), or None where the file must be read line by line
+        (rank files only, fewer than ``min_bytes``, or anything but clean JSON lines). Independent of
+        :meth:`metrics`: a caller that draws from the columns still reads the records for everything else."""
+        if not (self.path / "metrics.jsonl").exists():
+            return None
+        from .metric_columns import read_columns
+
+        return read_columns(self.path / "metrics.jsonl", min_bytes)
 
     def rank_metrics(self) -> dict[int, list[dict[str, Any]]]:
         """Per-rank records; a single-process run is rank 0."""

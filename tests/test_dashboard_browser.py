@@ -88,6 +88,9 @@ def page(tmp_path_factory, request):
     write_run(root / "klboom", 120, kl_jump_at=90).write_memory(MEMORY_REPORT)
     writers = {"live": write_run(root / "live", 10, status=None)}
     write_run(root / "broken", 6)
+    (root / "klboom" / "traces").mkdir(exist_ok=True)
+    (root / "klboom" / "traces" / "rank0_steps000001-000002.folded").write_text(
+        "step;rollout;aten::mm 30\nstep;update;aten::mm 50\nstep;update;aten::add 20\n")
     with open(root / "broken" / "metrics.jsonl", "a") as fh:
         fh.write("{garbage line\n")
     with ServerThread(create_app(root).server) as server, chromium() as driver:
@@ -179,3 +182,25 @@ def test_profiler_and_memory_tabs(page):
     page.driver.find_element("xpath", "//*[text()='Memory']").click()
     assert page.wait_points("fig-memory", lambda p: len(p) == 4) == [2, 2, 2, 2]  # 3 components + measured
     page.wait_text("fig-memory", "predicted peak: update")
+
+
+TRACE_TYPES_JS = "return Object.keys(Plotly.PlotSchema.get().traces)"
+SCRIPTS_JS = "return performance.getEntriesByType('resource').map(e => e.name)"
+
+
+def test_the_page_runs_the_dashboards_own_plotly_bundle_with_every_trace_type_it_draws(page):
+    """The page loads dashboard/assets' partial plotly.js (1.7 MB instead of 4.8 MB), never the full bundle,
+    and that bundle has every trace type the dashboard's figures use: line panels (scatter, and scattergl
+    where WebGL runs on a GPU), heatmaps, the memory bars, the system charts (scattergl) and the flame graph
+    (icicle), which is drawn here from a folded-stacks file."""
+    page.open("?run=klboom")
+    page.wait_points("fig-kl", lambda p: p[0] > 0)
+    assert {"scatter", "scattergl", "heatmap", "bar", "icicle"} <= set(page.driver.execute_script(TRACE_TYPES_JS))
+    scripts = page.driver.execute_script(SCRIPTS_JS)
+    assert any("/assets/plotly-rlhfkit.min.js" in u for u in scripts)
+    assert not any("package_data/plotly" in u for u in scripts)
+    page.driver.find_element("xpath", "//*[text()='Profiler']").click()
+    flame = page.wait_points("fig-flame", lambda p: p and p[0] > 0)
+    assert page.driver.execute_script(
+        "return document.querySelector('#fig-flame .js-plotly-plot').data[0].type") == "icicle"
+    assert flame[0] >= 4  # root, step, rollout/update and the ops under them

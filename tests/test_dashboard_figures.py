@@ -221,3 +221,37 @@ def test_guarded_callbacks_turn_failures_into_a_message():
     assert "refused run id" in str(guarded("list", 2)(refused)()[1].children)
     with pytest.raises(PreventUpdate):
         guarded("live", 2)(idle)()
+
+
+def test_every_trace_type_the_dashboard_draws_is_in_its_plotly_bundle(tmp_path):
+    """The page loads a partial plotly.js (dashboard/assets): a figure with a trace type it lacks would draw
+    nothing. Builds every kind of figure and checks its types against the bundle's banner and its recipe."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(F.__file__).parent
+    banner = (pkg / "assets" / "plotly-rlhfkit.min.js").open().readline()
+    bundled = set(re.search(r"traces: ([a-z0-9,]+)", banner).group(1).split(","))
+    entry = (pkg / "plotly_bundle" / "entry.js").read_text()
+    assert bundled - {"scatter"} == set(re.findall(r"require\('plotly\.js/lib/([a-z0-9]+)'\)", entry)) - {"core"}
+    assert bundled == set(json.loads(re.search(r"const TRACES = (\[.*?\]);",
+                                               (pkg / "plotly_bundle" / "build.js").read_text()).group(1)
+                                     .replace("'", '"')))
+
+    write_run(tmp_path / "r", 30, kl_jump_at=20)
+    cache = RunCache(tmp_path)
+    data = cache.get("r")
+    figures = [fig for trace in ("scatter", "scattergl") for fig in Builder(cache).full(["r"], ALL, trace)[0]]
+    folded = tmp_path / "step.folded"
+    folded.write_text("main;phase/rollout;generate 300\nmain;phase/update;backward 700\n")
+    series = Builder.series([data], ALL)[0]
+    figures += [F.phase_time_figure(series), F.flame_or_message(folded),
+                F.system_figure([{"time": float(i), "cpu/process_percent": 1.0} for i in range(3)]),
+                F.memory_figure({"prediction": {"phases": {"update": {"weights": 1}}},
+                                 "measured": {"phases": {"update": 2}}})]
+    used = set()
+    for fig in figures:
+        traces = fig["data"] if isinstance(fig, dict) else fig.data
+        used |= {t["type"] if isinstance(t, dict) else t.type for t in traces}
+    assert {"scatter", "scattergl", "heatmap", "bar", "icicle"} <= used
+    assert used <= bundled, f"trace types missing from the plotly bundle: {used - bundled}"
