@@ -213,6 +213,7 @@ class RunData:
         self._diagnoser: Any = None
         self._detector: threading.Thread | None = None
         self._catch_up: threading.Thread | None = None
+        self._columnar_tried = False
         self._diag_rows = 0
         self._rank_rows: dict[int, int] = {}
         self._rank_pending: dict[int, dict[int, dict[str, Any]]] = {}
@@ -230,7 +231,8 @@ class RunData:
                 meta = self.meta
             self.meta = meta
             view = self.views[ALL]
-            if not len(view) and not self.run.rank_files():
+            if not self._columnar_tried and not self.run.rank_files():
+                self._columnar_tried = True  # once per run: after a fallback the line reader takes over
                 self._load_columns(view)
             if not view.lagging:  # while it lags, the catch-up thread reads the records
                 self._extend(view, self.run.metrics())
@@ -268,8 +270,8 @@ class RunData:
                     break
                 before = len(view.records)
                 self._extend(view, self.run.metrics(max_bytes=CATCH_UP_BYTES))
-                if len(view.records) == before:  # the line reader found fewer records than the columns
-                    break
+                if len(view.records) == before:  # the end of the lines, or a piece of lines the line reader
+                    break  # rejects: either way it disagrees with the columns (checked below)
             time.sleep(0.001)
         with self.lock:
             if generation != self.start_time:

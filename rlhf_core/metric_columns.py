@@ -44,6 +44,8 @@ def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
     if pa is None:
         return _skip(path, "pyarrow is not installed")
     try:
+        if path.stat().st_size < max(min_bytes, 1):
+            return _skip(path, f"smaller than {min_bytes} bytes")
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as err:

@@ -393,3 +393,20 @@ def test_a_server_restarted_on_the_same_port_serves_the_new_app():
     with ServerThread(app_saying(b"two"), port=port):
         conn.request("GET", "/")
         assert conn.getresponse().read() == b"two"
+
+
+def test_the_columnar_read_is_tried_once_per_run(tmp_path, monkeypatch):
+    """A file pyarrow cannot take (here: malformed lines only) is not re-parsed on every poll."""
+    import rlhf_core.metric_columns as MC
+
+    write_run(tmp_path / "bad", 0)
+    (tmp_path / "bad" / "metrics.jsonl").write_text("{not json\n" * 50)
+    calls = []
+    real = MC.read_columns
+    monkeypatch.setattr(MC, "read_columns", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(D, "COLUMNAR_MIN_BYTES", 0)
+    data = D.RunCache(tmp_path).get("bad")
+    for _ in range(3):
+        data.refresh()
+    assert len(calls) == 1 and len(data.view()) == 0
+    assert any("malformed JSON" in p for p in data.problems())
