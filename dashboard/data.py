@@ -98,11 +98,14 @@ class View:
             self.keys.update(rec)  # C-level: cheaper than adding the keys one by one
 
     def _state(self, key: str) -> tuple[np.ndarray, int]:
-        """A column and the rows it holds; a key the columnar rows lack is NaN over them."""
+        """A column and the rows it holds; a key the columnar rows lack is NaN over them (kept, so later
+        calls do not allocate it again)."""
         got = self._cols.get(key)
-        if got is not None:
-            return got
-        return (np.full(self.bulk_rows, np.nan), self.bulk_rows) if self.bulk_rows else (np.empty(0), 0)
+        if got is None:
+            if not self.bulk_rows:
+                return np.empty(0), 0
+            got = self._cols[key] = (np.full(self.bulk_rows, np.nan), self.bulk_rows)
+        return got
 
     def column(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Values of ``key`` for rows ``start:stop`` as float64; missing or non-numeric values are NaN."""
