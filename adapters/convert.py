@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from rlhf_core.detectors import Diagnoser
+from rlhf_core.analysis import LiveAlerts
 from rlhf_core.run_reader import Run, RunError
 from rlhf_core.run_writer import RunWriter
 
@@ -43,7 +43,7 @@ class StepSink:
         self.written = 0
         self.skipped = 0
         self.nonfinite = 0
-        self._diagnoser = Diagnoser() if alerts else None
+        self._live = LiveAlerts(writer) if alerts else None
         self.alerts = 0
 
     def write(self, step: int, values: Mapping[str, Any]) -> bool:
@@ -56,10 +56,8 @@ class StepSink:
         self.written += 1
         if record.get("nonfinite"):
             self.nonfinite += 1
-        if self._diagnoser is not None:
-            for alert in self._diagnoser.update([record]):
-                self.writer.event(**alert.to_event())
-                self.alerts += 1
+        if self._live is not None:
+            self.alerts += len(self._live.update([record]))
         return True
 
     def write_many(self, by_step: Mapping[int, Mapping[str, Any]]) -> int:

@@ -27,8 +27,9 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from profiler.phases import PhaseTimer
-from rlhf_core.detectors import Diagnoser
+from rlhf_core.analysis import LiveAlerts
 from rlhf_core.probes import block_drift, block_grad_norms, kl_estimates, layer_metrics, param_snapshot
+from rlhf_core.detectors import Alert
 from rlhf_core.run_writer import RunWriter
 
 from .extras import Extras, trace_schedule
@@ -50,9 +51,13 @@ class KitRun:
         self._in_step = False
         self._grads: tuple[float, dict[str, float]] | None = None
         self._start_params: dict[int, dict[str, torch.Tensor]] = {}
-        self._diagnoser = Diagnoser(diagnoser_config) if alerts and writer.is_main else None
-        self.alerts: list = []
+        self._live = LiveAlerts(writer, diagnoser_config) if alerts and writer.is_main else None
         self._extras: Extras | None = None
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """The alerts raised so far (each is also an event in ``events.jsonl``)."""
+        return self._live.alerts if self._live is not None else []
 
     @property
     def run_dir(self) -> Path:
@@ -87,10 +92,8 @@ class KitRun:
             record.update(self._probes(model, ref_model))
         self._grads = None
         rec = self.writer.log(step, record)
-        if self._diagnoser is not None:
-            for alert in self._diagnoser.update([rec]):
-                self.alerts.append(alert)
-                self.writer.event(**alert.to_event())
+        if self._live is not None:
+            self._live.update([rec])
         if self._extras is not None:
             self._extras.step()
         return rec

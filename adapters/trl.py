@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from transformers import TrainerCallback
 
 from profiler.phases import PhaseTimer
-from rlhf_core.detectors import Diagnoser
+from rlhf_core.analysis import LiveAlerts
 from rlhf_core.keys import sanitize
 from rlhf_core.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
 from rlhf_core.run_writer import RunWriter
@@ -83,6 +83,7 @@ class RLHFKitCallback(TrainerCallback):
         trace_options: Mapping[str, Any] | None = None,
         alerts: bool = True,
         diagnoser_config: Mapping[str, Any] | None = None,
+        kl_budget: float | None = None,
         show_nan: bool = True,
         tensorboard: bool = False,
     ):
@@ -95,7 +96,7 @@ class RLHFKitCallback(TrainerCallback):
         self.system_interval_s = system_interval_s
         self.trace = trace_schedule(trace_steps) if trace_steps is not None else None
         self.trace_options = dict(trace_options or {})
-        self.alerts, self.diagnoser_config = alerts, diagnoser_config
+        self.alerts, self.diagnoser_config, self.kl_budget = alerts, diagnoser_config, kl_budget
         self.show_nan, self.tensorboard = show_nan, tensorboard
         self.writer: RunWriter | None = None
         self._model = None
@@ -113,7 +114,7 @@ class RLHFKitCallback(TrainerCallback):
         self._pending: dict[str, Any] | None = None
         self._pending_step: int | None = None
         self._extras: Extras | None = None
-        self._diagnoser: Diagnoser | None = None
+        self._live: LiveAlerts | None = None
         self._clip_patched = None
 
     # ------------------------------------------------------------------ setup and teardown
@@ -153,7 +154,10 @@ class RLHFKitCallback(TrainerCallback):
         if self.grad_norms:
             self._patch_clip()
         if self.alerts and self.writer.is_main:
-            self._diagnoser = Diagnoser(self.diagnoser_config)
+            overrides = dict(self.diagnoser_config or {})
+            if self.kl_budget is not None:
+                overrides["kl_budget"] = self.kl_budget
+            self._live = LiveAlerts(self.writer, overrides, rank=rank if world > 1 else None)
         self._extras = Extras(self.writer, interval_s=self.system_interval_s, schedule=self.trace,
                               device=str(args.device), step_offset=int(state.global_step) + 1,
                               trace_options=self.trace_options)
@@ -279,10 +283,8 @@ class RLHFKitCallback(TrainerCallback):
 
     def _write(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = self.writer.log(step, metrics)
-        if self._diagnoser is not None:
-            for alert in self._diagnoser.update([record]):
-                alert.rank = self.writer.rank if self.writer.world_size > 1 else None
-                self.writer.event(**alert.to_event())
+        if self._live is not None:
+            self._live.update([record])
 
 
 def profile_trainer(trainer, run_dir: str | os.PathLike, **options: Any) -> RLHFKitCallback:

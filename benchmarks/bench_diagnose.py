@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import row, spread, write_result  # noqa: E402
-from rlhf_core.detectors import Diagnoser, diagnose, diagnose_run  # noqa: E402
+from rlhf_core.analysis import diagnose_run  # noqa: E402
+from rlhf_core.detectors import Diagnoser, diagnose  # noqa: E402
 from rlhf_core.rules.synthetic import FAULTS, healthy_series, planted_series  # noqa: E402
 from rlhf_core.run_reader import Run  # noqa: E402
 from rlhf_core.run_writer import RunWriter  # noqa: E402

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
+from rlhf_core.analysis import Analysis
 from rlhf_core.metric_columns import MetricColumns
 from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
 
@@ -213,7 +214,7 @@ class RunData:
         self.system: list[dict[str, Any]] = []
         self.detector_error: str | None = None
         self.alert_count: int | None = None
-        self._diagnoser: Any = None
+        self._diagnoser: Analysis | None = None
         self._detector: threading.Thread | None = None
         self._catch_up: threading.Thread | None = None
         self._columnar_tried = False
@@ -320,16 +321,9 @@ class RunData:
                                               name=f"detect-{self.key}")
             self._detector.start()
 
-    def _make_diagnoser(self) -> Any:
-        from rlhf_core.detectors import Diagnoser
-
-        config = self.meta.get("config") if isinstance(self.meta.get("config"), dict) else {}
-        overrides = {k: config[k] for k in ("kl_budget", "max_grad_norm")
-                     if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
-        try:
-            return Diagnoser(overrides)
-        except ValueError:
-            return Diagnoser()
+    def _make_diagnoser(self) -> Analysis:
+        """The run's one analysis: the same rule settings as ``rlhfkit diagnose`` and the producer's live alerts."""
+        return Analysis(self.meta, run_id=self.run.run_id)
 
     def _detect_loop(self, generation: Any) -> None:
         _lower_priority()  # the page being drawn comes first

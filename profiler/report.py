@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from rlhf_core.analysis import RunAnalysis
 from rlhf_core.keys import PHASES
 from rlhf_core.run_reader import Run, RunError
 
@@ -165,7 +166,9 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
                 "traced": r["step"] in traced,
             })
     peaks = _finite(r.get("mem/peak_bytes") for r in records)
-    problems += [str(p) for p in run.problems()]
+    analysis = RunAnalysis(run)  # the same alerts as `rlhfkit diagnose` and the dashboard
+    alerts = [{k: v for k, v in a.as_dict().items() if k != "evidence"} for a in analysis.alerts()]
+    problems += analysis.problems()
     return {
         "run": {"id": run.run_id, "path": str(run.path), "status": run.status, "source": run.meta.get("source"),
                 "world_size": run.world_size, "steps": len(records)},
@@ -175,6 +178,7 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
         "phases": phase_rows, "untimed": untimed, "throughput": throughput, "slowest": slow_rows,
         "trace": None if trace is None else {k: v for k, v in trace.items() if k != "phases"},
         "system": _system_summary(run.system()),
+        "alerts": alerts,
         "problems": problems,
     }
 
@@ -252,8 +256,28 @@ def render(report: dict[str, Any], console: Any) -> None:
             line += (f"; GPU {idx}: util {_ms(g.get('util_percent_mean'))}% mean, "
                      f"mem {_bytes(g.get('mem_used_max_bytes'))} max, power {_ms(g.get('power_w_mean'))} W mean")
         console.print(line, soft_wrap=True)
+    _render_alerts(report["alerts"], console)
     for p in report["problems"]:
         console.print(f"[yellow]warning:[/yellow] {escape(p)}", soft_wrap=True)
+
+
+def _render_alerts(alerts: list[dict[str, Any]], console: Any) -> None:
+    """Stability alerts in one table (details and suggestions: ``rlhfkit diagnose``)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    shown = [a for a in alerts if a["severity"] in ("warning", "critical")]
+    if not shown:
+        console.print("stability: no warning or critical alert (details: rlhfkit diagnose)")
+        return
+    t = Table(title=f"Stability alerts ({len(shown)}; details and suggestions: rlhfkit diagnose)",
+              title_justify="left")
+    for col in ("step", "severity", "rule", "message"):
+        t.add_column(col, justify="right" if col == "step" else "left")
+    for a in shown:
+        style = "red" if a["severity"] == "critical" else "yellow"
+        t.add_row(str(a["step"]), f"[{style}]{a['severity']}[/{style}]", escape(a["rule"]), escape(a["message"]))
+    console.print(t)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -1,21 +1,18 @@
 """Stability detectors over run records (torch-free): the public entry point is :class:`Diagnoser`.
 
 Each alert names its rule, severity, the first step where the trouble began, the evidence and a suggestion
-in plain words. The same code runs over a finished run (:func:`diagnose`, :func:`diagnose_run`) and
-incrementally over a live one: the runner calls ``diagnoser.update([record])`` once per step and writes
-``writer.event(**alert.to_event())`` for each alert. The rules themselves live in :mod:`rlhf_core.rules`.
+in plain words. The same code runs over a finished list of records (:func:`diagnose`) and incrementally over
+a live one. Runs and producers reach it through :mod:`rlhf_core.analysis`, which builds the rule settings
+from the run's meta so every view gets the same alerts. The rules themselves live in :mod:`rlhf_core.rules`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .rules import SEVERITIES, Alert, DetectorConfig, Straggler, build_rules, rule_names
 from .rules.base import num
 
-if TYPE_CHECKING:
-    from .run_reader import Run
-
-__all__ = ["SEVERITIES", "Alert", "DetectorConfig", "Diagnoser", "diagnose", "diagnose_run", "rule_names"]
+__all__ = ["SEVERITIES", "Alert", "DetectorConfig", "Diagnoser", "diagnose", "per_step_ranks", "rule_names"]
 
 ConfigLike = DetectorConfig | Mapping[str, Any] | None
 
@@ -72,7 +69,8 @@ def diagnose(records: Iterable[Mapping[str, Any]], config: ConfigLike = None) ->
     return d.alerts
 
 
-def _per_step(rank_records: Mapping[int, list[Mapping[str, Any]]]) -> list[tuple[int, dict[int, Mapping[str, Any]]]]:
+def per_step_ranks(rank_records: Mapping[int, list[Mapping[str, Any]]]) -> list[tuple[int, dict[int, Mapping[str, Any]]]]:
+    """Per-rank records regrouped by step (steps in order): what :meth:`Diagnoser.update_ranks` takes."""
     by_step: dict[int, dict[int, Mapping[str, Any]]] = {}
     for rank, recs in rank_records.items():
         for rec in recs:
@@ -80,14 +78,3 @@ def _per_step(rank_records: Mapping[int, list[Mapping[str, Any]]]) -> list[tuple
             if step is not None and step == step:
                 by_step.setdefault(int(step), {})[int(rank)] = rec
     return sorted(by_step.items())
-
-
-def diagnose_run(run: "Run", config: ConfigLike = None, diagnoser: Diagnoser | None = None) -> list[Alert]:
-    """Record rules over ``run.metrics()`` and, for multi-process runs, the straggler rule over
-    ``run.rank_metrics()``; alerts sorted by first step. Pass ``diagnoser`` to read its :attr:`problems`."""
-    d = diagnoser or Diagnoser(config)
-    d.update(run.metrics())
-    if run.world_size > 1:
-        for step, per_rank in _per_step(run.rank_metrics()):
-            d.update_ranks(step, per_rank)
-    return sorted(d.alerts, key=lambda a: (a.step, a.rule))

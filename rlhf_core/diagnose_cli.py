@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .detectors import Alert, DetectorConfig, Diagnoser, diagnose_run, rule_names
+from .analysis import RunAnalysis
+from .detectors import Alert, DetectorConfig, rule_names
 from .keys import sanitize
 from .run_reader import Run, RunError
 
@@ -44,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: argparse.Namespace) -> DetectorConfig:
-    """Defaults < --config file < --set < named flags; every error is a one-line ValueError."""
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The user's settings: --config file < --set < named flags, checked (every error is a one-line ValueError).
+
+    They go on top of the run's own settings (its KL budget, clip norm, producer), as everywhere else."""
     values: dict[str, Any] = {}
     if args.config:
         try:
@@ -68,7 +71,8 @@ def _config(args: argparse.Namespace) -> DetectorConfig:
             values[field] = getattr(args, field)
     if args.disable:
         values["disabled_rules"] = list(values.get("disabled_rules", [])) + args.disable
-    return DetectorConfig.from_any(values)
+    DetectorConfig.from_any(values)
+    return values
 
 
 def _alert_json(alert: Alert) -> dict[str, Any]:
@@ -93,11 +97,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0)
     try:
-        config = _config(args)
-        diagnoser = Diagnoser(config)
+        overrides = _overrides(args)
         run = Run(args.run_dir)
-        alerts = diagnose_run(run, diagnoser=diagnoser)
-        problems = [str(p) for p in run.problems()] + diagnoser.problems
+        analysis = RunAnalysis(run, overrides)
+        alerts = analysis.alerts()
+        problems = analysis.problems()
         status = run.status
     except (ValueError, RunError, OSError) as err:
         print(f"rlhfkit diagnose: {err}", file=sys.stderr)
@@ -109,7 +113,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps([_alert_json(a) for a in alerts], indent=2, allow_nan=False))
         else:
-            _print_human(run, status, alerts, diagnoser.records_seen)
+            _print_human(run, status, alerts, analysis.records_seen)
         sys.stdout.flush()
     except BrokenPipeError:  # `rlhfkit diagnose RUN | head`: the reader left, the verdict still stands
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

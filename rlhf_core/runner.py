@@ -29,7 +29,7 @@ from . import distributed as dist_utils
 from . import ppo
 from .checkpoint import list_checkpoints, load_checkpoint, own_storage, prepare_resume, save_checkpoint
 from .config import TrainConfig
-from .detectors import Diagnoser
+from .analysis import LiveAlerts
 from .flat_params import FlatParams
 from .probes import kl_estimates, layer_metrics
 from .prompts import batch_for_step, get_prompts
@@ -122,7 +122,7 @@ class PPORunner:
         )
         if cfg.resume:
             self.writer.update_meta(config=cfg.to_dict())
-        self.diagnoser = Diagnoser({"max_grad_norm": cfg.max_grad_norm, "kl_budget": cfg.kl_budget})
+        self.live = LiveAlerts(self.writer)  # the rules read the KL budget and clip norm from the run's meta
         if cfg.resume and self.info.is_main:
             self._replay_history()
         from profiler.phases import PhaseTimer
@@ -195,10 +195,10 @@ class PPORunner:
         self.start_step = int(state["step"])
 
     def _replay_history(self) -> None:
-        """Feed the kept records to the detectors (their alerts are already in events.jsonl)."""
+        """Feed the kept records to the rules without writing their alerts again (events.jsonl has them)."""
         from .run_reader import Run
 
-        self.diagnoser.update(Run(self.cfg.run_dir).metrics())
+        self.live.analysis.update(Run(self.cfg.run_dir).metrics())
 
     # ---------------------------------------------------------------- one step
     def _rollout(self, step: int):
@@ -395,13 +395,14 @@ class PPORunner:
         if not self.info.is_main:
             return None, reduced
         run_record = self.writer.log_reduced(step, reduced)
-        for alert in self.diagnoser.update_ranks(step, dict(enumerate(per_rank))):
-            self._alert(alert)
+        for alert in self.live.update_ranks(step, dict(enumerate(per_rank))):
+            self._announce(alert)
         return run_record, reduced
 
-    def _alert(self, alert) -> None:
-        self.writer.event(**alert.to_event())
-        self._print(f"WARNING [{alert.rule}] step {alert.step}: {alert.message} (suggestion: {alert.suggestion})")
+    def _announce(self, alert) -> None:
+        """One console line per alert (already written to events.jsonl by the live analysis)."""
+        self._print(f"{alert.severity.upper()} [{alert.rule}] step {alert.step}: {alert.message} "
+                    f"(suggestion: {alert.suggestion})")
 
     def _print(self, line: str) -> None:
         """One console line. Around the progress bar (stderr) only when both share a terminal: clearing and
@@ -457,8 +458,8 @@ class PPORunner:
                     record = self.train_step(step)
                     run_record, shown = self._log(step, record)
                     if run_record is not None:
-                        for alert in self.diagnoser.update([run_record]):
-                            self._alert(alert)
+                        for alert in self.live.update([run_record]):
+                            self._announce(alert)
                         last = run_record
                     epoch, i = divmod(step - 1, cfg.steps_per_epoch)
                     self._print(f"Epoch {epoch + 1}, Step {i}: Loss={shown.get('loss/total', math.nan):.4f} "

@@ -9,7 +9,8 @@ from collections import deque
 
 import pytest
 
-from rlhf_core.detectors import SEVERITIES, Alert, DetectorConfig, Diagnoser, diagnose, diagnose_run, rule_names
+from rlhf_core.analysis import diagnose_run
+from rlhf_core.detectors import SEVERITIES, Alert, DetectorConfig, Diagnoser, diagnose, rule_names
 from rlhf_core.rules.base import RollingStats, RollingTrend
 from rlhf_core.rules.synthetic import FAULTS, healthy_arrays, healthy_series, planted_series, rank_timings, to_records
 from rlhf_core.run_reader import Run
@@ -184,7 +185,7 @@ def test_diagnose_run_covers_records_and_ranks(tmp_path):
 
 
 def test_detectors_do_not_import_torch():
-    code = "import sys, rlhf_core.detectors, rlhf_core.diagnose_cli; sys.exit('torch' in sys.modules)"
+    code = "import sys, rlhf_core.detectors, rlhf_core.analysis, rlhf_core.diagnose_cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

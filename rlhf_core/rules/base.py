@@ -25,6 +25,7 @@ class Alert:
     suggestion: str
     evidence: dict[str, Any] = field(default_factory=dict)
     rank: int | str | None = None
+    run: str | None = None  # the run's id, so alerts of overlaid runs stay apart
 
     def to_event(self) -> dict[str, Any]:
         """Keyword arguments for ``RunWriter.event`` (kind ``alert``)."""
