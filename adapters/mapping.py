@@ -1,8 +1,8 @@
 """Source key → canonical key tables, shared by every adapter and importer.
 
-Each table maps a tool's own metric names to the run format's canonical keys (DESIGN.md); a name with no
-entry is kept as ``src/<name>`` (``rlhf_core.keys.prefixed_unmapped``) so nothing a tool logs is lost. A few
-entries also derive a value (veRL's GiB → bytes, TRL's truncation ratio → EOS rate). Torch-free.
+Each table maps a tool's own metric names to the run format's canonical keys (docs/design.md, "Adapters"); a
+name with no entry is kept as ``src/<name>`` (``rlhf_core.keys.prefixed_unmapped``) so nothing a tool logs is
+lost. A few entries also derive a value (veRL's GiB → bytes, TRL's truncation ratio → EOS rate). Torch-free.
 """
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ TRL_KEYS: dict[str, str] = {
     "mean_reward": "reward/mean",
     "min_reward": "reward/min",
     "max_reward": "reward/max",
+    # GRPOTrainer with vLLM and vllm_importance_sampling_correction: |log π_trainer − log π_vLLM| per token, and
+    # the IS weight as applied (after truncation/masking; per sequence in the sequence_* modes)
+    "sampling/sampling_logp_difference/mean": "rollout/logprob_diff_mean",
+    "sampling/sampling_logp_difference/max": "rollout/logprob_diff_max",
+    "sampling/importance_sampling_ratio/min": "rollout/is_weight_min",
+    "sampling/importance_sampling_ratio/mean": "rollout/is_weight_mean",
+    "sampling/importance_sampling_ratio/max": "rollout/is_weight_max",
 }
 # What TRL's ``kl`` means depends on the trainer: RLOO logs the k1 mean (log π_old − log π_ref, the estimator
 # of its reward penalty); KTO's ``kl`` is its batch KL baseline, not a KL to the reference per token.
@@ -62,6 +69,9 @@ OPENRLHF_KEYS: dict[str, str] = {
     "timing/ppo_train": "time/update",
     "timing/broadcast": "time/weight_sync",
     "timing/step_total": "time/step",
+    # mean of log π_vLLM − log π_old over action tokens (k1 of KL(rollout ‖ trainer)); only with
+    # --algo.advantage.is_correction_enable (openrlhf/models/loss.py PolicyLoss)
+    "vllm_kl": "rollout/kl_k1",
 }
 
 # veRL (its ``file`` logger: ``{"step": N, "data": {...}}``).
@@ -94,6 +104,15 @@ VERL_KEYS: dict[str, str] = {
     "timing_s/update_critic": "time/update_critic",
     "timing_s/step": "time/step",
     "training/epoch": "epoch",
+    # verl/utils/debug/metrics.py (whenever the rollout returns log-probs): |p_actor − p_rollout| on
+    # *probabilities* (exp of the log-probs), despite the "log_prob_diff" helper name
+    "training/rollout_probs_diff_mean": "rollout/prob_diff_mean",
+    "training/rollout_probs_diff_max": "rollout/prob_diff_max",
+    "training/rollout_probs_diff_std": "rollout/prob_diff_std",
+    "training/rollout_actor_probs_pearson_corr": "rollout/prob_corr",
+    # verl/trainer/ppo/rollout_corr_helper.py (algorithm.rollout_correction set): KL(π_rollout ‖ π_old)
+    "rollout_corr/kl": "rollout/kl_k1",
+    "rollout_corr/k3_kl": "rollout/kl_k3",
 }
 _GIB = float(2**30)
 # canonical key → (source key, transform) for values that need converting, not just renaming.

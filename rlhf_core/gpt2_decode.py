@@ -43,9 +43,13 @@ def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 class GPT2Decoder:
-    """Prefill + one-token steps with a static KV cache of ``max_len`` positions."""
+    """Prefill + one-token steps with a static KV cache of ``max_len`` positions.
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int):
+    ``dtype`` other than the weights' decodes with a cast copy of the weights (made once per decoder, i.e. per
+    rollout chunk), like an inference engine next to the trainer; the KV cache and hidden states take that dtype.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None):
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a plain GPT-2 model")
         cfg = model.config
@@ -54,15 +58,24 @@ class GPT2Decoder:
         self.head_dim = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_epsilon
         self.act = _ACTIVATIONS[cfg.activation_function]
-        self.head_weight = model.get_output_embeddings().weight
-        self.wte, self.wpe = self.tf.wte.weight, self.tf.wpe.weight
-        self.ln_f = (self.tf.ln_f.weight, self.tf.ln_f.bias)
+        cast: dict[int, torch.Tensor] = {}  # one copy per tensor (the head is tied to wte)
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            if dtype is None or t.dtype == dtype:
+                return t
+            if id(t) not in cast:
+                cast[id(t)] = t.detach().to(dtype)
+            return cast[id(t)]
+
+        self.head_weight = w(model.get_output_embeddings().weight)
+        self.wte, self.wpe = w(self.tf.wte.weight), w(self.tf.wpe.weight)
+        self.ln_f = (w(self.tf.ln_f.weight), w(self.tf.ln_f.bias))
         # the weight tensors themselves, looked up once: nn.Module attribute access per token and layer was
         # ~5% of a decode step (the optimizer updates these tensors in place, so the references stay current)
         self.blocks = [
-            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-             b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+            tuple(w(t) for t in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                                 b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                                 b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias))
             for b in self.tf.h
         ]
         shape = (batch, self.n_head, max_len, self.head_dim)

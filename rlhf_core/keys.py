@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 FORMAT_VERSION = 1
 
-SOURCES = ("rlhf_core", "trl", "openrlhf", "generic", "import", "verl", "tensorboard")
+SOURCES = ("rlhf_core", "trl", "transformers", "openrlhf", "generic", "import", "verl", "tensorboard")
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 PHASES = (
@@ -43,9 +43,16 @@ CANONICAL_KEYS = frozenset(
         "mem/peak_bytes",
         "lr", "throughput/tokens_per_s",
         "epoch", "skipped",
+        # rollout vs trainer: the sampler's log-probs of the sampled tokens against the trainer's (docs/adapters.md)
+        "rollout/logprob_diff_mean", "rollout/logprob_diff_max",
+        "rollout/kl_k1", "rollout/kl_k3",
+        "rollout/ratio_min", "rollout/ratio_max",
+        "rollout/prob_diff_mean", "rollout/prob_diff_max", "rollout/prob_diff_std", "rollout/prob_corr",
+        "rollout/is_weight_min", "rollout/is_weight_mean", "rollout/is_weight_max",
     }
 )
-CANONICAL_PREFIXES = ("grad/layer/", "drift/layer/", "time/", "mem/", "reward/", "src/", "sys/", "eval/")
+# wait/<phase>, wait/total: seconds a rank waited in collective-bound phases for the last rank (docs/timeline.md)
+CANONICAL_PREFIXES = ("grad/layer/", "drift/layer/", "time/", "mem/", "reward/", "src/", "sys/", "eval/", "wait/")
 
 RECORD_FIELDS = ("step", "time", "rank", "nonfinite")
 

@@ -52,6 +52,29 @@ def kl_estimates(
     return {"kl/ref_k1": k1, "kl/ref_k2": k2, "kl/ref_k3": k3}
 
 
+def rollout_mismatch(
+    trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, float]:
+    """How far the sampler's log-probs of the sampled tokens are from the trainer's (the ``rollout/*`` keys).
+
+    With Δ = log π_trainer − log π_rollout per token (r = e^Δ, the importance ratio a truncated-IS correction
+    would use): mean and max |Δ|, KL(π_rollout ‖ π_trainer) on the rollout's samples as k1 = mean(−Δ)
+    (OpenRLHF's ``vllm_kl``, veRL's ``rollout_corr/kl``) and k3 = mean(r − 1 − Δ) (veRL's ``k3_kl``; ≥ 0 per
+    token), and the extreme ratios. Float64 and one host sync; empty when the mask selects no token.
+    """
+    with torch.no_grad():
+        delta = (trainer_logp.double() - rollout_logp.double()).reshape(-1)
+        keep = torch.ones_like(delta, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+        delta = delta[keep]
+        if delta.numel() == 0:
+            return {}
+        stats = torch.stack([delta.abs().mean(), delta.abs().max(), (-delta).mean(),
+                             (torch.expm1(delta) - delta).mean(), delta.min().exp(), delta.max().exp()])
+        mean_abs, max_abs, k1, k3, ratio_min, ratio_max = stats.tolist()
+    return {"rollout/logprob_diff_mean": mean_abs, "rollout/logprob_diff_max": max_abs, "rollout/kl_k1": k1,
+            "rollout/kl_k3": k3, "rollout/ratio_min": ratio_min, "rollout/ratio_max": ratio_max}
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the full next-token distribution (not of the sampled token alone)."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -68,3 +68,29 @@ def test_trl_profiling_names_to_phases():
     assert trl_profile_phase("RLOOTrainer._calculate_rewards") == "reward"
     assert trl_profile_phase("GRPOTrainer._get_per_token_logps_and_entropies") == "ref_logprobs"
     assert trl_profile_phase("GRPOTrainer.my_reward_fn") is None
+
+
+def test_rollout_vs_trainer_mismatch_keys_of_each_framework():
+    """Names from the frameworks' source: TRL 1.16 GRPOTrainer (vLLM IS correction), OpenRLHF PolicyLoss's
+    vllm_kl, veRL's debug metrics (probabilities, not log-probs) and its rollout_corr off-policy metrics."""
+    trl = map_trl({"sampling/sampling_logp_difference/mean": 0.01, "sampling/sampling_logp_difference/max": 0.5,
+                   "sampling/importance_sampling_ratio/min": 0.0, "sampling/importance_sampling_ratio/mean": 0.98,
+                   "sampling/importance_sampling_ratio/max": 3.0})
+    assert trl == {"rollout/logprob_diff_mean": 0.01, "rollout/logprob_diff_max": 0.5, "rollout/is_weight_min": 0.0,
+                   "rollout/is_weight_mean": 0.98, "rollout/is_weight_max": 3.0}
+    assert map_trl({"eval_sampling/sampling_logp_difference/mean": 0.02}) == {"eval/rollout/logprob_diff_mean": 0.02}
+    assert map_openrlhf({"train/vllm_kl": 0.003, "train/ppo_kl": 0.01}) == {"rollout/kl_k1": 0.003,
+                                                                             "policy/approx_kl": 0.01}
+    verl = map_verl({"training/rollout_probs_diff_valid": 1, "training/rollout_probs_diff_max": 0.4,
+                     "training/rollout_probs_diff_mean": 0.006, "training/rollout_probs_diff_std": 0.02,
+                     "training/rollout_actor_probs_pearson_corr": 0.999, "rollout_corr/kl": -0.0001,
+                     "rollout_corr/k3_kl": 0.0016, "rollout_corr/rollout_is_max": 2.5})
+    assert verl["rollout/prob_diff_mean"] == 0.006 and verl["rollout/prob_diff_max"] == 0.4
+    assert verl["rollout/prob_diff_std"] == 0.02 and verl["rollout/prob_corr"] == 0.999
+    assert verl["rollout/kl_k1"] == -0.0001 and verl["rollout/kl_k3"] == 0.0016
+    # kept, not mapped: a validity flag, and IS weights whose level (token/sequence) the log does not say
+    assert verl["src/training/rollout_probs_diff_valid"] == 1 and verl["src/rollout_corr/rollout_is_max"] == 2.5
+    assert "rollout/logprob_diff_mean" not in verl  # |Δp| is not |Δ log p|
+    assert all(is_canonical(k) for out in (trl, verl) for k in out)
+    assert map_identity({"rollout/kl_k3": 1e-4, "rollout/whatever": 1}) == {"rollout/kl_k3": 1e-4,
+                                                                             "src/rollout/whatever": 1}
