@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from rlhf_core.analysis import LiveAlerts
-from rlhf_core.run_reader import Run, RunError
+from rlhf_core.run_reader import Run, RunError, file_problem, summarize
 from rlhf_core.run_writer import RunWriter
 
 Mapper = Callable[[Mapping[str, Any]], dict[str, Any]]
@@ -24,13 +24,30 @@ class SourceError(Exception):
     """A source that cannot be imported (missing, ambiguous, unreadable): reported as one line."""
 
 
-def last_step_of(run_dir: Path) -> int | None:
-    """Last step already written to an existing run (for ``--resume``)."""
+def _resumable(out: Path) -> int | None:
+    """The last step of the run at ``out`` that ``--resume`` continues (the reader leaves out records without an
+    integer step); a run the reader cannot open is a :class:`SourceError` (the writer would otherwise fail on it
+    halfway), what it could not use is a warning."""
     try:
-        recs = Run(run_dir).metrics()
-    except RunError:
-        return None
-    return max((int(r["step"]) for r in recs), default=None)
+        run = Run(out)
+        run.meta
+        if "resumed_at" in run.meta and not isinstance(run.meta["resumed_at"], list):
+            raise RunError(f"{run.meta_path}: resumed_at is not a list")
+        recs = run.metrics()
+    except RunError as err:
+        raise SourceError(f"cannot resume {out}: {err}") from None
+    for name in ("metrics.jsonl", "events.jsonl", "system.jsonl"):  # the files the writer appends to
+        why = file_problem(out / name)
+        if why not in (None, "missing"):  # appending to a FIFO would block, to a folder or a loop fail midway
+            raise SourceError(f"cannot resume {out}: {out / name} is {why}")
+    for problem in summarize(run.problems()):
+        print(f"rlhfkit import: warning: {problem}", file=sys.stderr)
+    return max((r["step"] for r in recs), default=None)
+
+
+def nothing_imported(summary: Mapping[str, Any]) -> bool:
+    """True when an import wrote no step and found none already written (``--resume`` of a finished source)."""
+    return not summary.get("steps") and not summary.get("skipped_steps")
 
 
 class StepSink:
@@ -87,8 +104,8 @@ def open_writer(out: str | os.PathLike, *, source: str, config: Mapping[str, Any
                 tensorboard: bool = False) -> tuple[RunWriter, int | None]:
     """The output run, and the step to continue after when resuming an existing import."""
     out = Path(out)
-    start_after = last_step_of(out) if resume and (out / "meta.json").exists() else None
-    if (out / "meta.json").exists() and not (overwrite or resume):
+    start_after = _resumable(out) if resume and os.path.lexists(out / "meta.json") else None
+    if os.path.lexists(out / "meta.json") and not (overwrite or resume):
         raise SourceError(f"{out} already holds a run; pass --overwrite to replace it or --resume to continue it")
     writer = RunWriter(out, source=source, config=config, overwrite=overwrite and not resume, resume=resume,
                        tensorboard=tensorboard)

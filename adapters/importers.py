@@ -1,12 +1,17 @@
 """``rlhfkit import {openrlhf,tensorboard,verl} SOURCE --out RUN``: convert another tool's logs into a kit run.
 
-Bad input (missing source, several TensorBoard runs in one folder, an existing output) is a one-line error
-and exit status 2; nothing already written is removed unless ``--overwrite`` is given.
+Exit codes: 0 imported (records that could not be read are warnings on stderr and counts in the summary);
+2 bad input, one line: a missing, unreadable or ambiguous source, a source with nothing to import (not
+TensorBoard data, no veRL records, no scalars; with ``--follow``: none arrived before ``--max-idle``), an
+existing output without ``--overwrite``/``--resume``, or a run ``--resume`` cannot read. A source with
+nothing to import creates no run (except with ``--follow``, which creates it while it waits); nothing
+already written is removed unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +53,7 @@ def main(argv: list[str]) -> int:
     if args.poll <= 0 or args.max_idle < 0:
         print("rlhfkit import: --poll must be > 0 and --max-idle >= 0", file=sys.stderr)
         return 2
-    out = args.out or str(Path("runs") / Path(args.source).resolve().name)
+    out = args.out or str(Path("runs") / Path(os.path.abspath(args.source)).name)  # abspath: a loop is a name
     common = dict(follow_run=args.follow, interval_s=args.poll, max_idle_s=args.max_idle, overwrite=args.overwrite,
                   resume=args.resume, alerts=not args.no_alerts)
     try:
@@ -66,7 +71,8 @@ def main(argv: list[str]) -> int:
 
             summary = import_verl(args.source, out, **common)
     except (SourceError, FileExistsError, OSError) as err:
-        print(f"rlhfkit import: {err}", file=sys.stderr)
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename and err.strerror else err
+        print(f"rlhfkit import: {text}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

@@ -4,12 +4,17 @@ Per-phase table (ms/step, share of the step, peak memory), the untimed remainder
 steps and the phase that made each slow, the top ops of the latest trace, and a system summary. ``--json``
 prints the same content as one JSON object. Reads the run only through :class:`rlhf_core.run_reader.Run` and
 never imports torch, so it runs anywhere a run directory can be copied to.
+
+Exit codes (with and without ``--json``): 0 report printed, 1 no step records yet, 2 not a readable run
+(missing, no or unreadable meta.json). What the reader could not use (bad lines, wrong field types, files that
+are folders or loops, a foreign trace) is a warning on stderr, at most five lines and a count of the rest.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -18,7 +23,7 @@ from typing import Any, Iterable
 
 from rlhf_core.analysis import RunAnalysis
 from rlhf_core.keys import PHASES
-from rlhf_core.run_reader import Run, RunError
+from rlhf_core.run_reader import Run, RunError, read_json_file, summarize
 
 from .trace_analysis import TraceError, load_trace, op_kind, op_totals, phase_summary
 
@@ -29,6 +34,12 @@ _WINDOW = re.compile(r"_steps(\d+)-(\d+)$")
 def _finite(values: Iterable[Any]) -> list[float]:
     return [float(v) for v in values
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def _val(v: Any, default: float) -> float:
+    """``v`` as a float when it is a number (NaN and inf included), else ``default``: a string or a list where a
+    number belongs is treated like a missing value instead of failing the whole report."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
 def _median(values: list[float]) -> float | None:
@@ -61,13 +72,17 @@ def traced_steps(run: Run) -> set[int]:
 
 def _sidecar_json(trace: Path, suffix: str, problems: list[str]) -> Any:
     path = trace.with_name(trace_stem(trace) + suffix)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        problems.append(f"{path}: unreadable ({err}); ignored")
+        return read_json_file(path, suffix.lstrip("."))
+    except RunError as err:
+        problems.append(f"{err}; ignored")
         return None
+
+
+# what a foreign or damaged trace can make the analysis raise; the rest of the report does not depend on it
+_TRACE_ERRORS = (TraceError, RecursionError, MemoryError, ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 def latest_trace_info(run: Run, top: int, problems: list[str]) -> dict[str, Any] | None:
@@ -82,23 +97,26 @@ def latest_trace_info(run: Run, top: int, problems: list[str]) -> dict[str, Any]
     if not isinstance(ops, list) or not isinstance(phases, dict):
         try:
             data = load_trace(trace)
-        except TraceError as err:
-            problems.append(str(err))
+            if not isinstance(ops, list):
+                ops, source = op_totals(data, top=10 * top), "trace (inclusive CPU time only)"
+            if not isinstance(phases, dict):
+                phases = phase_summary(data)
+        except _TRACE_ERRORS as err:
+            why = "nested too deeply" if isinstance(err, RecursionError) else f"{type(err).__name__}: {err}"
+            problems.append(str(err) if isinstance(err, TraceError) else f"{trace}: cannot analyse ({why})"[:300])
             return {"trace": str(trace), "ops": [], "ops_source": None, "phases": {}}
-        if not isinstance(ops, list):
-            ops, source = op_totals(data, top=10 * top), "trace (inclusive CPU time only)"
-        if not isinstance(phases, dict):
-            phases = phase_summary(data)
     rows = [r for r in ops if isinstance(r, dict) and (r.get("kind") or op_kind(str(r.get("name")))) == "op"]
-    device = any(r.get("self_device_us") for r in rows)
+    device = any(_val(r.get("self_device_us"), 0.0) for r in rows)
     key = "self_device_us" if device else ("self_cpu_us" if any("self_cpu_us" in r for r in rows) else "cpu_total_us")
     total = sum(_finite(r.get(key) for r in rows)) or 1.0
-    rows.sort(key=lambda r: r.get(key) or 0.0, reverse=True)
-    top_rows = [{**r, "share": (r.get(key) or 0.0) / total} for r in rows[:top]]
+    rows.sort(key=lambda r: _val(r.get(key), 0.0), reverse=True)
+    scalar = (str, int, float, bool, type(None))  # an ops.json row is foreign data: no nested values in the report
+    top_rows = [{**{k: v for k, v in r.items() if isinstance(v, scalar)}, "share": _val(r.get(key), 0.0) / total}
+                for r in rows[:top]]
     return {"trace": str(trace), "ops_source": source, "sort_key": key, "ops": top_rows, "phases": phases}
 
 
-def _system_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _system_summary(records: list[dict[str, Any]], problems: list[str], path: Path) -> dict[str, Any] | None:
     if not records:
         return None
     out: dict[str, Any] = {
@@ -107,7 +125,14 @@ def _system_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         "rss_max_bytes": max(_finite(r.get("mem/rss_bytes") for r in records), default=None),
     }
     gpus: dict[str, dict[str, Any]] = {}
-    for key in sorted({k for r in records for k in r if k.startswith("gpu/")}):
+    keys = sorted({k for r in records for k in r if k.startswith("gpu/")})
+    bad = [k for k in keys if len(k.split("/", 2)) < 3]
+    if bad:  # gpu/<index>/<field> is the only layout the sampler writes
+        names = ", ".join(repr(k[:40]) for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        problems.append(f"{path}: {len(bad)} key(s) not of the form gpu/<index>/<field> ({names}); ignored")
+    for key in keys:
+        if key in bad:
+            continue
         _, idx, field = key.split("/", 2)
         vals = _finite(r.get(key) for r in records)
         g = gpus.setdefault(idx, {})
@@ -134,17 +159,19 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     phase_rows = []
     for phase in phases:
         key = f"time/{phase}"
-        per_step = [float(r.get(key) or 0.0) for r in records if "time/step" in r]
+        per_step = [_val(r.get(key), 0.0) for r in records if "time/step" in r]
         vals = _finite(per_step)
         mean = _mean(vals)
         peaks = _finite(r.get(f"mem/{phase}_peak_bytes") for r in records)
-        alloc = (trace_phases.get(phase) or {}).get("alloc_peak_bytes") or {}
+        entry = trace_phases.get(phase) if isinstance(trace_phases, dict) else None
+        alloc = entry.get("alloc_peak_bytes") if isinstance(entry, dict) else None
+        alloc_peaks = _finite(alloc.values()) if isinstance(alloc, dict) else []
         phase_rows.append({
             "phase": phase, "ms_per_step": None if mean is None else 1000 * mean,
             "median_ms": None if not vals else 1000 * statistics.median(vals),
             "share": (mean / mean_step) if mean is not None and mean_step else None,
             "peak_bytes": max(peaks) if peaks else None,
-            "trace_alloc_peak_bytes": max(alloc.values()) if alloc else None,
+            "trace_alloc_peak_bytes": max(alloc_peaks) if alloc_peaks else None,
         })
     timed = sum(r["ms_per_step"] or 0.0 for r in phase_rows)
     untimed = None if mean_step is None else {"ms_per_step": 1000 * mean_step - timed,
@@ -155,10 +182,10 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     traced = traced_steps(run)
     if steps:
         med_step = statistics.median(steps)
-        med_phase = {p: statistics.median([float(r.get(f"time/{p}") or 0.0) for r in records]) for p in phases}
+        med_phase = {p: statistics.median([_val(r.get(f"time/{p}"), 0.0) for r in records]) for p in phases}
         timed_records = [r for r in records if _finite([r.get("time/step")])]
         for r in sorted(timed_records, key=lambda r: r["time/step"], reverse=True)[:slowest]:
-            excess = {p: float(r.get(f"time/{p}") or 0.0) - med_phase[p] for p in phases}
+            excess = {p: _val(r.get(f"time/{p}"), 0.0) - med_phase[p] for p in phases}
             culprit = max(excess, key=excess.get) if excess else None
             slow_rows.append({
                 "step": r["step"], "step_ms": 1000 * r["time/step"], "over_median_ms": 1000 * (r["time/step"] - med_step),
@@ -166,6 +193,7 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
                 "traced": r["step"] in traced,
             })
     peaks = _finite(r.get("mem/peak_bytes") for r in records)
+    system = _system_summary(run.system(), problems, run.path / "system.jsonl")  # before the reader's problems
     analysis = RunAnalysis(run)  # the same alerts as `rlhfkit diagnose` and the dashboard
     alerts = [{k: v for k, v in a.as_dict().items() if k != "evidence"} for a in analysis.alerts()]
     problems += analysis.problems()
@@ -177,7 +205,7 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
                  "peak_bytes": max(peaks) if peaks else None},
         "phases": phase_rows, "untimed": untimed, "throughput": throughput, "slowest": slow_rows,
         "trace": None if trace is None else {k: v for k, v in trace.items() if k != "phases"},
-        "system": _system_summary(run.system()),
+        "system": system,
         "alerts": alerts,
         "problems": problems,
     }
@@ -246,7 +274,8 @@ def render(report: dict[str, Any], console: Any) -> None:
         for col in ("op", "calls", f"{key.replace('_us', '')} ms", "share"):
             t.add_column(col, justify="left" if col == "op" else "right")
         for r in tr["ops"]:
-            t.add_row(escape(str(r["name"])), str(r.get("count", "")), _ms((r.get(key) or 0.0) / 1000), _pct(r.get("share")))
+            t.add_row(escape(str(r.get("name"))), escape(str(r.get("count", ""))), _ms(_val(r.get(key), 0.0) / 1000),
+                      _pct(r.get("share")))
         console.print(t)
     sysrec = report["system"]
     if sysrec:
@@ -257,7 +286,7 @@ def render(report: dict[str, Any], console: Any) -> None:
                      f"mem {_bytes(g.get('mem_used_max_bytes'))} max, power {_ms(g.get('power_w_mean'))} W mean")
         console.print(line, soft_wrap=True)
     _render_alerts(report["alerts"], console)
-    for p in report["problems"]:
+    for p in summarize(report["problems"]):
         console.print(f"[yellow]warning:[/yellow] {escape(p)}", soft_wrap=True)
 
 
@@ -305,13 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit report: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(_json_safe(report), indent=2, allow_nan=False))
-        return 0
+        print(json.dumps(_json_safe(report), indent=2, allow_nan=False, default=str))
     from rich.console import Console
 
-    if not report["run"]["steps"]:
+    if not report["run"]["steps"]:  # the same exit status with --json, so scripts can test for it either way
+        for p in summarize(report["problems"]):
+            print(f"warning: {p}", file=sys.stderr)
         print(f"rlhfkit report: {run.path}: no step records yet", file=sys.stderr)
         return 1
+    if args.json:
+        return 0
     render(report, Console(highlight=False, width=None if sys.stdout.isatty() else 120))
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 from .analysis import RunAnalysis
 from .detectors import Alert, DetectorConfig, rule_names
 from .keys import sanitize
-from .run_reader import Run, RunError
+from .run_reader import Run, RunError, summarize
 
 # flag -> config field, for the settings people change most
 _FLAGS = {
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, RunError, OSError) as err:
         print(f"rlhfkit diagnose: {err}", file=sys.stderr)
         return 2
-    for problem in problems:
+    for problem in summarize(problems):  # at most five lines and a count: 1 MB of garbage is not 4,000 warnings
         print(f"warning: {problem}", file=sys.stderr)
     code = 1 if any(a.severity == "critical" for a in alerts) else 0
     try:

@@ -4,7 +4,8 @@ The line-by-line reader builds a Python dict per record: ~1 s for a 100k-step, 5
 the GIL. Consumers that only want numbers (the dashboard's charts) can take this path: pyarrow's JSON
 reader parses the same bytes into typed columns in ~0.35 s on two threads, releasing the GIL. It is strict
 by design: whenever the file is not plainly one JSON object per line with consistent types (a malformed,
-blank or non-object line, a number turning into a string, pyarrow missing), it returns None with the
+blank or non-object line, a number turning into a string, a step missing or not an integer, a file that is
+not a regular file, pyarrow missing), it returns None with the
 reason, and the caller reads the file line by line, which reports the bad lines. Values follow the
 dashboard's column rules: numbers (and booleans) as float64; null, missing and non-numeric values as NaN
 (the run format writes non-finite values as null, so they come back as NaN either way).
@@ -20,7 +21,7 @@ import numpy as np
 try:
     import pyarrow as pa
     import pyarrow.json as pa_json
-except ImportError:  # pragma: no cover - pyarrow is in requirements.txt
+except ImportError:  # pyarrow comes with the [dashboard] extra; without it every read is line by line
     pa = None
 
 log = logging.getLogger("rlhfkit.columns")
@@ -43,6 +44,11 @@ def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
     path = Path(path)
     if pa is None:
         return _skip(path, "pyarrow is not installed")
+    from .run_reader import file_problem
+
+    why = file_problem(path)
+    if why is not None:  # a folder, a FIFO (open would block) or a loop: the line reader reports it
+        return _skip(path, why)
     try:
         if path.stat().st_size < max(min_bytes, 1):
             return _skip(path, f"smaller than {min_bytes} bytes")
@@ -61,6 +67,9 @@ def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
         return _skip(path, f"pyarrow: {str(err).splitlines()[0]}")
     if table.num_rows != lines:  # blank lines, or several objects on one line: rows would not match lines
         return _skip(path, f"{table.num_rows} rows from {lines} lines")
+    if "step" not in table.column_names or not pa.types.is_integer(table.column("step").type) \
+            or table.column("step").null_count:
+        return _skip(path, "a step that is missing or not an integer")  # the line reader counts and skips those
     return MetricColumns(rows=lines, end=end, keys=list(table.column_names),
                          values={name: _floats(col) for name, col in zip(table.column_names, table.columns)})
 
