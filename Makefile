@@ -8,15 +8,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv check train_smoke train_quick train_full train_ddp test bench tensorboard dashboard plotly_bundle clean distclean
+.PHONY: venv check train_smoke train_quick train_full train_ddp test bench corpus tensorboard dashboard plotly_bundle clean distclean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 check: $(STAMP)
@@ -29,7 +28,7 @@ train_quick: $(STAMP)
 	$(PY) train.py --epochs 5 --steps_per_epoch 10 --batch_size 4 --max_new_tokens 15 --run_dir $(RUNS)/quick --overwrite
 
 train_full: $(STAMP)
-	$(PY) train.py --epochs 10 --steps_per_epoch 15 --batch_size 8 --max_new_tokens 20 --run_dir $(RUNS)/full --overwrite
+	$(PY) train.py --epochs 10 --steps_per_epoch 15 --batch_size 8 --max_new_tokens 20 --run_dir $(RUNS)/full --overwrite --save_model
 
 train_ddp: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --epochs 2 --steps_per_epoch 6 --batch_size 2 --max_new_tokens 10 --run_dir $(RUNS)/ddp --overwrite
@@ -39,6 +38,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The corpus of real runs (docs/corpus.md): ~25-40 min on a shared 2-core CPU; runs go to benchmarks/corpus/runs/
+# (ignored), the labelled copy to benchmarks/corpus/corpus.tar.xz and a few short runs to tests/fixtures/real_runs.
+corpus: $(STAMP)
+	$(PY) -m benchmarks.corpus.generate --jobs 2
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1

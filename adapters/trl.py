@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from transformers import TrainerCallback
 
 from profiler.phases import PhaseTimer
+from profiler.timeline import TimelineRecorder
 from rlhf_core.analysis import LiveAlerts
 from rlhf_core.keys import sanitize
 from rlhf_core.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
@@ -57,6 +58,14 @@ def _find_trainer(max_depth: int = 8):
     return None
 
 
+def producer_of(trainer: Any) -> str:
+    """``meta.source`` for a trainer: ``trl`` for TRL's trainers (and subclasses of them), ``transformers`` for a
+    plain ``transformers.Trainer``, whose settings and logs are not TRL's (the report names each one's knobs)."""
+    if trainer is None:
+        return "transformers"
+    return "trl" if any(c.__module__.split(".")[0] == "trl" for c in type(trainer).__mro__) else "transformers"
+
+
 def _peft_config(model) -> Any:
     cfg = getattr(model, "peft_config", None)
     if not cfg:
@@ -65,7 +74,8 @@ def _peft_config(model) -> Any:
 
 
 class RLHFKitCallback(TrainerCallback):
-    """Writes a run directory (``source: trl``) while a ``transformers.Trainer`` trains."""
+    """Writes a run directory (``source``: ``trl``, or ``transformers`` for a plain ``Trainer``) while a
+    ``transformers.Trainer`` trains."""
 
     def __init__(
         self,
@@ -141,13 +151,18 @@ class RLHFKitCallback(TrainerCallback):
 
         with PartialState().main_process_first():  # rank 0 creates (or clears) the folder before others write
             self.writer = RunWriter(
-                self.run_dir, source="trl", config=config, run_id=self.run_id, rank=rank, world_size=world,
-                device=str(args.device), tensorboard=self.tensorboard, resume=self.resume,
+                self.run_dir, source=producer_of(self.trainer), config=config, run_id=self.run_id, rank=rank,
+                world_size=world, device=str(args.device), tensorboard=self.tensorboard, resume=self.resume,
                 overwrite=self.overwrite,
                 extra_meta={"adapter": {"name": "adapters.trl", "probe_every": self.probe_every,
                                         "trace": self.trace}},
             )
-        self._timer = PhaseTimer(args.device)
+        from .generic import _clock_of
+
+        clock, group = _clock_of(rank, world)
+        self._timer = PhaseTimer(args.device, timeline=TimelineRecorder(
+            self.writer.run_dir, rank=rank, world_size=world, role="trainer", clock=clock, group=group,
+            source="trl"))
         if self.drift and self._model is not None:
             self._start_params = param_snapshot(self._model, trainable_only=True)
         trl_profiling.add_listener(self._on_span)
@@ -201,6 +216,8 @@ class RLHFKitCallback(TrainerCallback):
                 self._optim_phase.close()
             if self._extras is not None:
                 self._extras.close()
+            if self._timer is not None:
+                self._timer.close()
             self.writer.close(status)
             self.writer = None
             self._reset_state()
@@ -216,7 +233,7 @@ class RLHFKitCallback(TrainerCallback):
         self._grad_stash = None
         self._grad_post_clip = False
         self._due = (state.global_step + 1) % self.probe_every == 0
-        self._timer.start_step()
+        self._timer.start_step(int(state.global_step) + 1)
         self._t_begin = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -232,10 +249,29 @@ class RLHFKitCallback(TrainerCallback):
             self._optim_phase.close()
             self._optim_phase = None
 
+    def _timeline_spans(self) -> None:
+        """TRL's own phase spans (outermost ones; a log-prob pass inside ``compute_loss`` is part of the update)
+        and the update (after the last input preparation, up to the optimizer step) as timeline intervals."""
+        kept: list[trl_profiling.Span] = []
+        losses = [s for s in self._spans if s.short == "compute_loss"]
+        prepared = self._t_begin
+        for span in sorted(self._spans, key=lambda s: (s.start, -s.end)):
+            if span.short == "_prepare_inputs":
+                prepared = max(prepared, span.end)
+                continue
+            phase = trl_profiling.trl_profile_phase(span.name)
+            if phase is None or any(span.inside(k) for k in kept) or any(span.inside(k) for k in losses):
+                continue
+            kept.append(span)
+            self._timer.add_span(phase, span.start, span.end)
+        if self._t_pre is not None and self._t_pre > prepared:
+            self._timer.add_span("update", prepared, self._t_pre)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._t_begin is None:
             return
-        record = self._timer.end_step()
+        self._timeline_spans()
+        record = self._timer.end_step(int(state.global_step))
         phases, prepare, raw = trl_profiling.phase_times(self._spans)
         if self._t_pre is not None:
             record["time/update"] = max(0.0, self._t_pre - self._t_begin - prepare)

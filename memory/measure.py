@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from profiler.kineto_log import quiet_kineto
+
 CPU_METHOD = "torch.profiler(profile_memory=True): peak of live CPU tensor bytes allocated in the region + declared baseline"
 CUDA_METHOD = "torch.cuda.max_memory_allocated (absolute, after reset_peak_memory_stats)"
 
@@ -137,8 +139,14 @@ def track_peak(device: str | torch.device = "cpu", baseline_bytes: int | None = 
         from torch.profiler import ProfilerActivity, profile
 
         result.baseline_bytes = int(baseline_bytes or 0)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with quiet_kineto():
+            prof.__enter__()
+        try:
             yield result
+        finally:
+            with quiet_kineto():
+                prof.__exit__(None, None, None)
         peak, end, n, foreign = _cpu_peak_from_profile(prof)
         result.delta_peak_bytes, result.end_delta_bytes = peak, end
         result.peak_bytes = result.baseline_bytes + peak

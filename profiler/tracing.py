@@ -29,6 +29,7 @@ import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
 from .flamegraph import parse_folded, write_svg
+from .kineto_log import quiet_kineto
 from .trace_analysis import load_trace, op_kind, phase_summary
 
 log = logging.getLogger(__name__)
@@ -147,14 +148,16 @@ class TraceSession:
             record_shapes=self.record_shapes, profile_memory=self.profile_memory, with_stack=self.with_stack,
             experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True) if self.with_stack else None,
         )
-        self._prof.__enter__()
+        with quiet_kineto():
+            self._prof.__enter__()
         self._sync_memory_history()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stopping = exc[0] is not None  # left mid-step by an error: that step was recorded in part
         try:
-            self._prof.__exit__(*exc)
+            with quiet_kineto():
+                self._prof.__exit__(*exc)
         finally:
             self._set_memory_history(False)
             self._prof = None
@@ -166,7 +169,8 @@ class TraceSession:
         if self._prof.current_action in RECORDING:
             self._recorded.append(self._step)
         self._step += 1
-        self._prof.step()
+        with quiet_kineto():  # a window may start or stop here
+            self._prof.step()
         self._sync_memory_history()
 
     @property

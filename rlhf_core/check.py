@@ -12,7 +12,7 @@ import sys
 import time
 from importlib import metadata
 
-REQUIRED_DISTS = ("torch", "transformers", "accelerate", "trl", "peft", "dash", "plotly", "tensorboard", "psutil",
+REQUIRED_DISTS = ("torch", "transformers", "accelerate", "trl", "dash", "plotly", "tensorboard", "psutil",
                   "pandas", "tqdm", "rich", "tsdownsample")
 OPTIONAL_DISTS = ("nvidia-ml-py", "triton")
 KIT_MODULES = ("rlhf_core.runner", "rlhf_core.run_reader", "rlhf_core.detectors", "profiler.phases",

@@ -10,6 +10,10 @@ end, as with ``zero_grad(set_to_none=True)``, so the memory a step needs does no
 Layout: parameters the reference shares (same name and shape) first, then the rest (the value head), each
 part ordered by block, so every (block, shared) group is one contiguous segment. The frozen reference's
 shared parameters are moved into a buffer of their own in the same layout, so drift is one subtraction.
+
+Weight decay: one AdamW over the buffer would shrink biases and normalisation weights too, which HF's
+``Trainer`` and TRL leave alone (decay pulls a LayerNorm gain towards 0, not towards its neutral 1).
+:meth:`FlatParams.adamw` decays only the other parameters, in one fused op over their views.
 """
 from __future__ import annotations
 
@@ -43,6 +47,43 @@ def _flatten_into(tensors: list[torch.Tensor], sizes: list[int]) -> torch.Tensor
             t.data = view.view_as(t)
             start += n
     return buffer
+
+
+def no_decay_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters weight decay must not touch, chosen as HF ``Trainer`` chooses them: biases, and every
+    parameter of a normalisation layer (``nn.LayerNorm`` or any module class named ``*Norm``, e.g. RMSNorm)."""
+    out: dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        is_norm = isinstance(mod, nn.LayerNorm) or type(mod).__name__.lower().endswith("norm")
+        for name, p in mod.named_parameters(recurse=False):
+            if is_norm or name.endswith("bias"):
+                out[id(p)] = p
+    return list(out.values())
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """AdamW over the flat buffer whose decoupled weight decay, θ ← θ·(1 − lr·wd) before the Adam update (what
+    ``torch.optim.AdamW`` does), applies only to ``decayed`` (views into the buffer): the same numbers as AdamW
+    with a no-decay parameter group, without splitting the buffer. Its param group keeps ``weight_decay`` 0."""
+
+    def __init__(self, buffer: torch.Tensor, decayed: list[nn.Parameter], *, lr: float, weight_decay: float,
+                 **kwargs: object):
+        super().__init__([buffer], lr=lr, weight_decay=0.0, **kwargs)  # type: ignore[arg-type]
+        self.decayed = decayed
+        self.masked_weight_decay = float(weight_decay)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        lr = self.param_groups[0]["lr"]
+        if self.masked_weight_decay and self.decayed:
+            torch._foreach_mul_(self.decayed, 1.0 - lr * self.masked_weight_decay)
+        return super().step(closure)
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """A state saved by a plain AdamW (decay in its param group) must not bring that decay back here."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["weight_decay"] = 0.0
 
 
 class FlatParams:
@@ -85,6 +126,12 @@ class FlatParams:
                            else torch.tensor(seg_block, device=self.data.device))
         self._seg_names = [seg.block for seg in self.segments] if self._seg_block is None else self.blocks
         self._init_reference([ref_params[n] for n, _ in named if n in shared], {n: ref_params[n] for n in shared})
+        skip = {id(p) for p in no_decay_parameters(module)}
+        self.decayed = [p for p in self.params if id(p) not in skip]
+
+    def adamw(self, *, lr: float, weight_decay: float, **kwargs: object) -> FlatAdamW:
+        """The optimizer of the buffer: AdamW, with weight decay on all but biases and norm weights."""
+        return FlatAdamW(self.data, self.decayed, lr=lr, weight_decay=weight_decay, **kwargs)
 
     # ------------------------------------------------------------------ reference
     def _init_reference(self, ref: list[torch.Tensor], ref_named: dict[str, torch.Tensor]) -> None:

@@ -1,8 +1,9 @@
 """RunWriter: the one way producers (runner, adapters, importers) write a run directory.
 
-Layout and rules are the contract in DESIGN.md: ``meta.json`` (rewritten atomically), ``metrics.jsonl``
-(one line per step, one ``write`` + flush each so a crash can only tear the last line), ``events.jsonl``,
-``system.jsonl``, ``tb/``, ``traces/``, ``memory.json``, ``checkpoints/``. With ``world_size > 1`` each
+Layout and rules are the contract in docs/design.md ("Run format"): ``meta.json`` (rewritten atomically),
+``metrics.jsonl`` (one line per step, one ``write`` + flush each so a crash can only tear the last line),
+``events.jsonl``, ``system.jsonl``, ``tb/``, ``traces/``, ``memory.json``, ``checkpoints/`` (the two folders only
+once something is written into them, by the profiler or a checkpoint). With ``world_size > 1`` each
 rank writes ``metrics.rank<k>.jsonl``; rank 0 alone writes the shared files and the reduced
 ``metrics.jsonl`` through :meth:`RunWriter.log_reduced`.
 """
@@ -140,8 +141,6 @@ class RunWriter:
                 _clear_run_dir(self.run_dir)
                 existing = False
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("traces", "checkpoints"):
-            (self.run_dir / sub).mkdir(exist_ok=True)
         metrics_name = "metrics.jsonl" if self.world_size == 1 else f"metrics.rank{self.rank}.jsonl"
         self.metrics_path = self.run_dir / metrics_name
         self._metrics = JsonlAppender(self.metrics_path)
@@ -176,7 +175,8 @@ class RunWriter:
         else:
             self.meta = {}
 
-    # paths consumers and producers share
+    # paths consumers and producers share; whoever writes into traces/ or checkpoints/ creates it, so a run
+    # without traces or checkpoints (most adapter runs) has no empty folders
     @property
     def traces_dir(self) -> Path:
         return self.run_dir / "traces"

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the saved tokenizer keeps padding_side="left" and model_max_length = n_positions
 DEFAULT_SEED = 0
 EOS = "<|endoftext|>"
 
@@ -76,9 +76,10 @@ def build_tokenizer(seed: int = DEFAULT_SEED, vocab_size: int = TINY_CONFIG["voc
         show_progress=False,
     )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
-    fast.padding_side = "left"  # generation with a batch of prompts needs left padding
-    return fast
+    # as constructor arguments both are saved in tokenizer_config.json: a reload pads on the left, as batched
+    # generation needs, and knows the model's context length instead of transformers' 1e30 placeholder
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+                             padding_side="left", model_max_length=TINY_CONFIG["n_positions"])
 
 
 def build_model(tokenizer, seed: int = DEFAULT_SEED):

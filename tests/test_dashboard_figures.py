@@ -155,6 +155,7 @@ def test_flame_graph_from_the_latest_folded_file(tmp_path):
 
 def test_trace_files_are_served_only_from_inside_the_root(tmp_path):
     write_run(tmp_path / "runs" / "p", 2)
+    (tmp_path / "runs" / "p" / "traces").mkdir()  # the writer creates it only for a profiled run
     trace = tmp_path / "runs" / "p" / "traces" / "step_1.pt.trace.json.gz"
     trace.write_bytes(gzip.compress(json.dumps({"traceEvents": []}).encode()))
     (tmp_path / "secret.txt").write_text("TOP-SECRET-1234")

@@ -1,10 +1,12 @@
 """The lean GPT-2 decode path reproduces the transformers model exactly, so sampling is unchanged by it."""
+import warnings
+
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from rlhf_core.gpt2_decode import GPT2Decoder, supports
 from rlhf_core.policy import load_tokenizer, position_ids_from_mask
-from rlhf_core.sampling import HFDecoder, _sample
+from rlhf_core.sampling import HFDecoder, _sample, sample_next
 
 
 def _left_padded(tiny_model_dir):
@@ -51,3 +53,31 @@ def test_only_plain_gpt2_qualifies():
                                                          num_attention_heads=2, num_key_value_heads=2,
                                                          vocab_size=32))
     assert not supports(llama)
+
+
+def test_other_models_sample_through_their_cache_like_a_full_forward():
+    """A non-GPT-2 model decodes through transformers' ``cache=`` (no deprecated ``past_key_values=``, which
+    transformers 5.40 removes): same tokens as sampling from a full forward over the whole sequence each step."""
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2,
+                                                         vocab_size=64)).eval()
+    ids = torch.randint(1, 64, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding, as the runner samples
+    mask[2, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    steps = 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.inference_mode():
+            got = _sample(llama, ids, mask, max_new_tokens=steps, eos_token_id=-1, pad_token_id=0,
+                          generator=torch.Generator().manual_seed(5), temperature=1.0, top_k=0, top_p=1.0)
+    gen = torch.Generator().manual_seed(5)
+    seq, seq_mask = ids, mask
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = llama(seq, attention_mask=seq_mask, position_ids=position_ids_from_mask(seq_mask)).logits[:, -1]
+            nxt = sample_next(logits, gen, 1.0, 0, 1.0)
+            seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones_like(nxt)[:, None]], 1)
+    assert torch.equal(got.input_ids, seq) and got.response_mask.all()

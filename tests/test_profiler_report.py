@@ -104,6 +104,7 @@ def test_nonfinite_and_torn_lines_are_survived(tmp_path, capsys):
 
 def test_unreadable_trace_is_a_warning_not_a_crash(tmp_path, capsys):
     run = _write_run(tmp_path / "r")
+    (run / "traces").mkdir()  # the writer creates it only for a profiled run
     (run / "traces" / "rank0_steps000001-000002.pt.trace.json.gz").write_bytes(b"\x1f\x8bnot really gzip")
     assert report.main([str(run)]) == 0
     assert "not a readable Chrome trace" in capsys.readouterr().out

@@ -199,3 +199,11 @@ def test_tensorboard_resume_purges_steps_written_after_the_checkpoint(tmp_path):
     acc = EventAccumulator(str(tmp_path / "r" / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss/total")] == [(1, 1.0), (2, 20.0)]
+
+
+def test_no_empty_traces_or_checkpoints_folders(tmp_path):
+    """A run that wrote no trace and no checkpoint (most adapter runs) has neither folder."""
+    with make_run(tmp_path / "r") as w:
+        w.log(1, {"loss/total": 0.5})
+    assert not (tmp_path / "r" / "traces").exists() and not (tmp_path / "r" / "checkpoints").exists()
+    assert Run(tmp_path / "r").traces() == [] and Run(tmp_path / "r").checkpoints() == []

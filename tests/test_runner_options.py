@@ -155,3 +155,23 @@ def test_old_logprobs_from_the_rollout_train_like_a_fresh_forward(tmp_path):
         assert x["response/length_mean"] == y["response/length_mean"] and x["reward/mean"] == y["reward/mean"]
         for key in ("loss/total", "kl/ref_k1", "kl/ref_k3", "policy/entropy", "value/mean", "grad/norm", "drift/rel"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_save_model_exports_a_from_pretrained_folder_of_the_trained_policy(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "r"
+    assert main([*BASE, "--run_dir", str(run_dir), "--steps_per_epoch", "1", "--save_model"]) == 0
+    state = torch.load(Run(run_dir).checkpoints()[-1] / "state.pt", weights_only=True)["policy"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[f"model.{name}"]), name
+    head = torch.load(run_dir / "model" / "value_head.pt", weights_only=True)
+    assert torch.equal(head["weight"], state["v_head.weight"]) and torch.equal(head["bias"], state["v_head.bias"])
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert tok.padding_side == "left" and tok("The movie was")["input_ids"]
+
+
+def test_no_model_folder_without_the_flag(tmp_path):
+    assert main([*BASE, "--run_dir", str(tmp_path / "r"), "--steps_per_epoch", "1"]) == 0
+    assert not (tmp_path / "r" / "model").exists()
