@@ -19,10 +19,12 @@ from .run_reader import Run, RunError, summarize
 
 # flag -> config field, for the settings people change most
 _FLAGS = {
-    "--kl-budget": ("kl_budget", float, "KL budget in nats/token (critical alert above it)"),
-    "--max-grad-norm": ("max_grad_norm", float, "clip norm for the gradient-explosion rule "
+    "--kl-budget": ("kl_budget", float, "KL budget in nats/token: critical alert above it, info note above "
+                                        "half of it (default 1.0, or the run's own kl_budget)"),
+    "--max-grad-norm": ("max_grad_norm", float, "clip norm for the frequent-clipping note grad_clipping "
                                                 "(default: the run's grad/max_norm)"),
-    "--spike-sigma": ("spike_sigma", float, "sigmas above the window mean that count as a spike (default 6)"),
+    "--spike-sigma": ("spike_sigma", float, "robust sigmas above the window median that count as a spike "
+                                            "(default 6)"),
     "--kl-z": ("kl_z", float, "z-score above the KL trend that counts as an explosion (default 4)"),
     "--rearm-steps": ("rearm_steps", int, "healthy steps before a rule may fire again (default 50)"),
     "--straggler-factor": ("straggler_factor", float, "slow-rank factor over the other ranks' median (default 1.5)"),
@@ -86,8 +88,9 @@ def _print_human(run: Run, status: str, alerts: list[Alert], steps: int) -> None
         rank = f" rank {a.rank}" if a.rank is not None else ""
         print(f"{a.severity.upper():8}  {a.rule:22} step {a.step:<7}{rank}  {a.message}")
         print(f"{'':10}suggestion: {a.suggestion}")
-    crit = sum(a.severity == "critical" for a in alerts)
-    verdict = "no alerts" if not alerts else f"{len(alerts)} alert(s): {crit} critical, {len(alerts) - crit} warning"
+    counts = {sev: sum(a.severity == sev for a in alerts) for sev in ("critical", "warning", "info")}
+    verdict = "no alerts" if not alerts else (
+        f"{len(alerts)} alert(s): " + ", ".join(f"{n} {sev}" for sev, n in counts.items() if n or sev != "info"))
     print(f"{run.run_id}: {verdict} over {steps} steps (status {status})")
 
 

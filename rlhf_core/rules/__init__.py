@@ -1,18 +1,20 @@
-"""The stability rules of DESIGN.md, one module per family; :func:`build_rules` assembles them from a config."""
+"""The stability rules (docs/diagnose.md, "Rules"), one module per family; :func:`build_rules` assembles them
+from a config."""
 from __future__ import annotations
 
-from .base import SEVERITIES, Alert, Rule
+from .base import ALERTING, SEVERITIES, Alert, Rule, is_alerting
 from .config import DetectorConfig
 from .kl import KLBudget, KLExplosion, NegativeKL
 from .layers import LayerDrift
-from .numeric import GradExplosion, NonFinite, Spike
+from .numeric import GradClipping, GradExplosion, NonFinite, Spike
 from .ppo import ClipFraction, CriticExplainedVariance, EntropyCollapse, PPORatioExtreme, PPORatioMean
-from .reward import PatternCollapse, RewardKLEfficiency, RewardLengthHacking
+from .reward import PatternCollapse, RewardHeldout, RewardKLEfficiency, RewardLengthHacking
+from .rollout import RolloutLogprobMismatch
 from .straggler import Straggler
 
-_RECORD_RULES = (NonFinite, GradExplosion, KLExplosion, KLBudget, NegativeKL, EntropyCollapse, PPORatioMean,
-                 PPORatioExtreme, ClipFraction, CriticExplainedVariance, RewardLengthHacking, RewardKLEfficiency,
-                 PatternCollapse, LayerDrift)
+_RECORD_RULES = (NonFinite, GradExplosion, GradClipping, KLExplosion, KLBudget, NegativeKL, EntropyCollapse,
+                 PPORatioMean, PPORatioExtreme, ClipFraction, CriticExplainedVariance, RewardLengthHacking,
+                 RewardKLEfficiency, RewardHeldout, PatternCollapse, LayerDrift, RolloutLogprobMismatch)
 
 
 def build_rules(cfg: DetectorConfig) -> list[Rule]:
@@ -28,4 +30,5 @@ def rule_names(cfg: DetectorConfig | None = None) -> list[str]:
     return [r.name for r in build_rules(cfg.replace(disabled_rules=()))] + [Straggler.name]
 
 
-__all__ = ["SEVERITIES", "Alert", "DetectorConfig", "Rule", "Straggler", "build_rules", "rule_names"]
+__all__ = ["ALERTING", "SEVERITIES", "Alert", "DetectorConfig", "Rule", "Straggler", "build_rules", "is_alerting",
+           "rule_names"]

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-SEVERITIES = ("warning", "critical")
+SEVERITIES = ("info", "warning", "critical")
+ALERTING = ("warning", "critical")  # "info" is a note (e.g. frequent clipping), never a warning
+
+
+def is_alerting(severity: str) -> bool:
+    """True for the severities that mean trouble (what a health verdict or a CI gate should count)."""
+    return severity in ALERTING
 
 
 @dataclass
@@ -113,13 +120,23 @@ class Trigger:
 
 
 class RollingStats:
-    """Mean and standard deviation of the last ``size`` values in O(1) per value (sliding Welford)."""
+    """Mean and standard deviation of the last ``size`` values, exact at every step.
+
+    Pushes are O(1) (sliding Welford); the sums are recomputed over the window (two passes, O(size)) every
+    ``size`` pushes and whenever the spread has fallen a millionfold since the last recompute: that is when
+    removing a huge value (a 1e8 spike, the tail of a level shift) has cancelled almost all of ``m2`` and
+    its rounding error would otherwise dominate. So a spike stops counting once it leaves the window.
+    """
+
+    _DROP = 1e-6
 
     def __init__(self, size: int):
         self.size = int(size)
         self.values: deque[float] = deque()
         self.mean = 0.0
         self._m2 = 0.0
+        self._m2_ref = 0.0
+        self._pushes = 0
 
     def __len__(self) -> int:
         return len(self.values)
@@ -132,6 +149,11 @@ class RollingStats:
         delta = x - self.mean
         self.mean += delta / n
         self._m2 += delta * (x - self.mean)
+        self._pushes += 1
+        if self._pushes % self.size == 0 or self._m2 < self._DROP * self._m2_ref:
+            self._recompute()
+        else:
+            self._m2_ref = max(self._m2_ref, self._m2)
 
     def _remove(self, x: float) -> None:
         n = len(self.values)  # already without x
@@ -141,6 +163,12 @@ class RollingStats:
         delta = x - self.mean
         self.mean -= delta / n
         self._m2 = max(0.0, self._m2 - delta * (x - self.mean))
+
+    def _recompute(self) -> None:
+        n = len(self.values)
+        self.mean = math.fsum(self.values) / n if n else 0.0
+        self._m2 = math.fsum((v - self.mean) ** 2 for v in self.values)
+        self._m2_ref = self._m2
 
     @property
     def std(self) -> float:
@@ -154,18 +182,65 @@ class RollingStats:
         return (x - self.mean) / sigma, sigma
 
 
-class RollingTrend:
-    """Least-squares line through the last ``size`` values, in O(1) per value (sliding sums, re-summed
-    exactly once per window so rounding cannot accumulate over a 100k-step run).
-
-    Used for KL, which grows steadily under RL (Gao et al. 2022): a steady rise is expected, a jump above the
-    trend is not.
-    """
+class RollingQuantiles:
+    """Median and quartiles of the last ``size`` values: a sorted copy of the window is kept by bisection
+    (O(log size) search plus a memmove per push), so order statistics are exact lookups and one huge value
+    moves them by one rank at most (robust baselines that work from a handful of steps)."""
 
     def __init__(self, size: int):
         self.size = int(size)
         self.values: deque[float] = deque()
-        self._sy = self._sty = self._syy = 0.0
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, x: float) -> None:
+        if len(self.values) == self.size:
+            del self._sorted[bisect_left(self._sorted, self.values.popleft())]
+        self.values.append(x)
+        insort(self._sorted, x)
+
+    def quantile(self, q: float) -> float:
+        """Linear-interpolated ``q`` quantile of the window (0.0 when empty)."""
+        s = self._sorted
+        if not s:
+            return 0.0
+        pos = q * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def sigma(self) -> float:
+        """Robust standard deviation: interquartile range / 1.349 (exact for a normal sample)."""
+        return (self.quantile(0.75) - self.quantile(0.25)) / 1.349
+
+
+class RollingTrend:
+    """Least-squares line through the last ``size`` values, exact at every step in O(1) amortised per value.
+
+    Used for KL, which grows steadily under RL (Gao et al. 2022): a steady rise is expected, a jump above the
+    trend is not. Sliding sums are kept of the values' deviations from a pivot and recomputed over the window
+    (pivot = the window's mean) every ``size`` pushes, when removing a value has cancelled a millionth of the
+    sum of squares away (a 1e8 spike leaving), or when the window's mean has moved far from the pivot
+    compared with its spread (the window is past a 1e6 -> 1 level shift): the cases where running sums
+    would otherwise carry the rounding error of values no longer in the window.
+    """
+
+    _DROP = 1e-6
+    _DRIFT = 1e4
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.values: deque[float] = deque()
+        self._pivot = 0.0
+        self._s = self._st = self._ss = 0.0  # sums of d, i*d and d*d with d = value - pivot, i = position
+        self._ss_ref = 0.0
         self._pushes = 0
 
     def __len__(self) -> int:
@@ -173,43 +248,54 @@ class RollingTrend:
 
     def push(self, y: float) -> None:
         if len(self.values) == self.size:
-            y0 = self.values.popleft()
-            self._sty -= self._sy - y0  # every remaining value moves one position down
-            self._sy -= y0
-            self._syy -= y0 * y0
-        self._sty += len(self.values) * y
-        self._sy += y
-        self._syy += y * y
+            d0 = self.values.popleft() - self._pivot
+            self._st -= self._s - d0  # every remaining value moves one position down
+            self._s -= d0
+            self._ss -= d0 * d0
+        d = y - self._pivot
+        self._st += len(self.values) * d
+        self._s += d
+        self._ss += d * d
         self.values.append(y)
         self._pushes += 1
-        if self._pushes % self.size == 0:
-            self._resum()
+        n = len(self.values)
+        mean_d = self._s / n
+        spread = max(self._ss / n - mean_d * mean_d, 0.0)
+        if (self._pushes % self.size == 0 or self._ss < self._DROP * self._ss_ref
+                or mean_d * mean_d > self._DRIFT * spread + 1e-300):
+            self._recompute()
+        else:
+            self._ss_ref = max(self._ss_ref, self._ss)
 
-    def _resum(self) -> None:
-        self._sy = math.fsum(self.values)
-        self._sty = math.fsum(i * v for i, v in enumerate(self.values))
-        self._syy = math.fsum(v * v for v in self.values)
+    def _recompute(self) -> None:
+        n = len(self.values)
+        self._pivot = math.fsum(self.values) / n if n else 0.0
+        dev = [v - self._pivot for v in self.values]
+        self._s = math.fsum(dev)
+        self._st = math.fsum(i * d for i, d in enumerate(dev))
+        self._ss = math.fsum(d * d for d in dev)
+        self._ss_ref = self._ss
 
     @property
     def mean(self) -> float:
-        return self._sy / len(self.values) if self.values else 0.0
+        return self._pivot + self._s / len(self.values) if self.values else 0.0
 
     def zscore(self, x: float, abs_floor: float = 0.0, rel_floor: float = 0.0) -> tuple[float, float, float]:
         """(z, expected, sigma) of ``x`` against the fitted line extended one step; sigma is the residual
         spread of the fit, floored like :meth:`RollingStats.zscore`."""
         n = len(self.values)
         mean = self.mean
-        slope, spread = 0.0, 0.0
+        spread = 0.0
+        expected = mean
         if n >= 3:
             t_mean = (n - 1) / 2
+            mean_d = self._s / n
             stt = n * (n * n - 1) / 12
-            sty = self._sty - t_mean * self._sy
-            slope = sty / stt
-            ss_res = max(0.0, self._syy - n * mean * mean - slope * sty)
+            cov = self._st - t_mean * self._s
+            slope = cov / stt
+            ss_res = max(0.0, self._ss - n * mean_d * mean_d - slope * cov)
             spread = math.sqrt(ss_res / (n - 2))
             expected = mean + slope * (n - t_mean)
-        else:
-            expected = mean
         sigma = max(spread, abs_floor, rel_floor * abs(mean), 1e-12)
         return (x - expected) / sigma, expected, sigma
 

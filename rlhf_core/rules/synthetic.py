@@ -76,9 +76,14 @@ def _grad_spike(c, at):
 
 def _loss_spike(c, at):
     c["loss/total"][at] += 3.0
+    c["grad/norm"][at] *= 3  # a loss spike that moved the update (one that did not is only a note)
 
 
 def _grad_explosion(c, at):
+    c["grad/norm"][at:] *= _growth(len(c["grad/norm"]) - at, 1.15, 40)
+
+
+def _grad_clipping(c, at):
     c["grad/norm"][at:] *= 1.6
 
 
@@ -100,11 +105,11 @@ def _entropy_collapse(c, at):
 
 
 def _ppo_ratio(c, at):
-    c["policy/ratio_mean"][at] = 1.25
+    c["policy/ratio_mean"][at:at + 5] = 1.25  # sustained: one odd batch is common in healthy runs
 
 
 def _ppo_ratio_extreme(c, at):
-    c["policy/ratio_max"][at] = 4.0
+    c["policy/ratio_max"][at:at + 6] = 8.0  # sustained, and beyond the single-token outliers of healthy runs
 
 
 def _clipfrac(c, at):
@@ -112,7 +117,7 @@ def _clipfrac(c, at):
 
 
 def _critic(c, at):
-    c["value/explained_var"][at:at + 40] = -0.3
+    c["value/explained_var"][at:at + 40] = -1.0
 
 
 def _reward_hacking_length(c, at):
@@ -145,13 +150,14 @@ FAULTS: dict[str, tuple[Callable[[dict[str, np.ndarray], int], None], str, str, 
     "nonfinite": (_nonfinite, "nonfinite", "critical", 0),
     "grad_spike": (_grad_spike, "grad_spike", "warning", 0),
     "loss_spike": (_loss_spike, "loss_spike", "warning", 0),
-    "grad_explosion": (_grad_explosion, "grad_explosion", "warning", 300),
+    "grad_explosion": (_grad_explosion, "grad_explosion", "warning", 30),
+    "grad_clipping": (_grad_clipping, "grad_clipping", "info", 50),
     "kl_explosion": (_kl_explosion, "kl_explosion", "warning", 50),
     "negative_kl": (_negative_kl, "negative_kl", "warning", 3),
     "entropy_collapse_early": (_entropy_collapse_early, "entropy_collapse", "warning", 3),
     "entropy_collapse": (_entropy_collapse, "entropy_collapse", "critical", 3),
-    "ppo_ratio": (_ppo_ratio, "ppo_ratio", "warning", 0),
-    "ppo_ratio_extreme": (_ppo_ratio_extreme, "ppo_ratio_extreme", "critical", 0),
+    "ppo_ratio": (_ppo_ratio, "ppo_ratio", "warning", 3),
+    "ppo_ratio_extreme": (_ppo_ratio_extreme, "ppo_ratio_extreme", "critical", 4),
     "clipfrac": (_clipfrac, "clipfrac", "warning", 10),
     "critic": (_critic, "critic", "warning", 20),
     "reward_hacking_length": (_reward_hacking_length, "reward_hacking_length", "warning", 100),

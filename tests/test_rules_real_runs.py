@@ -1,0 +1,60 @@
+"""The rules' defaults on short real runs recorded by the corpus (tests/fixtures/real_runs, written by
+``python -m benchmarks.corpus.generate``; development-split runs only): healthy runs get no warning or
+critical alert, unstable ones a correctly named alert no later than 3 steps after their outcome step, and
+the suggestion in the producer's words."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_corpus import ACCEPTED, GRACE  # outcome kind -> the rule names that name it
+from rlhf_core.analysis import rule_config
+from rlhf_core.detectors import Diagnoser
+from rlhf_core.rules import is_alerting
+from rlhf_core.run_reader import Run
+
+FIXTURES = Path(__file__).parent / "fixtures" / "real_runs"
+INDEX = json.loads((FIXTURES / "labels.json").read_text()) if (FIXTURES / "labels.json").exists() else {}
+
+pytestmark = pytest.mark.skipif(not INDEX, reason="no recorded fixtures (python -m benchmarks.corpus.generate)")
+
+
+def alerts_of(fixture: str) -> list[tuple[object, int]]:
+    """(alert, step of the record that raised it) fed live, one record at a time, with the run's own settings."""
+    run_dir = FIXTURES / fixture
+    meta = json.loads((run_dir / "meta.json").read_text())
+    diagnoser = Diagnoser(rule_config(meta))
+    return [(a, int(rec["step"])) for rec in Run(run_dir).metrics() for a in diagnoser.update([rec])]
+
+
+@pytest.mark.parametrize("fixture", sorted(INDEX))
+def test_defaults_on_a_recorded_run(fixture):
+    entry = INDEX[fixture]
+    alerts = [(a, at) for a, at in alerts_of(fixture) if is_alerting(a.severity)]
+    if entry["label"] == "healthy":
+        assert alerts == [], [(a.rule, a.severity, a.step) for a, _ in alerts]
+        return
+    named = set().union(*(ACCEPTED[k] for k in entry["outcome_kinds"]))
+    outcome = entry["outcome_step"]
+    good = [(a, at) for a, at in alerts if a.rule in named and at <= outcome + GRACE]
+    assert good, (entry["outcome_kinds"], outcome, [(a.rule, a.severity, a.step, at) for a, at in alerts])
+
+
+def _needs(fixture: str) -> None:
+    if fixture not in INDEX:
+        pytest.skip(f"fixture {fixture} not recorded")
+
+
+def test_trl_grpo_blowup_names_kl_early_in_trl_words():
+    _needs("trl_grpo_kl_explosion")
+    kl = [(a, at) for a, at in alerts_of("trl_grpo_kl_explosion") if a.rule in ("kl_budget", "kl_explosion")]
+    assert kl and min(at for _, at in kl) <= 7
+    assert all("beta" in a.suggestion and "kl_coef" not in a.suggestion for a, _ in kl)
+
+
+def test_runner_blowup_names_kl_in_runner_flags():
+    _needs("runner_unstable")
+    kl = [a for a, _ in alerts_of("runner_unstable") if a.rule in ("kl_budget", "kl_explosion")]
+    assert kl and all("--kl_coef" in a.suggestion for a in kl)
