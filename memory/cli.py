@@ -1,6 +1,8 @@
 """``rlhfkit memory``: ``plan`` (predict, fit a budget, suggest) and ``measure RUN_DIR`` (re-write memory.json).
 
-Bad input is a one-line error and exit code 2, never a traceback.
+Bad input is a one-line error and exit code 2, never a traceback. ``measure`` exits 0 when memory.json was
+written (what the reader could not use in the run is a warning on stderr, at most five lines) and 2 when the
+run cannot be read, its config is not an object or unusable, or memory.json cannot be written.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mini_batch_size", type=int, default=None, help="train micro-batch of the update")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="default fp32 for the single-device step, bf16 for deployments")
     p.add_argument("--mixed_precision", action="store_true", help="fp32 master weights and gradients")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     p.add_argument("--value", choices=("head", "critic", "none"), default="head")
@@ -83,8 +86,8 @@ def spec_from_args(a: argparse.Namespace) -> StepSpec:
     try:
         return StepSpec(
             model=shape_from_config(cfg), batch_size=a.batch_size, rollout_batch_size=a.rollout_batch_size,
-            train_batch_size=a.mini_batch_size, prompt_len=a.prompt_len, gen_len=a.max_new_tokens, dtype=a.dtype,
-            master_weights=a.mixed_precision, optimizer=a.optimizer, value=a.value, reference=not a.no_reference,
+            train_batch_size=a.mini_batch_size, prompt_len=a.prompt_len, gen_len=a.max_new_tokens,
+            dtype=a.dtype or "fp32", master_weights=a.mixed_precision, optimizer=a.optimizer, value=a.value, reference=not a.no_reference,
             ref_device=a.ref_device, reward_model=a.reward_model, policy_training="lora" if a.lora else "full",
             lora_rank=a.lora or 8, share_reference=a.share_reference,
             gradient_checkpointing=a.gradient_checkpointing, logprob_impl=a.logprob_impl, device=a.device)
@@ -100,9 +103,16 @@ def _plan(argv: list[str]) -> int:
                                             "largest batches that fit a budget, and rank ways to save memory.")
     _spec_args(p)
     p.add_argument("--budget", default="16GiB", help="device memory budget, e.g. 16GiB, 80GB")
-    p.add_argument("--out", default="memory.json", help="where to write the prediction ('-': nowhere)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the JSON report to FILE (default: nowhere, so no stray memory.json lands in "
+                        "the current folder)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    from . import deploy_cli
+
+    deploy_cli.add_args(p)
     a = p.parse_args(argv)
+    if deploy_cli.wanted(a):
+        return _plan_deployment(a)
     try:
         budget = parse_bytes(a.budget)
     except ValueError as err:
@@ -111,19 +121,38 @@ def _plan(argv: list[str]) -> int:
     result = plan(spec, budget)
     report = {"format_version": 1, "device": spec.device, "prediction": result.prediction.to_dict(),
               "measured": None, "plan": result.to_dict()}
-    if a.out != "-":
+    if a.out not in (None, "-"):  # '-' kept from when the default was ./memory.json
         try:
             Path(a.out).write_text(json.dumps(report, indent=2))
         except OSError as err:
             raise CliError(f"--out {a.out}: cannot write ({err.strerror})") from None
     print(json.dumps(report, indent=2) if a.json else render(result))
-    if a.out != "-" and not a.json:
+    if a.out not in (None, "-") and not a.json:
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+def _plan_deployment(a: argparse.Namespace) -> int:
+    """Multi-GPU deployment plan (memory/deploy.py); same --json/--out conventions as the step plan."""
+    from . import deploy_cli
+
+    try:
+        report = deploy_cli.run(a)
+    except (ValueError, OSError) as err:
+        raise CliError(str(err).splitlines()[0][:300]) from None
+    if a.out not in (None, "-"):
+        try:
+            Path(a.out).write_text(json.dumps(report, indent=2))
+        except OSError as err:
+            raise CliError(f"--out {a.out}: cannot write ({err.strerror})") from None
+    print(json.dumps(report, indent=2) if a.json else deploy_cli.render(report))
+    if a.out not in (None, "-") and not a.json:
         print(f"\nwrote {a.out}")
     return 0
 
 
 def _measure(argv: list[str]) -> int:
-    from rlhf_core.run_reader import Run, RunError
+    from rlhf_core.run_reader import Run, RunError, file_problem, summarize
 
     from .planner import table
     from .estimator import Prediction
@@ -140,16 +169,29 @@ def _measure(argv: list[str]) -> int:
     try:
         run = Run(a.run_dir)
         config = dict(run.meta.get("config") or {})
+        run.metrics()  # read once here so the reader's problems can be shown; the report re-reads the run
     except RunError as err:
         raise CliError(str(err)) from None
+    if "config" in run.meta_invalid:  # without the run's settings the prediction would be for some other run
+        raise CliError(f"{run.meta_path}: config is not a JSON object, so the run's settings are unknown")
+    target = Path(a.run_dir) / "memory.json"
+    why = file_problem(target)
+    if why is not None and why not in ("missing", "a symlink loop"):  # a loop is only a name: it is replaced
+        raise CliError(f"{target}: is {why}; not overwritten")
     if a.prompt_len:
         config["prompt_len"] = a.prompt_len
     model = str(config.get("model") or "tiny")
     model_cfg = load_model_config(model)
     try:
         report = write_run_memory(a.run_dir, config, model_cfg, probe=a.probe)
-    except (RunError, ValueError) as err:
+    except RunError as err:
         raise CliError(str(err)) from None
+    except (ValueError, TypeError, OverflowError) as err:  # a config value of the wrong type (batch_size: "four")
+        raise CliError(f"{run.meta_path}: config cannot be used ({type(err).__name__}: {str(err)[:160]})") from None
+    except OSError as err:
+        raise CliError(f"{target}: cannot write ({err.strerror or err})") from None
+    for problem in summarize(run.problems()):
+        print(f"warning: {problem}", file=sys.stderr)
     pred = report["prediction"]
     print(table(Prediction(pred["phases"], pred["peak_phase"], pred["peak_bytes"])))
     meas = report["measured"]
@@ -165,7 +207,7 @@ def _measure(argv: list[str]) -> int:
 
         print("measured (probe replay, tensor bytes): " + ", ".join(
             f"{ph} {human(v)}" for ph, v in report["measured_probe"]["phases"].items()))
-    print(f"wrote {Path(a.run_dir) / 'memory.json'}")
+    print(f"wrote {target}")
     return 0
 
 
@@ -173,7 +215,7 @@ def main(argv: list[str]) -> int:
     usage = "usage: rlhfkit memory {plan,measure} ...  (rlhfkit memory plan --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
-        print("  plan      predict a step's memory, fit a budget, rank savings; writes memory.json")
+        print("  plan      predict a step's memory, fit a budget, rank savings (--out FILE: the JSON too)")
         print("  measure   re-write RUN_DIR/memory.json from the run's config and records")
         return 0
     commands = {"plan": _plan, "measure": _measure}

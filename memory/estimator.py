@@ -7,7 +7,7 @@ Components: ``weights``, ``gradients``, ``optimizer`` (state, plus the fp32 mast
 reward model: no gradients), ``update`` (forward + backward + optimizer step of one train micro-batch). A
 peak happens inside one phase, so the prediction is per phase and the step's peak is the largest phase.
 
-The shape of every term is analytic (DESIGN.md's memory model); the per-element constants of the activation,
+The shape of every term is analytic (docs/design.md, "Memory"); the per-element constants of the activation,
 logits and generation terms were calibrated against measured CPU peaks of a real step
 (:mod:`memory.probe_step`, ``python -m memory.calibrate``), see ``CALIBRATION``. Torch is imported only to
 count the parameters of arbitrary ``transformers`` configs (on the meta device: no memory, no download).

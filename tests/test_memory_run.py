@@ -76,3 +76,11 @@ def test_probe_replay_is_comparable_with_the_prediction(tmp_path):
     assert "torch.profiler" in probe["method"]
     for phase, value in probe["phases"].items():
         assert abs(report["prediction"]["phases"][phase]["total"] / value - 1) < 0.10, (phase, value)
+
+
+def test_plan_writes_no_file_unless_told(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", "tiny", "--budget", "64MiB", "--batch_size", "4"]) == 0
+    assert "wrote" not in capsys.readouterr().out
+    assert main(["plan", "--model", "tiny", "--budget", "64MiB", "--batch_size", "4", "--out", "-"]) == 0
+    assert list(tmp_path.iterdir()) == []

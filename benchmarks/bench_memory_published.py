@@ -1,0 +1,109 @@
+"""Planner verdicts next to published RLHF setups that ran (or ran out of memory): memory/published.json.
+
+    python benchmarks/bench_memory_published.py [--out benchmarks/results/memory_published.json]
+
+Each row's published command is read by the same readers users have (memory.inputs.from_openrlhf /
+from_verl). Frameworks pack real tokens (OpenRLHF --packing_samples, veRL use_remove_padding), so a command
+bounds the lengths without fixing them; the planner therefore gives a verdict only when it does not depend on
+them: "fits" when the plan fits even with every sequence at the maximum prompt+response length, "oom" when it
+does not fit even with one-token prompts and responses, else "depends on lengths" (counted apart).
+
+Second, for the veRL rows (all GSM8K, same maximum lengths, n=5) one unknown is shared: the packed length
+per sequence. It is fitted on one published boundary (Qwen2.5-7B LoRA: 100 sequences fit, 101 run out) and
+the other rows are then predicted with it; this tests the planner's scaling across model sizes and GPU counts,
+not its absolute level (the fitted length also absorbs veRL's own log-prob/entropy kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def verdict(row: dict) -> dict:
+    from memory.deploy import plan_deployment
+    from memory.inputs import from_openrlhf, from_verl
+    from memory.planner import parse_bytes
+
+    mem = parse_bytes(row["gpu_memory"])
+    reader = {"openrlhf": from_openrlhf, "verl": from_verl}[row["framework"]]
+    dep = reader(row["input"], gpu_memory=mem)
+    at_max = plan_deployment(dep)
+    at_min = plan_deployment(dep.with_(prompt_len=1, response_len=1))
+    v = "fits" if at_max.fits else ("oom" if not at_min.fits else "depends on lengths")
+    worst = max(at_max.groups, key=lambda g: g.peak_bytes / mem)
+    return {"planner": v, "peak_at_max_bytes": at_max.peak_bytes, "peak_at_min_bytes": at_min.peak_bytes,
+            "peak_group": worst.name, "peak_phase_at_max": worst.peak_phase}
+
+
+CALIBRATION_ROWS = ("verl-Qwen2.5-7B-Instruct-lora-1xH100-b100", "verl-Qwen2.5-7B-Instruct-lora-1xH100-b101")
+
+
+def _at_length(row: dict, total: int):
+    from memory.inputs import from_verl
+    from memory.planner import parse_bytes
+
+    d = from_verl(row["input"], gpu_memory=parse_bytes(row["gpu_memory"]))
+    p = max(1, round(total * d.prompt_len / d.seq))
+    return d.with_(prompt_len=p, response_len=max(1, total - p))
+
+
+def calibrated(rows: list[dict]) -> tuple[int | None, list[dict]]:
+    """Fit the packed length on the calibration pair, then give every other veRL row a verdict at it."""
+    from memory.deploy import plan_deployment
+
+    by_id = {r["id"]: r for r in rows}
+    fit_row, oom_row = (by_id[i] for i in CALIBRATION_ROWS)
+    window = [t for t in range(8, 1537, 2) if plan_deployment(_at_length(fit_row, t)).fits
+              and not plan_deployment(_at_length(oom_row, t)).fits]
+    if not window:
+        return None, []
+    t = window[len(window) // 2]
+    out = []
+    for r in rows:
+        if r["framework"] != "verl" or r["id"] in CALIBRATION_ROWS:
+            continue
+        v = "fits" if plan_deployment(_at_length(r, t)).fits else "oom"
+        out.append({"id": r["id"], "published": r["published"], "planner_at_fitted_length": v,
+                    "agree": v == r["published"]})
+    return t, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default=str(ROOT / "memory/published.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_published.json"))
+    a = p.parse_args()
+    rows = json.loads(Path(a.rows).read_text())["rows"]
+    out = []
+    for row in rows:
+        r = {"id": row["id"], "published": row["published"], **verdict(row)}
+        r["agree"] = None if r["planner"] == "depends on lengths" else r["planner"] == row["published"]
+        out.append(r)
+        print(f"{r['id']:44s} published {row['published']:5s} planner {r['planner']:19s} peak at max "
+              f"{r['peak_at_max_bytes'] / 2**30:7.1f} GiB, at min {r['peak_at_min_bytes'] / 2**30:6.1f} GiB "
+              f"({r['peak_group']}/{r['peak_phase_at_max']})")
+    decided = [r for r in out if r["agree"] is not None]
+    agree = sum(r["agree"] for r in decided)
+    print(f"agreement {agree}/{len(decided)} decided rows; {len(out) - len(decided)} of {len(out)} depend on the "
+          f"actual lengths")
+    t, cal = calibrated(rows)
+    cal_agree = sum(r["agree"] for r in cal)
+    for r in cal:
+        print(f"  at fitted length {t}: {r['id']:44s} published {r['published']:5s} planner "
+              f"{r['planner_at_fitted_length']}")
+    print(f"with the packed length fitted on {CALIBRATION_ROWS[0]} / ...b101 ({t} tokens per sequence): "
+          f"{cal_agree}/{len(cal)} other veRL rows agree")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"rows": out, "decided": len(decided), "agree": agree,
+                                       "fitted_length": t, "calibrated": cal, "calibrated_agree": cal_agree},
+                                      indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

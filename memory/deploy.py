@@ -1,0 +1,597 @@
+"""Memory of a multi-GPU RLHF deployment: roles, placement, ZeRO/FSDP sharding, generation engine.
+
+Why per GPU group and per phase: in real deployments the question is "which GPU runs out, and when". Actor,
+critic, reference and reward model each have their own model and precision; they are placed on GPU groups
+(all colocated as in veRL's hybrid engine or OpenRLHF's ``--colocate_all_models``, or separate groups as with
+OpenRLHF's ``--actor_num_gpus_per_node`` / ``--ref_num_gpus_per_node``); a generation engine (HF generate,
+vLLM, SGLang) shares a group or has its own. Each group's bytes per GPU are computed per component for the
+phases of one step (generation, scoring, update, optimizer step, weight sync); the peak phase decides fit.
+
+Per-token activation terms come from :mod:`memory.arch` (what autograd saves, per family) and were checked
+against torch's MemTracker at real size (benchmarks/bench_memory_memtracker.py); model-state terms follow
+DeepSpeed's own accounting (benchmarks/bench_memory_deepspeed.py); the engine KV pool follows the engines'
+source (vLLM: ``total * gpu_memory_utilization - non-KV peak``; SGLang: ``free_at_start * mem_fraction_static
+- weights``). Bytes are tensor bytes as ``torch.cuda.max_memory_allocated`` counts them; the CUDA context and
+allocator fragmentation are outside them and covered by ``reserve_bytes``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .arch import Arch, final_norm_saved, layer_saved, layer_transient
+
+PHASES = ("generation", "scoring", "update", "optimizer_step", "weight_sync")
+ROLES = ("actor", "critic", "reference", "reward")
+SHARDINGS = ("zero0", "zero1", "zero2", "zero3", "fsdp_full", "fsdp_grad_op")
+ENGINES = ("hf", "vllm", "sglang")
+OPTIMIZERS = {"adamw": 2, "adamw8bit": 2, "sgd": 0}
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Role:
+    """One model of the RLHF loop. ``trained`` roles have gradients and optimizer state."""
+
+    name: str
+    arch: Arch
+    trained: bool = False
+    group: str = "all"
+    dtype_bytes: int = 2               # compute / stored weights (bf16)
+    lora_rank: int = 0                 # >0: only adapters are trained, the base is frozen
+    load_in_4bit: bool = False         # QLoRA: frozen base stored in 4 bits
+    offload: bool = False              # frozen role parked on the CPU outside its phase
+    value_head: bool = False           # critic / reward model: scalar head instead of the LM head's logits
+    storage_bytes: int | None = None   # bytes per stored parameter when not the compute dtype (veRL's fp32 actor)
+
+    def lora_params(self) -> int:
+        """LoRA on every attention and MLP projection (peft ``all-linear``): r·(in+out) per matrix."""
+        a, r = self.arch, self.lora_rank
+        h, q, kv, i = a.hidden, a.q_dim, a.kv_dim, a.intermediate
+        mats = (h + q) + 2 * (h + kv) + (q + h) + ((h + i) * 3 if a.gated_mlp else (h + i) * 2)
+        return a.layers * r * mats
+
+    @property
+    def trained_params(self) -> int:
+        if not self.trained:
+            return 0
+        return self.lora_params() if self.lora_rank else self.arch.params
+
+    def base_weight_bytes(self) -> int:
+        """Stored weights of the (frozen or trained) base model on one replica, unsharded."""
+        p = self.arch.params
+        if self.load_in_4bit:  # bitsandbytes nf4: 0.5 B/param + one fp32 absmax per 64 (double quant ignored)
+            return int(p * 0.5 + p / 64 * 4)
+        return p * (self.storage_bytes or self.dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Data-parallel sharding of trained roles (frozen roles follow ``frozen_zero3``)."""
+
+    kind: str = "zero0"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    mixed_precision: bool = True       # fp32 master weights + fp32 Adam states (DeepSpeed/FSDP); False: pure dtype
+    reduce_bucket: int = 500_000_000   # DeepSpeed reduce_bucket_size (elements)
+    allgather_bucket: int = 500_000_000
+    prefetch_bucket: int = 50_000_000  # stage3_prefetch_bucket_size (elements)
+    sub_group_size: int = 1_000_000_000  # ZeRO-3 steps the optimizer one sub-group at a time
+    contiguous_gradients: bool = True  # DeepSpeed default: gradients are copied into reduce buckets
+    overlap_comm: bool | None = None   # DeepSpeed default: on for ZeRO-3 only (two ZeRO-1/2 buckets when on)
+    frozen_zero3: bool | None = None   # shard frozen roles too (OpenRLHF does when --zero_stage 3)
+
+    def __post_init__(self):
+        if self.kind not in SHARDINGS:
+            raise ValueError(f"unknown sharding {self.kind!r}; choose from {', '.join(SHARDINGS)}")
+
+    @property
+    def shards_params(self) -> bool:
+        return self.kind in ("zero3", "fsdp_full", "fsdp_grad_op")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The generation engine. ``gpu_memory_utilization`` is vLLM's (share of total) or SGLang's
+    ``mem_fraction_static`` (share of free memory at start)."""
+
+    kind: str = "hf"
+    group: str = "all"
+    tp: int = 1
+    gpu_memory_utilization: float = 0.9
+    sleep: bool = False                # vLLM sleep mode / SGLang release: weights and KV leave between generations
+    enforce_eager: bool = False        # no CUDA graphs
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    cuda_graph_bytes: int = 0          # measured CUDA-graph pool, if known (the log line "Graph capturing ... took")
+
+    def __post_init__(self):
+        if self.kind not in ENGINES:
+            raise ValueError(f"unknown engine {self.kind!r}; choose from {', '.join(ENGINES)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        if self.tp < 1:
+            raise ValueError(f"engine tensor-parallel size must be >= 1; got {self.tp}")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything that decides the per-GPU memory of an RLHF deployment."""
+
+    actor: Role
+    critic: Role | None = None
+    reference: Role | None = None
+    reward: Role | None = None
+    groups: dict[str, int] = field(default_factory=lambda: {"all": 8})   # group -> GPUs
+    gpus_per_node: int = 8
+    gpu_memory: int = 80 * GiB
+    reserve_bytes: int = 0             # CUDA context, NCCL, fragmentation: outside tensor bytes
+    sharding: Sharding = Sharding()
+    engine: Engine = Engine()
+    optimizer: str = "adamw"
+    optimizer_impl: str = "fused"      # fused (TRL's adamw_torch_fused, DeepSpeed FusedAdam) | foreach | single_tensor
+    micro_batch: int = 1               # train micro-batch per GPU (sequences)
+    grad_accum: int = 1
+    score_micro_batch: int | None = None
+    prompt_len: int = 512
+    response_len: int = 1024
+    rollout_per_gpu: int = 64          # sequences generated together per engine replica (HF: per GPU)
+    gradient_checkpointing: bool = True
+    train_sleep: bool = False          # training states off the GPU while generating (--deepspeed_enable_sleep)
+    # veRL's param_offload / optimizer_offload: states live on the CPU and are loaded for the phases that use
+    # them (load_fsdp_model_to_gpu at compute_log_prob / update_actor / rollout_mode, optimizer at update_actor)
+    phase_offload_params: bool = False
+    phase_offload_optimizer: bool = False
+    gather_for_generation: bool = True  # HF generate under ZeRO-3: whole model gathered (ds3_gather_for_generation)
+    attn: str = "flash"
+    logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk
+    framework: str = "trl"             # trl | openrlhf | verl | deepspeed (names the flags of suggestions)
+
+    def __post_init__(self):
+        if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
+            raise ValueError(f"unknown optimizer_impl {self.optimizer_impl!r}; choose fused, foreach, single_tensor")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        for role in self.roles():
+            if role.group not in self.groups:
+                raise ValueError(f"{role.name} is placed on group {role.group!r}, "
+                                 f"which is not in {sorted(self.groups)}")
+        if self.engine.group not in self.groups:
+            raise ValueError(f"the engine is placed on group {self.engine.group!r}, not in {sorted(self.groups)}")
+        for name, v in (("micro_batch", self.micro_batch), ("prompt_len", self.prompt_len),
+                        ("response_len", self.response_len), ("rollout_per_gpu", self.rollout_per_gpu)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1; got {v}")
+        for g, n in self.groups.items():
+            if n < 1:
+                raise ValueError(f"group {g!r} needs at least one GPU; got {n}")
+
+    @property
+    def seq(self) -> int:
+        return self.prompt_len + self.response_len
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(self.groups.values())
+
+    def roles(self) -> list[Role]:
+        return [r for r in (self.actor, self.critic, self.reference, self.reward) if r is not None]
+
+    def with_(self, **changes: Any) -> "Deployment":
+        return replace(self, **changes)
+
+
+# ---- model states ---------------------------------------------------------------------------------------------
+
+@dataclass
+class States:
+    """Per-GPU bytes of one trained role's model states, plus host bytes when offloaded."""
+
+    weights: int = 0
+    gradients: int = 0        # alive from backward to the optimizer step
+    optimizer: int = 0
+    step_extra: int = 0       # extra only during the step (fp32 gradient partition, update temporaries)
+    buffers: int = 0          # gathered layer/unit (ZeRO-3, FSDP) alive during update
+    bucket: int = 0           # DeepSpeed reduce (IPG) bucket: ZeRO-1/2 from backward to the step, ZeRO-3 always
+    host: int = 0
+
+
+def trained_states(role: Role, sh: Sharding, n: int, optimizer: str) -> States:
+    """DeepSpeed/FSDP accounting of one trained role sharded over ``n`` GPUs (see module docstring).
+
+    Full fine-tuning in mixed precision stores 2 B/param working weights, 2 B gradients and 12 B of fp32
+    master + Adam moments (DeepSpeed counts 4 more for the fp32 gradient partition in its step: 18 B sharded).
+    LoRA: the frozen base stays in its dtype (or 4 bits), only adapters have gradients and state.
+    """
+    a, P = role.arch, role.trained_params
+    db = role.dtype_bytes
+    lora = role.lora_rank > 0
+    st = States()
+    base = role.base_weight_bytes()
+    n_states = OPTIMIZERS[optimizer]
+    state_b = 1 if optimizer == "adamw8bit" else (4 if sh.mixed_precision else db)
+    master = 4 if sh.mixed_precision else 0
+    grad_f32 = 4 if sh.mixed_precision and sh.kind not in ("fsdp_full", "fsdp_grad_op") else 0
+    opt_per = n_states * state_b + master
+    kind = sh.kind
+    fsdp = kind.startswith("fsdp")
+    opt_div = 1 if kind == "zero0" else n
+    grad_div = n if kind in ("zero2", "zero3") or fsdp else 1
+    if lora:
+        st.weights = (base // n if kind == "zero3" or fsdp else base) + P * db
+    elif fsdp:  # FSDP keeps the sharded flat params in fp32 when mixed precision (veRL), casts per unit
+        st.weights = P * (4 if sh.mixed_precision else db) // n
+        master = 0
+        opt_per = n_states * state_b
+    else:
+        st.weights = P * db // (n if kind == "zero3" else 1)
+    grad_b = (4 if fsdp and sh.mixed_precision else db)
+    st.gradients = P * grad_b // grad_div
+    st.optimizer = P * opt_per // opt_div
+    st.step_extra = P * grad_f32 // opt_div
+    if kind == "zero3" and grad_f32:
+        # stage3.py keeps the low-precision gradient partition (grad_partitions_flat_buffer) and builds the
+        # fp32 gradient per optimizer sub-group (_prepare_fp32_grad_for_sub_group: flatten, then .to(fp32))
+        st.step_extra = min(P // n, sh.sub_group_size) * grad_f32
+    if sh.offload_optimizer:
+        st.host += st.optimizer + st.step_extra + (P * grad_b // grad_div if kind in ("zero1", "zero2", "zero3") else 0)
+        st.optimizer = 0
+        st.step_extra = 0
+        if kind in ("zero1", "zero2", "zero3"):
+            st.gradients = 0  # DeepSpeed copies each reduced partition to the CPU
+    if sh.offload_params and (kind == "zero3" or fsdp):
+        st.host += st.weights
+        st.weights = 0
+    if sh.contiguous_gradients and kind in ("zero1", "zero2", "zero3") and P:
+        # stage_1_and_2.py setup_buckets: reduce_bucket_size elements (x2 with overlap_comm) per backward;
+        # stage3.py allocates one such bucket at init
+        overlap = sh.overlap_comm if sh.overlap_comm is not None else kind == "zero3"
+        st.bucket = sh.reduce_bucket * db * (2 if overlap and kind != "zero3" else 1)
+    # buffers: ZeRO-3/FSDP gather one unit (layer) of full params and its full gradient at a time
+    if kind == "zero3":
+        st.buffers = a.largest_param * 2 * db if not lora else a.largest_param * db
+    elif fsdp:
+        unit = max(a.layer_params, a.root_params)
+        st.buffers = 2 * unit * db + (unit * grad_b if not lora else 0)  # current + prefetched unit, unit grad
+        if kind == "fsdp_grad_op":
+            st.buffers += a.params * db  # params stay unsharded between forward and backward
+    return st
+
+
+def deepspeed_model_states(role: Role, sh: Sharding, n: int, optimizer: str = "adamw") -> int:
+    """The planner's GPU model-state bytes in DeepSpeed's own terms (for benchmarks/bench_memory_deepspeed.py):
+    weights + gradients + optimizer state + the step's fp32 gradient partition (+ ZeRO-3's gathered layer)."""
+    st = trained_states(role, sh, n, optimizer)
+    return st.weights + st.gradients + st.optimizer + st.step_extra + (st.buffers if sh.kind == "zero3" else 0)
+
+
+def frozen_weights(role: Role, sh: Sharding, n: int) -> int:
+    shard = sh.frozen_zero3 if sh.frozen_zero3 is not None else sh.shards_params
+    w = role.base_weight_bytes()
+    return w // n if shard else w
+
+
+def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
+    """Tensors the optimizer step allocates on the GPU: none for fused kernels; torch's single-tensor AdamW
+    makes ``sqrt(v)`` and its quotient for one parameter at a time (2 x the largest); foreach makes them for
+    a whole group (about one copy of the trained state shard)."""
+    if dep.sharding.offload_optimizer or not role.trained_params:
+        return 0
+    if dep.sharding.kind == "zero3" and dep.sharding.mixed_precision:  # the flattened 16-bit copy of a sub-group
+        return min(role.trained_params // n, dep.sharding.sub_group_size) * role.dtype_bytes
+    if dep.optimizer_impl == "fused":
+        return 0
+    sb = 4 if dep.sharding.mixed_precision else role.dtype_bytes
+    if dep.optimizer_impl == "single_tensor":
+        a = role.arch
+        largest = a.largest_param if not role.lora_rank else role.lora_rank * max(a.intermediate, a.hidden, a.q_dim)
+        return 2 * largest * sb
+    div = 1 if dep.sharding.kind == "zero0" else n
+    return role.trained_params * sb // div
+
+
+# ---- transient terms ------------------------------------------------------------------------------------------
+
+def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
+    """Log-prob head per token: no-grad = bf16 logits + fp32 copy + fp32 log-softmax (10·V); with grad, the
+    saved fp32 log-softmax plus two fp32 vocab tensors in its backward (12·V). Value heads: a scalar."""
+    if role.value_head:
+        return 8.0
+    V = role.arch.vocab
+    if dep.logprob_head == "chunked":
+        return 0.0  # see _chunk_head_bytes
+    extra = 2 * V if role.arch.family == "gemma2" else 0  # final logit soft-capping keeps the logits
+    return (12 * V + extra) if grad else 10 * V
+
+
+def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool) -> int:
+    if role.value_head or dep.logprob_head != "chunked":
+        return 0
+    V = role.arch.vocab
+    chunk_tokens = max(1, (1 << 21) // V)
+    return int(chunk_tokens * V * 4 * (3 if grad else 2) + (role.arch.hidden * V * 4 if grad else 0))
+
+
+def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
+    """No-grad forward of one micro-batch to log-probs (or values): the head, or one layer's buffers."""
+    tokens = (dep.score_micro_batch or dep.micro_batch) * dep.seq
+    a = role.arch
+    db = role.dtype_bytes
+    head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False)
+    body = tokens * layer_transient(a).bytes(db)
+    gathered = 0
+    if dep.sharding.shards_params and (dep.sharding.frozen_zero3 is not False or role.trained):
+        gathered = 2 * a.largest_param * db  # ZeRO-3/FSDP: the gathered unit and its prefetch
+    return int(tokens * a.hidden * db + max(head, body) + gathered)
+
+
+def update_transient(role: Role, dep: Deployment) -> int:
+    """Forward + backward of one train micro-batch: saved activations and the head's backward at its start;
+    with checkpointing, the layer inputs plus one recomputed layer."""
+    a = role.arch
+    tokens = dep.micro_batch * dep.seq
+    db = role.dtype_bytes
+    per_layer = layer_saved(a, dep.attn, dep.seq).bytes(db)
+    n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4
+    lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
+    head = tokens * (_head_bytes_per_token(role, dep, grad=True) + final_norm_saved(a).bytes(db))
+    head += _chunk_head_bytes(role, dep, True)
+    if dep.gradient_checkpointing:
+        layers = a.layers * tokens * a.hidden * db
+        recompute = tokens * per_layer * 2  # one layer's saved tensors plus its backward temporaries
+        return int(layers + max(head, recompute))
+    return int(a.layers * (tokens * per_layer + lora) + head)
+
+
+# ---- engines --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineMemory:
+    weights: int
+    kv_pool: int
+    overhead: int            # activations of the profile run + CUDA graphs
+    footprint: int           # what the engine holds on each of its GPUs while awake
+    kv_tokens: int
+    max_seqs: int            # concurrent sequences of prompt+response length
+    rule: str
+
+
+def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMemory:
+    """Per-GPU memory of the generation engine and its KV capacity.
+
+    vLLM (>= 0.7, V1 worker): the engine takes ``total * gpu_memory_utilization``; the KV pool is that minus
+    the non-KV peak of its profile run (weights at TP degree, activations of ``max_num_batched_tokens``).
+    SGLang: ``rest = free_after_load - free_at_start * (1 - mem_fraction_static)``, i.e. weights + KV pool =
+    ``mem_fraction_static`` of the memory free when it starts (other tenants' bytes are excluded).
+    HF generate: the actor's own weights; the KV cache grows with the batch (no pool).
+    """
+    e, a = dep.engine, dep.actor.arch
+    db = dep.actor.dtype_bytes
+    weights = a.params * db // e.tp
+    per_token_kv = a.kv_bytes_per_token(db) // e.tp if a.kv_heads >= e.tp else a.kv_bytes_per_token(db) // a.kv_heads
+    if e.kind == "hf":
+        kv = dep.rollout_per_gpu * dep.seq * a.kv_bytes_per_token(db)
+        return EngineMemory(0, kv, dep.rollout_per_gpu * a.vocab * 4, 0, dep.rollout_per_gpu * dep.seq,
+                            dep.rollout_per_gpu, "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
+    act_tokens = e.max_num_batched_tokens
+    act = act_tokens * layer_transient(a).bytes(db) // e.tp + min(e.max_num_seqs, act_tokens) * a.vocab * 4
+    overhead = act + e.cuda_graph_bytes
+    if e.kind == "vllm":
+        budget = int(dep.gpu_memory * e.gpu_memory_utilization)
+        kv = budget - weights - act
+        footprint = budget + e.cuda_graph_bytes
+        rule = "vLLM: KV pool = total x gpu_memory_utilization - (weights/TP + profile activations)"
+    else:
+        free = dep.gpu_memory if free_at_start is None else free_at_start
+        kv = int(free * e.gpu_memory_utilization) - weights
+        footprint = weights + max(kv, 0) + overhead
+        rule = "SGLang: weights/TP + KV pool = free memory at start x mem_fraction_static"
+    kv = max(kv, 0)
+    tokens = kv // per_token_kv if per_token_kv else 0
+    return EngineMemory(weights, kv, overhead, footprint, int(tokens), int(tokens // dep.seq), rule)
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+
+@dataclass
+class GroupPlan:
+    name: str
+    gpus: int
+    roles: list[str]
+    table: dict[str, dict[str, int]]      # component -> phase -> bytes per GPU
+    totals: dict[str, int]                # phase -> bytes per GPU
+    peak_phase: str
+    peak_bytes: int
+    host_bytes: int                       # per node share of offloaded state (per GPU x GPUs on the group)
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DeploymentPlan:
+    deployment: Deployment
+    groups: list[GroupPlan]
+    engine: EngineMemory
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(g.fits for g in self.groups) and self.engine_ok
+
+    @property
+    def engine_ok(self) -> bool:
+        return self.deployment.engine.kind == "hf" or self.engine.max_seqs >= 1
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(g.peak_bytes for g in self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "peak_bytes": self.peak_bytes,
+                "groups": {g.name: g.to_dict() for g in self.groups},
+                "engine": asdict(self.engine), "notes": self.notes}
+
+
+def _add(table: dict[str, dict[str, int]], comp: str, phases: tuple[str, ...] | str, nbytes: float) -> None:
+    if isinstance(phases, str):
+        phases = (phases,)
+    row = table.setdefault(comp, {ph: 0 for ph in PHASES})
+    for ph in phases:
+        row[ph] += int(nbytes)
+
+
+TRANSIENT = ("activations", "gradients", "step", "buffers")
+
+
+def _one_forward_at_a_time(table: dict[str, dict[str, int]]) -> None:
+    """Roles on one group score, update and step one after another (actor, then critic), so in those phases
+    only the role with the largest transient bytes (activations, gradients, step temporaries, gathered units)
+    counts; the other roles' transient rows are zeroed there. Weights and optimizer state stay summed."""
+    roles = sorted({k.split(".")[0] for k in table if k.split(".")[-1] in TRANSIENT})
+    if len(roles) < 2:
+        return
+    for ph in ("scoring", "update", "optimizer_step"):
+        size = {r: sum(table[f"{r}.{c}"][ph] for c in TRANSIENT if f"{r}.{c}" in table) for r in roles}
+        keep = max(roles, key=lambda r: size[r])
+        for r in roles:
+            if r != keep:
+                for c in TRANSIENT:
+                    if f"{r}.{c}" in table:
+                        table[f"{r}.{c}"][ph] = 0
+
+
+def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
+    n = dep.groups[name]
+    roles = [r for r in dep.roles() if r.group == name]
+    table: dict[str, dict[str, int]] = {}
+    notes: list[str] = []
+    host = 0
+    sh = dep.sharding
+    sleep_train = dep.train_sleep and dep.engine.kind != "hf" and dep.engine.group == name
+    for role in roles:
+        tag = role.name
+        if role.trained:
+            st = trained_states(role, sh, n, dep.optimizer)
+            host += st.host
+            off_w = sleep_train or dep.phase_offload_params
+            off_o = sleep_train or dep.phase_offload_optimizer
+            resident = ("scoring", "update", "optimizer_step", "weight_sync") if off_w else PHASES
+            _add(table, f"{tag}.weights", resident, st.weights)
+            _add(table, f"{tag}.optimizer", ("update", "optimizer_step") if off_o else PHASES, st.optimizer)
+            host += (st.weights if dep.phase_offload_params else 0) + \
+                (st.optimizer if dep.phase_offload_optimizer else 0)
+            # backward peaks either at its start (all saved activations and the head's backward, no gradient
+            # yet) or at its end (every gradient, activations gone); accumulated gradients are always there
+            acts = update_transient(role, dep)
+            start_of_backward = acts + (st.gradients if dep.grad_accum > 1 else 0)
+            end_of_backward = st.gradients
+            if end_of_backward > start_of_backward:
+                acts = 0
+            _add(table, f"{tag}.gradients", "optimizer_step", st.gradients)
+            if dep.grad_accum > 1 or end_of_backward > start_of_backward:
+                _add(table, f"{tag}.gradients", "update", st.gradients)
+            _add(table, f"{tag}.step", "optimizer_step", st.step_extra + step_temporaries(role, dep, n))
+            _add(table, f"{tag}.buffers", ("update",), st.buffers)
+            _add(table, f"{tag}.reduce_bucket", PHASES if sh.kind == "zero3" else ("update",), st.bucket)
+            _add(table, f"{tag}.activations", "update", acts)
+            _add(table, f"{tag}.activations", "scoring", scoring_transient(role, dep, n))
+            if role.name == "actor" and dep.engine.kind == "hf":
+                full = role.arch.params * role.dtype_bytes
+                unit = 2 * role.arch.largest_param * role.dtype_bytes  # else one layer at a time (slow)
+                gen_w = ((full - st.weights) if dep.gather_for_generation else unit) \
+                    if sh.shards_params and not role.lora_rank else 0
+                _add(table, "actor.gathered_for_generation", "generation", max(gen_w, 0))
+            if role.name == "actor" and sh.shards_params:
+                _add(table, "actor.gathered_for_sync", "weight_sync", 2 * role.arch.largest_param * role.dtype_bytes)
+        else:
+            w = frozen_weights(role, sh, n)
+            phases = ("scoring",) if role.offload else PHASES
+            if role.offload:
+                host += w
+            _add(table, f"{tag}.weights", phases, w)
+            _add(table, f"{tag}.activations", "scoring", scoring_transient(role, dep, n))
+    eng = dep.engine
+    if eng.group == name:
+        if eng.kind == "hf":
+            _add(table, "engine.kv_cache", "generation", engine.kv_pool)
+            _add(table, "engine.sampling", "generation", engine.overhead)
+        else:
+            awake = ("generation", "weight_sync") if eng.sleep else PHASES
+            _add(table, "engine.weights", awake, engine.weights)
+            _add(table, "engine.kv_pool", ("generation",) if eng.sleep else PHASES, engine.kv_pool)
+            _add(table, "engine.overhead", ("generation",) if eng.sleep else PHASES,
+                 engine.footprint - engine.weights - engine.kv_pool)
+            if eng.kind == "vllm" and not eng.sleep and len(table) > 3:
+                notes.append("vLLM keeps total x gpu_memory_utilization for its whole life; training shares the rest")
+    _one_forward_at_a_time(table)
+    totals = {ph: sum(row[ph] for row in table.values()) + dep.reserve_bytes for ph in PHASES}
+    peak_phase = max(PHASES, key=lambda ph: totals[ph])
+    peak = totals[peak_phase]
+    return GroupPlan(name, n, [r.name for r in roles] + (["engine"] if eng.group == name else []), table, totals,
+                     peak_phase, peak, host, peak <= dep.gpu_memory, notes)
+
+
+def plan_deployment(dep: Deployment) -> DeploymentPlan:
+    """Per-group component x phase bytes per GPU, the peak phase, and whether each group fits."""
+    eng = engine_memory(dep)
+    groups = [plan_group(dep, g, eng) for g in dep.groups]
+    notes = [eng.rule]
+    if dep.engine.kind != "hf" and eng.max_seqs < 1:
+        notes.append(f"{dep.engine.kind}: no room for a KV pool holding one {dep.seq}-token sequence")
+    return DeploymentPlan(dep, groups, eng, notes)
+
+
+def _fits_with(dep: Deployment, **changes: Any) -> bool:
+    try:
+        return plan_deployment(dep.with_(**changes)).fits
+    except ValueError:
+        return False
+
+
+def largest_micro_batch(dep: Deployment, hi: int = 4096) -> int:
+    """Largest train micro-batch per GPU that fits (0: not even one sequence)."""
+    if not _fits_with(dep, micro_batch=1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits_with(dep, micro_batch=mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
+    """Sequences generated together per engine: for HF generate the largest batch per GPU whose KV cache fits
+    next to everything else; for vLLM/SGLang the sequences of the requested length the KV pool holds."""
+    if dep.engine.kind != "hf":
+        return engine_memory(dep).max_seqs
+    if not _fits_with(dep, rollout_per_gpu=1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits_with(dep, rollout_per_gpu=mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def min_gpus(dep: Deployment, limit: int = 1024) -> int | None:
+    """Fewest GPUs with this layout: every group scaled by the same factor (powers of two, then multiples of
+    a node), engine TP kept. None when even ``limit`` GPUs do not fit."""
+    base = dep.total_gpus
+    counts = sorted({c for c in [1, 2, 4] + list(range(dep.gpus_per_node, limit + 1, dep.gpus_per_node)) if c <= limit})
+    for total in counts:
+        scale = total / base
+        groups = {g: max(1, round(n * scale)) for g, n in dep.groups.items()}
+        if sum(groups.values()) != total or any(groups[dep.engine.group] < dep.engine.tp for _ in [0]):
+            continue
+        if _fits_with(dep, groups=groups):
+            return total
+    return None

@@ -1,0 +1,170 @@
+"""Measure the scoring and update peaks of a real-size model on the CPU without its memory.
+
+torch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``) counts every storage the step creates, by
+category (parameters, gradients, optimizer state, activations, temporaries), while ``FakeTensorMode`` makes
+those storages free: an 8B model's training step is measured in about a minute and well under 1 GiB of RSS.
+This is the ground truth the deployment planner (:mod:`memory.deploy`) is checked against at real scale.
+
+The measured step is the kit's reference RLHF step for one rank: ``scoring`` = a no-grad forward of the frozen
+model to per-token log-probs (logits -> fp32 log-softmax -> gather); ``update`` = the same with gradients,
+a policy-gradient loss, backward, and one AdamW step (single-tensor, states in the parameter dtype), with
+optimizer state already present (a steady-state step). Dropout is off, as RLHF trainers run it; attention
+is SDPA without a mask (causal, so GQA stays unrepeated: the planner's ``flash``), or ``eager``. The update
+is measured in two regions, forward+backward (``update``) and the optimizer step (``optimizer_step``).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class TrackSpec:
+    """One measured configuration (a transformers config dict plus the step's knobs)."""
+
+    config: dict[str, Any]
+    batch: int = 1
+    seq: int = 1024
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0                 # 0: full fine-tuning
+    attn: str = "sdpa"                 # sdpa | eager
+    dtype: str = "bf16"
+    name: str = ""
+    phases: tuple[str, ...] = ("scoring", "update")
+
+
+@dataclass
+class TrackResult:
+    peaks: dict[str, int]
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    max_rss_bytes: int = 0
+
+
+def _build(spec: TrackSpec):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(spec.config)
+    model_type = cfg.pop("model_type")
+    for k in ("dropout", "attention_dropout", "activation_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if k in cfg or model_type in ("gpt2", "opt"):
+            cfg[k] = 0.0
+    hf = AutoConfig.for_model(model_type, **cfg)
+    hf.use_cache = False
+    model = AutoModelForCausalLM.from_config(hf, dtype=getattr(torch, DTYPES[spec.dtype]),
+                                             attn_implementation=spec.attn)
+    if spec.gradient_checkpointing:
+        with warnings.catch_warnings():  # transformers 5 renames it; the behaviour measured is this one
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora_rank:
+        add_lora(model, spec.lora_rank, getattr(torch, DTYPES[spec.dtype]))
+    model.train()
+    return model
+
+
+def add_lora(model, rank: int, dtype) -> None:
+    """Freeze the model and wrap every linear layer of the decoder blocks (peft's ``all-linear``, LM head
+    excluded) with a rank-``rank`` adapter: ``y = base(x) + B(A(x)) * scale``. Written here because peft's
+    injection moves adapters with ``.to()``, which fake tensors refuse; the forward is peft's (dropout 0)."""
+    from torch import nn
+
+    class LoraLinear(nn.Module):
+        def __init__(self, base: nn.Linear):
+            super().__init__()
+            self.base = base
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
+            self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
+            self.scale = 2.0
+
+        def forward(self, x):
+            return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child is not head:
+                setattr(parent, name, LoraLinear(child))
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _tracker(model, opt):
+    """A MemTracker over the model and optimizer. Frozen parameters get a placeholder gradient hook: the
+    tracker would otherwise try to hook them and fail (they never get gradients)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = MemTracker()
+    for p in model.parameters():
+        if not p.requires_grad:
+            mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    mt.track_external(model, opt)
+    return mt
+
+
+def _logprobs(model, ids):
+    import torch
+
+    logits = model(input_ids=ids).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def measure(spec: TrackSpec) -> TrackResult:
+    """Peak bytes of the scoring and update phases, each measured by its own tracker on fake tensors."""
+    import resource
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.perf_counter()
+    peaks: dict[str, int] = {}
+    breakdown: dict[str, dict[str, int]] = {}
+    with FakeTensorMode():
+        model = _build(spec)
+        vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else spec.config["vocab_size"]
+        ids = torch.randint(0, vocab, (spec.batch, spec.seq))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
+        for p in trained:  # steady state: optimizer state exists before the measured step
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if "scoring" in spec.phases:
+            mt = _tracker(model, opt)
+            with mt, torch.no_grad():
+                _logprobs(model, ids).sum()
+            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
+            peaks["scoring"] = int(snap["Total"])
+            breakdown["scoring"] = {str(k): int(v) for k, v in snap.items()}
+        if "update" in spec.phases:
+            mt = _tracker(model, opt)
+            with mt:
+                adv = torch.ones(spec.batch, spec.seq)
+                loss = -(_logprobs(model, ids) * adv).mean()
+                fw = next(iter(mt.get_tracker_snapshot("current").values()))
+                breakdown["after_forward"] = {str(k): int(v) for k, v in fw.items()}
+                loss.backward()
+                del loss
+            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
+            peaks["update"] = int(snap["Total"])
+            breakdown["update"] = {str(k): int(v) for k, v in snap.items()}
+            mt = _tracker(model, opt)  # the optimizer step on top of all gradients, measured on its own
+            with mt:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
+            peaks["optimizer_step"] = int(snap["Total"])
+            breakdown["optimizer_step"] = {str(k): int(v) for k, v in snap.items()}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)

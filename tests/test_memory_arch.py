@@ -1,0 +1,111 @@
+"""memory.arch: exact parameter counts per family (against the meta-device build), loading, saved activations."""
+import json
+
+import pytest
+import torch
+
+from memory.arch import (arch_from_config, builtin_config, builtin_names, count_params, layer_saved, load_arch,
+                         meta_count)
+
+# one real-size model per family plus the variants that change the count (tied/untied, GQA, qkv bias,
+# OPT's projected embeddings, Gemma-2's four norms and explicit head_dim)
+FAMILY_MODELS = ["gpt2", "opt-125m", "opt-350m", "Qwen2.5-0.5B", "Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B",
+                 "Llama-3-8B", "Mistral-7B", "Gemma-2-9B"]
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_parameter_count_equals_the_meta_device_count(name):
+    cfg = builtin_config(name)
+    analytic = count_params(cfg)
+    total, largest = meta_count(cfg)
+    assert analytic["params"] == total
+    assert analytic["largest_param"] == largest
+
+
+def test_large_models_counted_exactly_and_without_torch_at_plan_time():
+    """70B-class models come from the table analytically; their meta count agrees too (one build each)."""
+    for name in ("Llama-3-70B", "Qwen2.5-72B"):
+        cfg = builtin_config(name)
+        assert count_params(cfg)["params"] == meta_count(cfg)[0]
+    assert load_arch("Llama-3-70B").params == 70_553_706_496
+
+
+def test_builtin_table_has_the_issue_models_with_sources():
+    names = set(builtin_names())
+    assert {"Llama-3-8B", "Llama-3-70B", "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B", "Qwen2.5-72B", "Mistral-7B",
+            "Gemma-2-9B", "gpt2", "opt-1.3b"} <= names
+    from memory.arch import builtin_table
+
+    assert all(entry["source"] for entry in builtin_table()["models"].values())
+    assert load_arch("Qwen/Qwen2.5-7B-Instruct").params == load_arch("qwen2.5-7b").params
+
+
+def test_shapes_gqa_tied_and_kv_bytes():
+    q = load_arch("Qwen2.5-7B")
+    assert (q.kv_heads, q.head_dim, q.kv_dim, q.tied) == (4, 128, 512, False)
+    assert q.kv_bytes_per_token(2) == 2 * 28 * 512 * 2  # 57344 B/token: K and V of 28 layers, 4 KV heads
+    small = load_arch("Qwen2.5-0.5B")
+    assert small.tied and small.head_params == 0
+    g = load_arch("Gemma-2-9B")
+    assert g.q_dim == 16 * 256 != g.hidden  # explicit head_dim
+    assert load_arch("Llama-3-8B").layers * load_arch("Llama-3-8B").layer_params + load_arch("Llama-3-8B").root_params \
+        == load_arch("Llama-3-8B").params
+
+
+def test_config_path_folder_and_unknown_family(tmp_path):
+    cfg = dict(builtin_config("Mistral-7B"), num_hidden_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    a, b = load_arch(str(tmp_path / "config.json")), load_arch(str(tmp_path))
+    assert a.params == b.params == meta_count(cfg)[0]
+    # a family the analytic counter does not know falls back to the meta-device count
+    phi = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300, "pad_token_id": 0}
+    assert arch_from_config(phi).params == meta_count(phi)[0]
+    with pytest.raises(ValueError, match="unknown model"):
+        load_arch("no-such-model")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_arch(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "flash"), ("llama", "eager"), ("gpt2", "flash"), ("gpt2", "eager"),
+                                         ("opt", "flash"), ("opt", "eager"), ("gemma2", "eager")])
+def test_layer_saved_matches_what_autograd_saves(family, attn):
+    """Count the distinct non-parameter storages autograd saves in one decoder layer (two-layer minus
+    one-layer model) and compare with the per-token formula."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = {"llama": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=300),
+            "gpt2": dict(model_type="gpt2", n_embd=64, n_inner=176, n_head=4, vocab_size=300, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0),
+            "opt": dict(model_type="opt", hidden_size=64, ffn_dim=176, num_attention_heads=4, vocab_size=300,
+                        word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+            "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=24, vocab_size=300)}[family]
+    layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    b, s = 2, 12
+
+    def saved_bytes(layers):
+        cfg = dict(base, **{layers_key: layers})
+        mt = cfg.pop("model_type")
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg), dtype=torch.bfloat16,
+                                             attn_implementation="sdpa" if attn == "flash" else attn).train()
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(input_ids=torch.randint(0, 300, (b, s)), use_cache=False)
+        return sum(seen.values())
+
+    measured = saved_bytes(2) - saved_bytes(1)
+    cfg = dict(base, **{layers_key: 1})
+    predicted = layer_saved(arch_from_config(cfg), attn, s).bytes(2) * b * s
+    assert predicted == pytest.approx(measured, rel=0.02), (measured, predicted)
