@@ -33,7 +33,9 @@ class DetectorConfig:
     spike_min_history: int = 8            # a handful of steps: a 64-step warm-up left short runs blind
     spike_min_rel_std: float = 0.05       # sigma floor as a fraction of |median| (a flat series is not spiky)
     spike_min_ratio: float = 5.0          # and, for grad/norm (never negative), value > 5x the median
-    spike_loss_grad_ratio: float = 2.0    # a loss spike is a warning when grad/norm is also >= 2x its median
+    spike_loss_grad_ratio: float = 5.0    # a loss spike is a warning when grad/norm is also >= 5x its median
+                                          # (the bar of a gradient spike); RL surrogate losses jump with the
+                                          # batch drawn, so a jump the update did not feel is only a note
 
     # gradient explosion: pre-clip grad/norm sustained above grad_explosion_factor x the median of the
     # previous grad_explosion_window norms (its own baseline; no clip threshold needed)
@@ -59,6 +61,9 @@ class DetectorConfig:
     kl_growth_window: int = 10
     kl_z: float = 4.0
     kl_z_floor: float = 0.01              # nats/token: the trend test ignores jumps among values below this
+    kl_trend_ratio: float = 2.0           # ... and the value must be this many times the trend's expectation:
+                                          # under RL KL grows in spurts tens of percent above a fitted line
+                                          # (healthy runner runs at lr 1e-3), an explosion multiplies it
     kl_window: int = 50
     kl_min_history: int = 10
     kl_patience: int = 2                  # consecutive steps (one noisy batch is not an explosion)

@@ -22,14 +22,16 @@ def _raise_kl(k: Knobs) -> str:
 
 class KLExplosion(Rule):
     """KL growing fast: above ``kl_explosion_floor`` and several times the median of the last few values
-    (works from step 2), or above ``kl_z_floor`` and far above the line fitted to the recent window (a jump
-    off a steady trend; the fit's residual spread sets the scale, so a lower floor suffices)."""
+    (works from step 2), or above ``kl_z_floor``, far above the line fitted to the recent window and
+    ``kl_trend_ratio`` times what the line expects (a jump off a steady trend, not one of the spurts of
+    steady growth; the fit's residual spread sets the scale, so a lower floor suffices)."""
 
     name = "kl_explosion"
 
     def __init__(self, cfg: DetectorConfig):
         self.keys, self.floor, self.growth = cfg.kl_keys, cfg.kl_explosion_floor, cfg.kl_growth
         self.z_max, self.min_history, self.z_floor = cfg.kl_z, cfg.kl_min_history, cfg.kl_z_floor
+        self.trend_ratio = cfg.kl_trend_ratio
         self.abs_floor, self.rel_floor = cfg.kl_min_std, cfg.kl_min_rel_std
         self.recent: deque[float] = deque(maxlen=cfg.kl_growth_window)
         self.history = RollingTrend(cfg.kl_window)
@@ -51,7 +53,7 @@ class KLExplosion(Rule):
                                       f"{len(self.recent)} steps ({base:.4g})", base
         if not bad and kl > self.z_floor and len(self.history) >= self.min_history:
             z, expected, _ = self.history.zscore(kl, self.abs_floor, self.rel_floor)
-            if z > self.z_max:
+            if z > self.z_max and kl > self.trend_ratio * max(expected, self.abs_floor):
                 bad, why, ref = True, f"{z:.1f} sigma above its trend ({expected:.4g} expected)", expected
         if bad and self.trigger.streak == 0:
             self.first = (kl, ref, why)

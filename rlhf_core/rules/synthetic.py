@@ -76,7 +76,7 @@ def _grad_spike(c, at):
 
 def _loss_spike(c, at):
     c["loss/total"][at] += 3.0
-    c["grad/norm"][at] *= 3  # a loss spike that moved the update (one that did not is only a note)
+    c["grad/norm"][at] *= 6  # a loss spike the update felt as a gradient spike (one it did not is only a note)
 
 
 def _grad_explosion(c, at):
