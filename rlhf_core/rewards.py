@@ -105,8 +105,21 @@ def score(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str]) -> lis
     """Call a reward and check its shape; values are floats (NaN/Inf pass through for the runner's guard)."""
     try:
         scores = [float(s) for s in fn(prompts, responses)]
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # e.g. builtins:max returns the larger list: strings
         raise RewardError(f"reward did not return a sequence of numbers ({err})") from None
     if len(scores) != len(responses):
         raise RewardError(f"reward returned {len(scores)} scores for {len(responses)} responses")
     return scores
+
+
+def distinct2(texts: Sequence[str]) -> float:
+    """Distinct word bigrams / all word bigrams over a batch (0 without any bigram): a policy collapsing onto
+    one phrase drives it towards 0, which the reward alone does not show."""
+    grams = [tuple(w[i:i + 2]) for w in map(_words, texts) for i in range(len(w) - 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def identical_frac(texts: Sequence[str]) -> float:
+    """Fraction of a batch equal (words only, lower case) to its most common response."""
+    norm = [" ".join(_words(t)) for t in texts]
+    return max(norm.count(n) for n in set(norm)) / len(norm) if norm else 0.0
