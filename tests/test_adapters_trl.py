@@ -10,6 +10,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from adapters.trl import RLHFKitCallback, profile_trainer  # noqa: E402
+from rlhf_core.analysis import rule_config  # noqa: E402
 from rlhf_core.run_reader import Run  # noqa: E402
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1)
@@ -200,10 +201,12 @@ def test_nan_loss_is_logged_and_raises_a_live_alert(tiny_model_dir, tok, tmp_pat
         model.transformer.ln_f.weight[0] = float("nan")
     trainer = _sft(tiny_model_dir, tok, tmp_path / "out", model=model)
     assert trainer.args.logging_nan_inf_filter  # TRL's default would hide the NaN loss
-    profile_trainer(trainer, tmp_path / "nan", system_interval_s=None)
+    profile_trainer(trainer, tmp_path / "nan", system_interval_s=None, kl_budget=0.3)
     trainer.train()
     assert trainer.args.logging_nan_inf_filter is False
     run = Run(tmp_path / "nan")
+    assert run.meta["detector"] == {"kl_budget": 0.3}  # so `rlhfkit diagnose` and the dashboard use it too
+    assert rule_config(run.meta).kl_budget == 0.3 and rule_config(run.meta).producer == "trl"
     first = run.metrics()[0]
     assert math.isnan(first["loss/total"]) and "loss/total" in first["nonfinite"]
     alerts = [e for e in run.events() if e["kind"] == "alert"]
