@@ -17,18 +17,25 @@ Why it is built this way:
 - The ``record_function`` range is opened only while a profiler is recording: outside a trace window it
   would cost ~10 µs per phase and show up nowhere.
 - A phase that occurs several times in a step (PPO minibatches) accumulates its time and keeps its max peak.
+- With a :class:`profiler.timeline.TimelineRecorder` each occurrence's start and end also go to the run's
+  timeline (``timeline.rank<N>.jsonl``) on the shared clock: on the CPU the two ``perf_counter`` readings the
+  phase takes anyway, appended to a list; on CUDA the phase's events, placed on the host clock at the step's
+  one synchronisation (the end event completed just before it returned).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 
 from rlhf_core.keys import phase_mem_key, phase_time_key
+
+if TYPE_CHECKING:
+    from .timeline import TimelineRecorder
 
 RANGE_PREFIX = "phase/"
 RSS_MAX_AGE_S = 0.005
@@ -116,6 +123,8 @@ class _Phase:
                 timer._peak(self.name, torch.cuda.max_memory_allocated(timer.device))
         else:
             timer._times[self.name] = timer._times.get(self.name, 0.0) + elapsed
+            if timer._spans is not None:
+                timer._spans.append((self.name, self._t0, self._t0 + elapsed))
             if timer.track_memory:
                 timer._peak(self.name, timer._rss_at(self._t0 + elapsed))
 
@@ -127,8 +136,12 @@ class PhaseTimer:
     synchronised): the bare runner the overhead benchmark compares against, still able to report throughput.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", track_memory: bool = True, enabled: bool = True):
+    def __init__(self, device: torch.device | str = "cpu", track_memory: bool = True, enabled: bool = True,
+                 timeline: "TimelineRecorder | None" = None):
         self.device = torch.device(device)
+        self.timeline = timeline if enabled else None
+        self._spans: list[tuple[str, float, float]] | None = [] if self.timeline is not None else None
+        self._step: int | None = None
         self.track_memory = track_memory
         self.enabled = enabled
         self._cuda = self.device.type == "cuda"
@@ -163,11 +176,16 @@ class PhaseTimer:
         if value > self._peaks.get(name, -1):
             self._peaks[name] = int(value)
 
-    def start_step(self) -> None:
-        """Begin a step: clears the previous step's numbers."""
+    def start_step(self, step: int | None = None) -> None:
+        """Begin a step (``step`` numbers its timeline line; else the recorder counts): clears the previous
+        step's numbers."""
         if not self.enabled:
             self._step_start = time.perf_counter()
             return
+        self._step = step
+        if self._spans is not None and self.timeline is not None:
+            self._spans.clear()
+            self.timeline.anchor()
         self._times.clear()
         self._peaks.clear()
         self._pending.clear()
@@ -181,24 +199,46 @@ class PhaseTimer:
             return _NULL
         return _Phase(self, name)
 
-    def end_step(self) -> dict[str, float]:
+    def add_span(self, name: str, start: float, end: float) -> None:
+        """A phase occurrence timed elsewhere (``perf_counter`` seconds), for the timeline only: producers that
+        get their phases from a framework's own timers (TRL's ProfilingContext) place them with the others."""
+        if self._spans is not None:
+            self._spans.append((name, start, end))
+
+    def end_step(self, step: int | None = None) -> dict[str, float]:
         """Metrics of the step just finished: ``time/step``, ``time/<phase>``, ``mem/<phase>_peak_bytes``,
-        ``mem/peak_bytes``. On CUDA this is the one point that waits for the device."""
+        ``mem/peak_bytes`` (and ``wait/*`` when the timeline exchanges waits). On CUDA this is the one point
+        that waits for the device."""
         if not self.enabled:
             return {} if self._step_start is None else {"time/step": time.perf_counter() - self._step_start}
         out: dict[str, float] = {}
+        step_end = time.perf_counter()
         if self._cuda:
             end = self._event()
             end.synchronize()
+            synced = time.perf_counter()
             for name, ev0, ev1 in self._pending:
                 self._times[name] = self._times.get(name, 0.0) + ev0.elapsed_time(ev1) / 1000.0
+                if self._spans is not None:
+                    self._spans.append((name, synced - ev0.elapsed_time(end) / 1000.0,
+                                        synced - ev1.elapsed_time(end) / 1000.0))
             if self._step_ev is not None:
                 out["time/step"] = self._step_ev.elapsed_time(end) / 1000.0
+                if self._step_start is not None:
+                    self._step_start, step_end = synced - out["time/step"], synced
             self._pending.clear()
         elif self._step_start is not None:
-            out["time/step"] = time.perf_counter() - self._step_start
+            out["time/step"] = step_end - self._step_start
         out.update({phase_time_key(k): v for k, v in self._times.items()})
         out.update({phase_mem_key(k): v for k, v in self._peaks.items()})
         if self._peaks:
             out["mem/peak_bytes"] = max(self._peaks.values())
+        if self.timeline is not None and self._spans is not None and self._step_start is not None:
+            out.update(self.timeline.record_step(step if step is not None else self._step, self._step_start,
+                                                 step_end, self._spans))
         return out
+
+    def close(self) -> None:
+        """Write what the timeline still buffers (a no-op without one)."""
+        if self.timeline is not None:
+            self.timeline.close()

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("profiler.report", "per-phase time/memory report of a run"),
     "timeline": ("profiler.timeline_trace", "all ranks' phases in one Chrome/Perfetto trace; who waited for whom"),
     "diagnose": ("rlhf_core.diagnose_cli", "run the stability detectors over a run (exit 1 on critical)"),
+    "samples": ("rlhf_core.samples", "print the prompts and completions a run kept (samples.jsonl)"),
     "memory": ("memory.cli", "predict, measure and plan the memory of an RLHF step"),
     "import": ("adapters.importers", "convert OpenRLHF/TensorBoard/veRL logs into a run directory"),
     "check": ("rlhf_core.check", "print imports, versions and device; writes nothing"),

@@ -8,10 +8,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .clock import ClockOffset
 
 T = TypeVar("T")
 
@@ -46,6 +49,32 @@ def init_distributed(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def measure_clock_offset(info: DistInfo) -> "ClockOffset":
+    """This rank's wall-clock offset to rank 0 (:mod:`rlhf_core.clock`); a collective, called once at start-up.
+
+    NCCL moves only CUDA tensors, asynchronously, so host time stamps around it would measure the launch; the
+    ping-pong then runs over a gloo group made for it (CPU tensors, so each time stamp follows the transfer).
+    """
+    from .clock import ClockOffset, measure_offset
+
+    if not info.enabled:
+        return ClockOffset()
+    return measure_offset(info.rank, info.world_size, host_group(info))
+
+
+_HOST_GROUP: list = []
+
+
+def host_group(info: DistInfo):
+    """A process group over CPU tensors: the default one under gloo, else a gloo group made once (a
+    collective the first time: every rank must call it at the same point)."""
+    if not info.enabled or dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def shutdown() -> None:
