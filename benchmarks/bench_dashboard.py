@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboard.figures import FIGURE_IDS  # noqa: E402
+from dashboard.figures import FIGURE_IDS, HEATMAPS, PANELS  # noqa: E402
 
 STEPS = 100_000
 BLOCKS = 8  # grad/layer and drift/layer blocks: 34 run-level keys + 2 × 8 per-layer keys = 50 keys
@@ -112,14 +112,27 @@ def _all_drawn(points: dict[str, Any]) -> bool:
     return all(v and all(n > 0 for n in v) for v in points.values())
 
 
+# The charts the page shows: panels of other kinds of run (preference rewards) stay hidden for this run.
+SHOWN_JS = "return arguments[0].filter(id => { const e = document.getElementById(id); return e && e.offsetParent; })"
+KEYS_JS = "const e = document.getElementById('key-browser'); return e ? e.innerText : ''"
+
+
 def render_s(driver: Any, url: str) -> float:
-    """Seconds from the page request to every stability chart drawn with data."""
+    """Seconds from the page request to every stability chart it shows drawn with data (and the key browser
+    listing the run's keys)."""
     from dashboard.headless import trace_points, wait_for
 
     ids = [f"fig-{f}" for f in FIGURE_IDS]
     t0 = time.perf_counter()
     driver.get(url)
-    wait_for(lambda: _all_drawn(trace_points(driver, ids)), timeout=180, interval=0.02)
+    always = len([p for p in PANELS if not p.optional]) + len(HEATMAPS)
+
+    def drawn() -> bool:
+        shown = driver.execute_script(SHOWN_JS, ids)  # empty until the page's layout is in
+        return len(shown) >= always and _all_drawn(trace_points(driver, shown)) and "kl (" in driver.execute_script(
+            KEYS_JS)
+
+    wait_for(drawn, timeout=180, interval=0.02)
     return time.perf_counter() - t0
 
 

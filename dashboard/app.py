@@ -9,14 +9,16 @@ import logging
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from dash import Dash
-from flask import abort, request, send_file
+from flask import Response, abort, request, send_file
 
 from rlhf_core.run_reader import RunError, resolve_run_path
 
-from .callbacks import register
-from .data import RunCache
+from .callbacks import holding, register
+from .data import ALL, RunCache, metrics_csv
+from .figures import PANELS, key_panel
 from .layout import build_layout
 
 
@@ -56,7 +58,41 @@ def create_app(runs_root: str | Path, render: str = "auto") -> Dash:
             abort(404)
         return send_file(path, as_attachment=True)
 
+    @app.server.route("/download/<kind>.csv")
+    def download_csv(kind: str):
+        """A chart's data (``chart.csv?chart=kl&run=a&run=b&rank=all``) or a run's metrics
+        (``metrics.csv?run=a``) as CSV, read from the runs root only."""
+        runs, problems = builder.load([r for r in request.args.getlist("run") if r])
+        if not runs:
+            abort(404, "; ".join(problems) or "no run")
+        rank = _rank_arg(request.args.get("rank"))
+        chart = request.args.get("chart", "")
+        if kind == "chart":
+            panel = next((p for p in PANELS if p.id == chart), None)
+            if panel is None and chart.startswith("key:"):
+                panel = key_panel(chart[4:])
+            if panel is None:
+                abort(404, f"no chart {chart!r}")
+            keys: list[str] | None = list(panel.keys)
+        elif kind == "metrics":
+            keys = None
+        else:
+            abort(404)
+        with holding(runs):
+            body = metrics_csv({d.key: d.view(rank) for d in runs}, keys)
+        name = (chart.replace("key:", "").replace("/", "_") or "metrics") + "_" + "_".join(d.key for d in runs)
+        return Response(body, mimetype="text/csv", headers={
+            "Content-Disposition": f"attachment; filename=\"{_safe_name(name)}.csv\""})
+
     return app
+
+
+def _rank_arg(value: str | None) -> Any:
+    return int(value) if value and value.isdigit() else ALL
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--render", choices=sorted(TRACE_TYPES), default="auto",
                    help="line traces: webgl (Scattergl), svg, or auto (default: WebGL when the browser has a GPU)")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloader)")
+    p.add_argument("--verbose", action="store_true",
+                   help="log every HTTP request (werkzeug); by default only warnings and errors")
     return p
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The dashboard's own messages at INFO; werkzeug's per-request lines (one per poll: hundreds a minute)
+    only with ``--verbose``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"rlhfkit dashboard: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     app = create_app(root, args.render)
     print(f"dashboard over {root.resolve()} at http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=args.port, debug=args.debug)

@@ -7,24 +7,31 @@ message in the page, never a traceback or a dead page.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import re
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qs, quote
 
+import numpy as np
 from dash import ALL as ALL_IDS
-from dash import Dash, Input, Output, Patch, State, ctx, html, no_update
+from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from rlhf_core.run_reader import RunError
 
 from . import figures as F
-from .data import ALL, Alert, RunCache, RunData, join_problems
+from .data import ALL, Alert, RunCache, RunData, config_rows, join_problems, sample_rows
+from .layout import CARD, GRAPH_CONFIG, chart_tools, log_toggle
 
 log = logging.getLogger("rlhfkit.dashboard")
 
+RECORD_KEYS = {"step", "time", "rank", "nonfinite"}  # fields of every record, not metrics
+MAX_BROWSER_KEYS = 2000  # keys listed in the key browser at once (a filter narrows them)
 REBUILD_ROWS = 5000  # after this many live-appended rows a panel is redrawn (re-downsampled) in full
 FIG_OUTPUTS = [f"fig-{fid}" for fid in F.FIGURE_IDS]
 
@@ -72,6 +79,17 @@ def _problem_list(items: Sequence[str]) -> Any:
     return html.Ul([html.Li(p, className="problem") for p in join_problems(items)]) if items else ""
 
 
+@contextmanager
+def holding(runs: Sequence[RunData]) -> Iterator[None]:
+    """Hold the locks of ``runs`` (in key order, so two callbacks never wait on each other) while their views
+    are read: the alerts and run-list callbacks refresh the same runs from other threads, and a view read
+    across one of their appends gave x and y of different lengths and lost the rows in between."""
+    with ExitStack() as stack:
+        for data in sorted(runs, key=lambda d: d.key):
+            stack.enter_context(data.lock)
+        yield
+
+
 class Builder:
     """Builds full figures and patches for a selection; shared by the render and live callbacks."""
 
@@ -94,7 +112,9 @@ class Builder:
             view = data.view(rank)
             label = data.key if rank == ALL or rank not in data.views else f"{data.key}[rank {rank}]"
             config = data.meta.get("config") if isinstance(data.meta.get("config"), dict) else {}
-            out.append(F.Series(data.key, label, F.colour_of(i), view, config))
+            order = data.views[data.rank_ids[0]] if view is data.views[ALL] and data.rank_ids else None
+            out.append(F.Series(data.key, label, F.colour_of(i), view, config, order=order,
+                                running=data.meta.get("status", "running") == "running"))
         return out
 
     @staticmethod
@@ -114,18 +134,27 @@ class Builder:
             view = data.view(rank)
             view.prefetch(F.needed_keys(view))
 
-    def full(self, selection: Sequence[str], rank: Any, trace_type: str = "scattergl"
-             ) -> tuple[list[Any], dict[str, Any], list[str]]:
+    def full(self, selection: Sequence[str], rank: Any, trace_type: str = "scattergl",
+             opts: F.ChartOptions | None = None) -> tuple[list[Any], dict[str, Any], list[str]]:
         """Every stability figure, the new cursor and the problems of the selected runs."""
         runs, problems = self.load(selection)
+        with holding(runs):
+            figs, cursor = self._full_figures(selection, runs, rank, trace_type, opts or F.ChartOptions())
+        for d in runs:
+            problems += d.problems()
+        return figs, cursor, problems
+
+    def _full_figures(self, selection: Sequence[str], runs: list[RunData], rank: Any, trace_type: str,
+                      opts: F.ChartOptions) -> tuple[list[Any], dict[str, Any]]:
+        """The figures and cursor of :meth:`full`, built while the runs' locks are held."""
         series = self.series(runs, rank)
         for data in runs:
             self.prepare(data, rank)
         alerts, _ = self.alerts_of(runs, start=False)  # the detectors start after the charts are drawn
-        uirev = "|".join(selection) + f"|{rank}"
+        uirev = "|".join(selection) + f"|{rank}|{opts.x}"
         figs, traces = [], {}
         for panel in F.PANELS:
-            fig, trace_map = F.line_figure(panel, series, alerts, uirev, trace_type)
+            fig, trace_map = F.line_figure(panel, series, alerts, uirev, trace_type, opts)
             figs.append(fig)
             traces[panel.id] = trace_map
         heat_maps = {}
@@ -135,20 +164,26 @@ class Builder:
             heat_maps[heat.id] = heat_map
         cursor = {
             "sel": list(selection), "rank": rank, "render": uuid.uuid4().hex[:8], "appended": 0, "trace": trace_type,
-            "runs": {s.key: {"n": len(s.view), "gen": d.start_time} for s, d in zip(series, runs)},
+            "opts": opts.as_dict(), "shown": [p.id for p in F.PANELS if not p.optional or any(
+                k in s.view.keys for s in series for k in p.keys)],
+            "runs": {s.key: {"n": s.n, "gen": d.start_time} for s, d in zip(series, runs)},
             "traces": traces, "heat": heat_maps,
             "marks": [list(m) for m in sorted({(k, a.rule, a.step) for k, items in alerts.items() for a in items
                                                if a.step is not None})],
         }
-        for d in runs:
-            problems += d.problems()
-        return figs, cursor, problems
+        return figs, cursor
 
     def live(self, cursor: dict[str, Any]) -> tuple[list[Any], dict[str, Any]] | None:
         """Patches with the rows written since the cursor, a full rebuild when needed, None when idle."""
-        selection, rank = cursor["sel"], cursor["rank"]
-        runs, _ = self.load(selection)
-        series = {s.key: s for s in self.series(runs, rank)}
+        runs, _ = self.load(cursor["sel"])
+        with holding(runs):
+            return self._live_outputs(cursor, runs)
+
+    def _live_outputs(self, cursor: dict[str, Any], runs: list[RunData]
+                      ) -> tuple[list[Any], dict[str, Any]] | None:
+        """:meth:`live` with the runs' locks held: every patch covers rows ``cursor n:s.n``, and the new
+        cursor says ``s.n``, so no row is skipped or sent twice whatever other threads append meanwhile."""
+        series = {s.key: s for s in self.series(runs, cursor["rank"])}
         gens = {d.key: d.start_time for d in runs}
         starts = {}
         new_rows = 0
@@ -156,34 +191,118 @@ class Builder:
             s = series.get(key)
             if s is None:
                 continue
-            if gens.get(key) != seen["gen"] or len(s.view) < seen["n"]:
+            if gens.get(key) != seen["gen"] or s.n < seen["n"]:
                 return self._rebuild(cursor)
             starts[key] = seen["n"]
-            new_rows += len(s.view) - seen["n"]
+            new_rows += s.n - seen["n"]
         if not new_rows:
             return None
         if cursor.get("appended", 0) + new_rows > REBUILD_ROWS:
             return self._rebuild(cursor)
         views = {k: s.view for k, s in series.items()}
+        stops = {k: s.n for k, s in series.items()}
+        opts = F.ChartOptions.of(cursor.get("opts"))
         outputs: list[Any] = []
         for panel in F.PANELS:
-            patch, _ = F.line_patch(panel, cursor["traces"][panel.id], views, starts)
+            patch, _ = F.line_patch(panel, cursor["traces"][panel.id], views, starts, stops, opts)
             outputs.append(patch if patch is not None else no_update)
         for heat in F.HEATMAPS:
             heat_map = cursor["heat"][heat.id]
             run_key = heat_map.get("run")
             view = views.get(run_key) if run_key else None
-            patch, added = F.heatmap_patch(heat, heat_map, view, starts.get(run_key, 0))
+            patch, added = F.heatmap_patch(heat, heat_map, view, starts.get(run_key, 0), stops.get(run_key),
+                                           series[run_key].order if run_key in series else None)
             if added < 0:
                 return self._rebuild(cursor)
             outputs.append(patch if patch is not None else no_update)
         new_cursor = dict(cursor)
-        new_cursor["runs"] = {k: {"n": len(series[k].view), "gen": gens[k]} for k in cursor["runs"] if k in series}
+        new_cursor["runs"] = {k: {"n": series[k].n, "gen": gens[k]} for k in cursor["runs"] if k in series}
         new_cursor["appended"] = cursor.get("appended", 0) + new_rows
         return outputs, new_cursor
 
+    def logged_keys(self, selection: Sequence[str], rank: Any) -> list[str]:
+        """Every metric key the selected runs logged (in the chosen rank's view), sorted."""
+        runs, _ = self.load(selection)
+        keys: set[str] = set()
+        with holding(runs):
+            for s in self.series(runs, rank):
+                keys.update(s.view.keys)
+        return sorted(keys - RECORD_KEYS)
+
+    def key_charts(self, cursor: dict[str, Any], keys: Sequence[str], trace_type: str
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Full figures of the pinned ``keys`` over the cursor's runs, at the cursor's rows (so the live
+        patches continue exactly where the panels are), and their own cursor."""
+        opts = F.ChartOptions.of(cursor.get("opts"))
+        runs, _ = self.load(cursor["sel"])
+        figs, traces = [], {}
+        with holding(runs):
+            series = self.series(runs, cursor["rank"])
+            for s in series:
+                s.n = min(s.n, cursor["runs"].get(s.key, {}).get("n", s.n))
+            alerts, _ = self.alerts_of(runs, start=False)
+            for key in keys:
+                fig, trace_map = F.line_figure(F.key_panel(key), series, alerts, f"{cursor['render']}|{key}",
+                                               trace_type, opts)
+                figs.append(fig)
+                traces[key] = trace_map
+        pin_cursor = {"render": cursor["render"], "keys": list(keys), "traces": traces,
+                      "runs": {s.key: s.n for s in series}}
+        return figs, pin_cursor
+
+    def key_patches(self, cursor: dict[str, Any], pin_cursor: dict[str, Any]
+                    ) -> tuple[list[Any], dict[str, Any]] | None:
+        """Patches of the pinned charts up to the rows the panels have drawn (``cursor``); None if idle."""
+        runs, _ = self.load(cursor["sel"])
+        opts = F.ChartOptions.of(cursor.get("opts"))
+        stops = {k: v["n"] for k, v in cursor["runs"].items()}
+        starts = dict(pin_cursor["runs"])
+        if all(starts.get(k, 0) >= n for k, n in stops.items()):
+            return None
+        with holding(runs):
+            views = {s.key: s.view for s in self.series(runs, cursor["rank"])}
+            outputs = []
+            for key in pin_cursor["keys"]:
+                patch, _ = F.line_patch(F.key_panel(key), pin_cursor["traces"][key], views, starts, stops, opts)
+                outputs.append(patch if patch is not None else no_update)
+        return outputs, {**pin_cursor, "runs": {k: max(starts.get(k, 0), n) for k, n in stops.items()}}
+
+    def zoom(self, cursor: dict[str, Any], run_key: str, step: int) -> list[Any]:
+        """Patches zooming to ``step`` of ``run_key``'s alert: the window is a 20th of that run (not of the
+        longest selected run); line charts rescale y to the data inside the window; a heatmap zooms only if
+        it shows that run (another, shorter run's heatmap went blank)."""
+        n = (cursor.get("runs") or {}).get(run_key, {}).get("n", 100)
+        half = max(ZOOM_MIN_HALF, n // ZOOM_FRACTION)
+        lo, hi = step - half, step + half
+        opts = F.ChartOptions.of(cursor.get("opts"))
+        runs, _ = self.load(cursor["sel"])
+        out: list[Any] = []
+        with holding(runs):
+            series = self.series(runs, cursor["rank"])
+            owner = next((s for s in series if s.key == run_key), None)
+            x_lo = F.x_at_step(owner.view, lo, opts.x, owner.n) if owner else None
+            x_hi = F.x_at_step(owner.view, hi, opts.x, owner.n) if owner else None
+            for panel in F.PANELS:
+                ranges = {}
+                for r in range(1, panel.rows + 1):
+                    values = []
+                    for s in series:
+                        for line in panel.lines:
+                            if line.row == r:
+                                x, y = line.values(s.view, 0, s.n)
+                                if opts.smooth:
+                                    y = F.ema(y, opts.smooth)
+                                values.append(y[(x >= lo) & (x <= hi)])
+                    ranges["yaxis" if r == 1 else f"yaxis{r}"] = y_range(values, log=panel.id in opts.log and r == 1)
+                out.append(_zoom_patch(panel.id, x_lo, x_hi, ranges) if x_lo is not None else no_update)
+        for heat in F.HEATMAPS:
+            shown = (cursor.get("heat") or {}).get(heat.id, {}).get("run")
+            out.append(_zoom_patch(heat.id, lo, hi) if shown == run_key else no_update)
+        return out
+
     def _rebuild(self, cursor: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        figs, new_cursor, _ = self.full(cursor["sel"], cursor["rank"], cursor.get("trace", "scattergl"))
+        figs, new_cursor, _ = self.full(cursor["sel"], cursor["rank"], cursor.get("trace", "scattergl"),
+                                        F.ChartOptions.of(cursor.get("opts")))
         return figs, new_cursor
 
 
@@ -206,17 +325,48 @@ def _alert_item(i: int, run_key: str, a: Alert, multi: bool) -> html.Button:
                               "fontSize": "12px"})
 
 
-def _zoom_patch(fig_id: str, lo: float | None, hi: float | None) -> Patch:
+ZOOM_MIN_HALF = 10  # steps either side of an alert, at least
+ZOOM_FRACTION = 20  # ... or a 20th of the alert's run
+
+
+def _zoom_patch(fig_id: str, lo: float | None, hi: float | None,
+                y_ranges: dict[str, list[float] | None] | None = None) -> Patch:
+    """x range ``[lo, hi]`` (None: autorange) on every x axis of a chart, and each y axis either at its
+    range in ``y_ranges`` (the data inside the window) or autoranged; a heatmap's y axis (its layers,
+    reversed) is left alone."""
     patch = Patch()
     panel = next((p for p in F.PANELS if p.id == fig_id), None)
-    axes = ["xaxis"] + [f"xaxis{r}" for r in range(2, (panel.rows if panel else 1) + 1)]
-    for axis in axes:
+    rows = panel.rows if panel else 1
+    for r in range(1, rows + 1):
+        suffix = "" if r == 1 else str(r)
         if lo is None:
-            patch["layout"][axis]["autorange"] = True
+            patch["layout"][f"xaxis{suffix}"]["autorange"] = True
         else:
-            patch["layout"][axis]["range"] = [lo, hi]
-            patch["layout"][axis]["autorange"] = False
+            patch["layout"][f"xaxis{suffix}"]["range"] = [lo, hi]
+            patch["layout"][f"xaxis{suffix}"]["autorange"] = False
+        if panel is None:
+            continue
+        wanted = (y_ranges or {}).get(f"yaxis{suffix}")
+        if wanted is None:
+            patch["layout"][f"yaxis{suffix}"]["autorange"] = True
+        else:
+            patch["layout"][f"yaxis{suffix}"]["range"] = wanted
+            patch["layout"][f"yaxis{suffix}"]["autorange"] = False
     return patch
+
+
+def y_range(values: Sequence[np.ndarray], log: bool = False, pad: float = 0.06) -> list[float] | None:
+    """A y range around the finite values (positive ones on a log axis, in log10 as plotly wants), padded;
+    None when there are none."""
+    finite = [v[np.isfinite(v) & ((v > 0) if log else True)] for v in values]
+    finite = [v for v in finite if len(v)]
+    if not finite:
+        return None
+    lo, hi = min(float(v.min()) for v in finite), max(float(v.max()) for v in finite)
+    if log:
+        lo, hi = np.log10(lo), np.log10(hi)
+    span = hi - lo or abs(hi) * 0.1 or 1.0
+    return [float(lo - pad * span), float(hi + pad * span)]
 
 
 # Runs in the browser: WebGL where it has a GPU, SVG where WebGL is software-rendered (SwiftShader, llvmpipe)
@@ -246,11 +396,12 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
 
     @app.callback(
         Output("run-table", "data"), Output("run-table", "selected_rows"), Output("list-messages", "children"),
-        Output("err-list", "children"),
+        Output("selection", "data", allow_duplicate=True), Output("err-list", "children"),
         Input("url", "search"), Input("list-interval", "n_intervals"),
         State("selection", "data"), State("run-table", "data"), State("run-table", "selected_rows"),
+        prevent_initial_call="initial_duplicate",
     )
-    @guarded("list", 4)
+    @guarded("list", 5)
     def list_runs(search, _n, selection, old_rows, old_selected):
         rows = [_table_row(r) for r in cache.listing()]
         ids = [r["id"] for r in rows]
@@ -263,15 +414,19 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
                     problems.append(f"run {w!r} is not in the run list of {cache.root}")
                 except RunError as err:
                     problems.append(str(err))
-        if selection is None:  # first call of this page
+        first = selection is None
+        if first or (not selection and not old_rows and rows and not wanted):  # first call, or first run
             selection = [w for w in wanted if w in ids] if wanted else ids[:1]
             cache.warm(selection, builder.prepare)
         selected = [ids.index(k) for k in selection if k in ids]
         data_out = rows if rows != old_rows else no_update
         sel_out = selected if selected != (old_selected or []) or data_out is not no_update else no_update
+        # An empty selection never changes the table's selected rows, so nothing would render: set it here,
+        # and the panels say "no runs selected" instead of staying "loading...".
+        store_out = [] if first and not selection else no_update
         if not rows:
             problems.append(f"no runs under {cache.root} yet (a run is a folder with meta.json)")
-        return data_out, sel_out, _problem_list(problems), ""
+        return data_out, sel_out, _problem_list(problems), store_out, ""
 
     @app.callback(
         Output("selection", "data"),
@@ -288,38 +443,50 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
             raise PreventUpdate
         return ordered
 
+    optional = [p.id for p in F.PANELS if p.optional]
+
     @app.callback(
         *[Output(f, "figure") for f in FIG_OUTPUTS],
+        *[Output(f"card-{pid}", "style") for pid in optional],
         Output("cursor", "data"), Output("run-messages", "children"), Output("rank", "options"),
         Output("err-render", "children"),
         Input("selection", "data"), Input("rank", "value"), Input("trace-type", "data"),
+        Input("smoothing", "value"), Input("x-mode", "value"), State("log-charts", "data"),
         prevent_initial_call=True,
     )
-    @guarded("render", len(FIG_OUTPUTS) + 4)
-    def render_all(selection, rank, detected):
+    @guarded("render", len(FIG_OUTPUTS) + len(optional) + 4)
+    def render_all(selection, rank, detected, smoothing, x_mode, log_charts):
         trace_type = detected if render == "auto" else render
         if selection is None or trace_type not in ("scatter", "scattergl"):
             raise PreventUpdate
         rank = _rank_value(rank)
-        figs, cursor, problems = builder.full(selection, rank, trace_type)
+        opts = chart_options(smoothing, x_mode, log_charts)
+        figs, cursor, problems = builder.full(selection, rank, trace_type, opts)
+        styles = [CARD if pid in cursor["shown"] else {**CARD, "display": "none"} for pid in optional]
         options = [{"label": "all ranks (mean)", "value": "all"}]
         primary = cache.peek(selection[0]) if selection else None
         if primary is not None:
             options += [{"label": f"rank {r}", "value": str(r)} for r in primary.rank_ids]
-        return (*figs, cursor, _problem_list(problems), options, "")
+        return (*figs, *styles, cursor, _problem_list(problems), options, "")
 
     @app.callback(
         *fig_out, Output("cursor", "data", allow_duplicate=True), Output("live-status", "children"),
         Output("err-live", "children"),
         Input("live-interval", "n_intervals"),
         State("cursor", "data"), State("selection", "data"), State("rank", "value"), State("follow", "value"),
+        State("smoothing", "value"), State("x-mode", "value"), State("log-charts", "data"),
         prevent_initial_call=True,
     )
     @guarded("live", len(FIG_OUTPUTS) + 3)
-    def live(_n, cursor, selection, rank, follow):
+    def live(_n, cursor, selection, rank, follow, smoothing, x_mode, log_charts):
         if not cursor or "on" not in (follow or []) or cursor.get("sel") != selection \
                 or cursor.get("rank") != _rank_value(rank):
             raise PreventUpdate
+        opts = chart_options(smoothing, x_mode, log_charts)
+        drawn = F.ChartOptions.of(cursor.get("opts"))
+        if (drawn.smooth, drawn.x) != (opts.smooth, opts.x):
+            raise PreventUpdate  # the render of the new options is on its way
+        cursor = {**cursor, "opts": opts.as_dict()}  # a rebuild keeps the log toggles
         result = builder.live(cursor)
         if result is None:
             raise PreventUpdate
@@ -327,6 +494,24 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         rows = sum(r["n"] for r in new_cursor["runs"].values())
         status = f"live: {rows} rows drawn, last update {time.strftime('%H:%M:%S')}"
         return (*outputs, new_cursor, status, "")
+
+    @app.callback(
+        Output("log-charts", "data"), *fig_out,
+        Output({"type": "keyfig", "key": ALL_IDS}, "figure", allow_duplicate=True), Output("err-log", "children"),
+        Input({"type": "logy", "chart": ALL_IDS}, "value"), State("log-charts", "data"),
+        prevent_initial_call=True,
+    )
+    @guarded("log", len(FIG_OUTPUTS) + 3)
+    def toggle_log(_values, current):
+        """One chart's y axis between log and linear (a Patch of that chart only: no redraw of the data)."""
+        logs = {i["id"]["chart"] for i in ctx.inputs_list[0] if "log" in (i.get("value") or [])}
+        if set(current or []) == logs:
+            raise PreventUpdate
+        changed = logs ^ set(current or [])
+        fig_patches = [_log_patch(fid in logs) if fid in changed else no_update for fid in F.FIGURE_IDS]
+        key_ids = [o["id"]["key"] for o in ctx.outputs_list[-2]]
+        key_patches = [_log_patch(f"key:{k}" in logs) if f"key:{k}" in changed else no_update for k in key_ids]
+        return sorted(logs), *fig_patches, key_patches, ""
 
     @app.callback(
         Output("alerts-panel", "children"), Output("alert-store", "data"), *fig_out,
@@ -339,6 +524,12 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         if not cursor:
             raise PreventUpdate
         runs, _ = builder.load(cursor["sel"])
+        if not runs:  # nothing selected is not "no alerts"
+            empty = {"alerts": [], "render": cursor.get("render"), "notes": [], "drawn": None}
+            if store == empty:
+                raise PreventUpdate
+            return (html.Div("select a run to see its alerts", style={"color": "#666"}), empty,
+                    *[no_update] * len(FIG_OUTPUTS), "")
         by_run, notes = Builder.alerts_of(runs, start=True)
         flat = [{"run": k, **a.as_dict()} for k, items in by_run.items() for a in items]
         state = {"alerts": flat, "render": cursor.get("render"), "notes": notes, "drawn": (store or {}).get("drawn")}
@@ -359,12 +550,15 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         if notes or key == drawn:
             return (panel, state, *[no_update] * len(FIG_OUTPUTS), "")
         state["drawn"] = key
-        series = Builder.series(runs, cursor["rank"])
         patches = []
-        for panel_spec in F.PANELS:
-            p = Patch()
-            p["layout"]["shapes"] = F.panel_shapes(panel_spec, series, by_run)
-            patches.append(p)
+        with holding(runs):
+            series = Builder.series(runs, cursor["rank"])
+            opts = F.ChartOptions.of(cursor.get("opts"))
+            for panel_spec in F.PANELS:
+                p = Patch()
+                logged = any(k in s.view.keys for s in series for k in panel_spec.keys)
+                p["layout"]["shapes"] = F.panel_shapes(panel_spec, series, by_run, opts.x) if logged else []
+                patches.append(p)
         for heat in F.HEATMAPS:
             p = Patch()
             p["layout"]["shapes"] = F.alert_shapes(series[:1], by_run)
@@ -374,11 +568,11 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
     @app.callback(
         *fig_out, Output("err-zoom", "children"),
         Input({"type": "alert", "index": ALL_IDS}, "n_clicks"), Input("reset-zoom", "n_clicks"),
-        State("alert-store", "data"), State("cursor", "data"),
+        State("alert-store", "data"), State("cursor", "data"), State("log-charts", "data"),
         prevent_initial_call=True,
     )
     @guarded("zoom", len(FIG_OUTPUTS) + 1)
-    def zoom(_clicks, _reset, store, cursor):
+    def zoom(_clicks, _reset, store, cursor, log_charts):
         trigger = ctx.triggered_id
         if trigger is None or not ctx.triggered or not ctx.triggered[0].get("value"):
             raise PreventUpdate
@@ -386,12 +580,127 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
             return (*[_zoom_patch(fid, None, None) for fid in F.FIGURE_IDS], "")
         alerts = (store or {}).get("alerts", [])
         index = trigger["index"]
-        if index >= len(alerts) or alerts[index].get("step") is None:
+        if index >= len(alerts) or alerts[index].get("step") is None or not cursor:
             raise PreventUpdate
-        step = alerts[index]["step"]
-        n = max((r["n"] for r in (cursor or {}).get("runs", {}).values()), default=100)
-        half = max(10, n // 20)
-        return (*[_zoom_patch(fid, step - half, step + half) for fid in F.FIGURE_IDS], "")
+        opts = {**F.ChartOptions.of(cursor.get("opts")).as_dict(), "log": list(log_charts or [])}
+        return (*builder.zoom({**cursor, "opts": opts}, alerts[index]["run"], alerts[index]["step"]), "")
+
+    @app.callback(
+        Output({"type": "csv", "chart": ALL_IDS}, "href"), Output("metric-downloads", "children"),
+        Input("cursor", "data"), State({"type": "csv", "chart": ALL_IDS}, "href"),
+    )
+    def downloads(cursor, shown):
+        """CSV links of every chart and of each selected run's metrics, for the drawn selection and rank
+        (unchanged by live polls: only a new selection or rank rewrites them)."""
+        ids = [o["id"]["chart"] for o in ctx.outputs_list[0]]
+        if not cursor or not cursor.get("sel"):
+            return [""] * len(ids), ""
+        links = [csv_href("chart", cursor["sel"], cursor["rank"], chart) for chart in ids]
+        if links == shown:
+            raise PreventUpdate
+        runs = [html.A(f"{run} metrics (CSV)", href=csv_href("metrics", [run], cursor["rank"]), download="",
+                       style={"marginRight": "10px"}) for run in cursor["sel"]]
+        return links, [html.Span("download: "), *runs]
+
+    # The URL says what is selected (copy it to share the view; reload keeps it).
+    app.clientside_callback(
+        """
+        function(sel, search) {
+            const nothing = window.dash_clientside.no_update;
+            if (!Array.isArray(sel)) { return nothing; }
+            // a linked run that is not in the list (refused, missing) stays in the URL, with its message
+            const linked = new URLSearchParams(search || '').getAll('run').filter(r => sel.includes(r));
+            if (linked.join('\n') === sel.join('\n')) { return nothing; }
+            return sel.length ? '?' + sel.map(r => 'run=' + encodeURIComponent(r)).join('&') : '';
+        }
+        """,
+        Output("url", "search"), Input("selection", "data"), State("url", "search"),
+    )
+
+    @app.callback(
+        Output("key-browser", "children"), Output("key-filter-note", "children"), Output("key-sig", "data"),
+        Output("err-keys", "children"),
+        Input("cursor", "data"), Input("key-filter", "value"), Input("list-interval", "n_intervals"),
+        State("pinned", "data"), State("key-sig", "data"),
+        prevent_initial_call=True,
+    )
+    @guarded("keys", 4)
+    def key_browser(cursor, pattern, _n, pinned, shown):
+        """The key browser: every logged key grouped by prefix (as TensorBoard groups its scalars). Redrawn
+        only when the keys or the filter change, so a poll does not close the groups the user opened."""
+        if not cursor or not cursor.get("sel"):
+            if shown == []:
+                raise PreventUpdate
+            return html.Div("select a run", style={"color": "#666"}), "", [], ""
+        keys = builder.logged_keys(cursor["sel"], cursor["rank"])
+        matched, note = filter_keys(keys, pattern)
+        sig = [matched, pattern or ""]
+        if sig == shown:
+            raise PreventUpdate
+        children = key_groups(matched[:MAX_BROWSER_KEYS], set(pinned or []), bool(pattern))
+        if len(matched) > MAX_BROWSER_KEYS:
+            note = (note + " " if note else "") + f"showing {MAX_BROWSER_KEYS} of {len(matched)} keys: filter to narrow"
+        if not matched:
+            children = html.Div(f"no key matches {pattern!r}" if pattern else "no keys logged yet",
+                                style={"color": "#666"})
+        return children, note, sig, ""
+
+    @app.callback(
+        Output("pinned", "data"),
+        Input({"type": "keys", "group": ALL_IDS}, "value"), State({"type": "keys", "group": ALL_IDS}, "options"),
+        State("pinned", "data"),
+        prevent_initial_call=True,
+    )
+    def pin(values, options, pinned):
+        """Ticked keys are charted, in the order they were ticked; keys hidden by the filter stay pinned."""
+        visible = {o["value"] for opts in options or [] for o in opts}
+        ticked = [k for vals in values or [] for k in (vals or [])]
+        kept = [k for k in pinned or [] if k not in visible or k in ticked]
+        new = kept + [k for k in ticked if k not in kept]
+        if new == (pinned or []):
+            raise PreventUpdate
+        return new
+
+    @app.callback(
+        Output("pinned-grid", "children"), Output("pin-cursor", "data"), Output("err-pins", "children"),
+        Input("pinned", "data"), Input("cursor", "data"), State("pin-cursor", "data"), State("log-charts", "data"),
+        prevent_initial_call=True,
+    )
+    @guarded("pins", 3)
+    def pinned_charts(pinned, cursor, pin_cursor, log_charts):
+        """The pinned key charts, redrawn when the keys or the panels' render change (else patched live)."""
+        pinned = list(pinned or [])
+        if not cursor or not pinned:
+            if not (pin_cursor or {}).get("keys"):
+                raise PreventUpdate
+            return [], {}, ""
+        if (pin_cursor or {}).get("render") == cursor.get("render") and pin_cursor.get("keys") == pinned:
+            raise PreventUpdate
+        opts = {**(cursor.get("opts") or {}), "log": list(log_charts or [])}
+        figs, new_cursor = builder.key_charts({**cursor, "opts": opts}, pinned, cursor.get("trace", "scattergl"))
+        cards = [html.Div([chart_tools(log_toggle(f"key:{k}", f"key:{k}" in (log_charts or [])),
+                                       html.A("CSV", href=csv_href("chart", cursor["sel"], cursor["rank"], f"key:{k}"),
+                                              download="", style={"fontSize": "12px"})),
+                           dcc.Graph(id={"type": "keyfig", "key": k}, figure=fig, config=GRAPH_CONFIG)],
+                          style=CARD, className="pinned-card")
+                 for k, fig in zip(pinned, figs)]
+        return cards, new_cursor, ""
+
+    @app.callback(
+        Output({"type": "keyfig", "key": ALL_IDS}, "figure"), Output("pin-cursor", "data", allow_duplicate=True),
+        Input("cursor", "data"), State("pin-cursor", "data"),
+        prevent_initial_call=True,
+    )
+    def pinned_live(cursor, pin_cursor):
+        """New rows of the pinned charts: exactly the rows the panels' live patch just drew."""
+        if not cursor or not pin_cursor or pin_cursor.get("render") != cursor.get("render"):
+            raise PreventUpdate
+        if len(ctx.outputs_list[0]) != len(pin_cursor.get("keys", [])):
+            raise PreventUpdate
+        result = builder.key_patches(cursor, pin_cursor)
+        if result is None:
+            raise PreventUpdate
+        return result
 
     @app.callback(
         Output("fig-phases", "figure"), Output("fig-rank_phases", "figure"), Output("fig-system", "figure"),
@@ -409,10 +718,80 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
             return (*[F.empty_figure(t, msg) for t in ("Time per step by phase", "Per-rank phase time",
                                                         "System", "Flame graph")], "", "")
         primary = runs[0]
-        series = Builder.series([primary], _rank_value(rank))[0]
+        rank = _rank_value(rank)
+        with holding([primary]):
+            series = Builder.series([primary], rank)[0]
+            phases, per_rank = F.phase_time_figure(series), F.rank_phase_figure(primary.views)
+            system = F.system_figure(primary.system, rank if rank in primary.views else ALL)
         folded = primary.folded_files()
-        return (F.phase_time_figure(series), F.rank_phase_figure(primary.views), F.system_figure(primary.system),
-                _cached_flame(folded[-1] if folded else None), _trace_links(primary), "")
+        return (phases, per_rank, system, _cached_flame(folded[-1] if folded else None), _trace_links(primary), "")
+
+    @app.callback(
+        Output("samples-run", "options"), Output("samples-run", "value"),
+        Output("samples-step-left", "options"), Output("samples-step-left", "value"),
+        Output("samples-step-right", "options"), Output("samples-step-right", "value"),
+        Output("samples-table-left", "columns"), Output("samples-table-left", "data"),
+        Output("samples-table-right", "columns"), Output("samples-table-right", "data"),
+        Output("samples-summary", "children"), Output("err-samples", "children"),
+        Input("tabs", "value"), Input("selection", "data"), Input("samples-run", "value"),
+        Input("samples-step-left", "value"), Input("samples-step-right", "value"), Input("samples-filter", "value"),
+        Input("samples-sort", "value"), Input("list-interval", "n_intervals"),
+    )
+    @guarded("samples", 12)
+    def samples(tab, selection, run_key, left, right, text, sort, _n):
+        """The completions a run kept, by step: a table sortable by reward/KL/length, a text filter, and a
+        second step beside the first to compare."""
+        if tab != "samples":
+            raise PreventUpdate
+        selection = selection or []
+        empty = ([], [], [], [])
+        if not selection:
+            return [], None, [], None, [], None, *empty, "select a run to read its samples", ""
+        run_key = run_key if run_key in selection else selection[0]
+        runs, problems = builder.load([run_key])
+        records = runs[0].samples() if runs else []
+        run_options = [{"label": k, "value": k} for k in selection]
+        steps = sorted({r["step"] for r in records if isinstance(r.get("step"), int)}, reverse=True)
+        if not steps:
+            note = "; ".join(problems) or (f"{run_key} kept no samples (no samples.jsonl: the producer writes one "
+                                            "since this version; runs written before have none)")
+            return run_options, run_key, [], None, [], None, *empty, note, ""
+        step_options = [{"label": f"step {s}", "value": s} for s in steps]
+        left = left if left in steps else steps[0]
+        right = right if right in steps else None
+        descending = not str(sort or "").startswith("-")
+        key = str(sort or "reward").lstrip("-")
+        out: list[Any] = []
+        for step in (left, right):
+            rows = sample_rows(records, step, text or "", key, descending) if step is not None else []
+            out += [sample_columns(rows), rows]
+        shown = sum(1 for r in records if r.get("step") == left)
+        summary = (f"{run_key}: {len(steps)} steps with samples; step {left}: {len(out[1])} of {shown} shown"
+                   + (f" (filter {text!r})" if text else "") + (f"; step {right} beside it" if right is not None else ""))
+        return run_options, run_key, step_options, left, step_options, right, *out, summary, ""
+
+    @app.callback(
+        Output("config-table", "columns"), Output("config-table", "data"), Output("config-summary", "children"),
+        Output("err-config", "children"),
+        Input("tabs", "value"), Input("selection", "data"), Input("config-only-diff", "value"),
+    )
+    @guarded("config", 4)
+    def config(tab, selection, only_diff):
+        """The selected runs' settings side by side, differences highlighted (what changed between runs)."""
+        if tab != "config":
+            raise PreventUpdate
+        runs, problems = builder.load(selection or [])
+        if not runs:
+            return [], [], "; ".join(problems) or "select one or more runs to see their config", ""
+        rows = config_rows({d.key: d.meta for d in runs})
+        differ, total = sum(1 for r in rows if r["differs"]), len(rows)
+        if only_diff:
+            rows = [r for r in rows if r["differs"]]
+        columns = [{"name": "section", "id": "section"}, {"name": "setting", "id": "setting"}] + [
+            {"name": d.key, "id": d.key} for d in runs]
+        summary = (f"{differ} of {total} settings differ between {len(runs)} runs" if len(runs) > 1
+                   else f"{total} settings of {runs[0].key}")
+        return columns, rows, summary, ""
 
     @app.callback(
         Output("fig-memory", "figure"), Output("err-memory", "children"),
@@ -434,6 +813,74 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         return fig, ""
 
     return builder
+
+
+def chart_options(smoothing: Any, x_mode: Any, log_charts: Any) -> F.ChartOptions:
+    """The chart controls' values as options (bad values fall back to the defaults)."""
+    return F.ChartOptions.of({"smooth": smoothing, "x": x_mode, "log": list(log_charts or [])})
+
+
+def _log_patch(log: bool) -> Patch:
+    patch = Patch()
+    patch["layout"]["yaxis"]["type"] = "log" if log else "linear"
+    patch["layout"]["yaxis"]["autorange"] = True
+    return patch
+
+
+SAMPLE_COLUMN_ORDER = ("index", "reward", "kl", "length", "advantage", "prompt", "completion", "chosen", "rejected")
+
+
+def sample_columns(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table columns of sample rows: index and the numbers first (components after the total), texts last."""
+    present: list[str] = []
+    for r in rows:
+        present += [k for k in r if k not in present and k != "step"]
+    first = [k for k in SAMPLE_COLUMN_ORDER[:5] if k in present]
+    parts = [k for k in present if k.startswith("reward:")]
+    texts = [k for k in SAMPLE_COLUMN_ORDER[5:] if k in present]
+    rest = [k for k in present if k not in first + parts + texts]
+    plain = {"index", "length", "rejected_length"}
+    return [{"name": k, "id": k, **({"type": "numeric", "format": {"specifier": ".4~g"}}
+                                    if k not in texts and k not in plain else {})}
+            for k in first + parts + rest + texts]
+
+
+def csv_href(kind: str, selection: Sequence[str], rank: Any, chart: str = "") -> str:
+    """The download URL of a chart's data or a run's metrics (served by ``dashboard.app``)."""
+    query = [("chart", chart)] if chart else []
+    query += [("rank", str(rank))] + [("run", r) for r in selection]
+    return f"/download/{kind}.csv?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query)
+
+
+def filter_keys(keys: Sequence[str], pattern: str | None) -> tuple[list[str], str]:
+    """Keys matching ``pattern`` as a case-insensitive regex (TensorBoard's filter), or as a substring when
+    it is not a valid regex (then a note says so)."""
+    if not pattern:
+        return list(keys), ""
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as err:
+        low = pattern.lower()
+        return [k for k in keys if low in k.lower()], f"not a regex ({err}): matched as text"
+    return [k for k in keys if rx.search(k)], ""
+
+
+def key_group(key: str) -> str:
+    """A key's group: its first path segment (``reward/chosen`` → ``reward``), as TensorBoard groups tags."""
+    return key.split("/", 1)[0] if "/" in key else "(top level)"
+
+
+def key_groups(keys: Sequence[str], pinned: set[str], open_all: bool) -> list[Any]:
+    """One collapsible group per prefix, each a checklist of its keys (ticked: charted below the panels)."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(key_group(k), []).append(k)
+    return [html.Details([
+        html.Summary(f"{g} ({len(ks)})", style={"cursor": "pointer"}),
+        dcc.Checklist(id={"type": "keys", "group": g}, options=[{"label": f" {k}", "value": k} for k in ks],
+                      value=[k for k in ks if k in pinned], labelStyle={"display": "block"},
+                      style={"fontFamily": "monospace", "fontSize": "11px", "marginLeft": "10px"}),
+    ], open=open_all or any(k in pinned for k in ks), className="key-group") for g, ks in groups.items()]
 
 
 def _rank_value(rank: Any) -> Any:

@@ -8,8 +8,11 @@ other's records. Clients keep their own row counts, so any number of open pages 
 """
 from __future__ import annotations
 
+import csv
 import gc
+import io
 import itertools
+import json
 import logging
 import math
 import operator
@@ -26,6 +29,7 @@ import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
 from rlhf_core.analysis import Analysis
+from rlhf_core.rules.base import is_alerting
 from rlhf_core.metric_columns import MetricColumns
 from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
 
@@ -213,6 +217,7 @@ class RunData:
         self.rank_ids: list[int] = []
         self.system: list[dict[str, Any]] = []
         self.detector_error: str | None = None
+        self.meta_error: str | None = None
         self.alert_count: int | None = None
         self._diagnoser: Analysis | None = None
         self._detector: threading.Thread | None = None
@@ -228,8 +233,10 @@ class RunData:
         with self.lock, _gc_paused():
             try:
                 meta = self.run.reload_meta()
-            except RunError:
-                return  # meta.json is rewritten atomically; an unreadable one is reported by problems()
+            except RunError as err:
+                self.meta_error = str(err)  # reported by problems(); the rows read so far stay
+                return
+            self.meta_error = None
             if meta.get("start_time") != self.start_time:
                 self._open()
                 meta = self.meta
@@ -395,10 +402,15 @@ class RunData:
                     rank=data.get("rank", ev.get("rank")), origin="events.jsonl"))
             total = len(self.views[ALL])
             progress = "" if self._diag_rows >= total else f"checking {self._diag_rows:,} / {total:,} steps"
-            self.alert_count = len(found) if not progress else None
+            self.alert_count = sum(is_alerting(a.severity) for a in found.values()) if not progress else None
             return sorted(found.values(), key=lambda a: (a.step is None, a.step or 0, a.rule)), progress
 
     # ---- other files
+    def samples(self) -> list[dict[str, Any]]:
+        """The completions the producer kept (``samples.jsonl``), read incrementally."""
+        with self.lock:
+            return self.run.samples()
+
     def memory(self) -> dict[str, Any] | None:
         return self.run.memory()
 
@@ -418,6 +430,8 @@ class RunData:
                 out = [str(p) for p in self.run.problems()]
             except RunError as err:
                 out = [str(err)]
+            if self.meta_error and self.meta_error not in out:
+                out.insert(0, self.meta_error)
         return out + [self.detector_error] if self.detector_error else out
 
     def summary(self) -> dict[str, Any]:
@@ -573,6 +587,114 @@ def bucket_reduce(values: np.ndarray, edges: np.ndarray, how: str = "max") -> np
     counts = np.add.reduceat(finite.astype(np.int64), starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def metrics_csv(views: dict[str, View], keys: Sequence[str] | None = None, stops: dict[str, int] | None = None
+                ) -> str:
+    """CSV of runs' rows: ``run, step, time`` then ``keys`` (every key the views logged when None), one line per
+    row, empty where a row lacks a key or its value is not finite."""
+    if keys is None:
+        keys = sorted({k for v in views.values() for k in v.keys} - {"step", "time", "rank", "nonfinite"})
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["run", "step", "time", *keys])
+    for run, view in views.items():
+        n = (stops or {}).get(run, len(view))
+        cols = [view.column(k, 0, n) for k in ("step", "time", *keys)]
+        for i in range(n):
+            row = [run]
+            for j, col in enumerate(cols):
+                v = col[i] if i < len(col) else math.nan
+                row.append("" if not math.isfinite(v) else (int(v) if j == 0 else repr(float(v))))
+            out.writerow(row)
+    return buf.getvalue()
+
+
+META_SECTIONS = (("run", ("source", "run_id", "status", "world_size", "format_version", "start_time", "end_time")),
+                 ("config", None), ("env", None))
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (``ppo.clip_range``); lists and scalars are values."""
+    if not isinstance(value, dict):
+        return {prefix: value} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, name))
+        else:
+            out[name] = v
+    return out
+
+
+def _utc(value: Any) -> Any:
+    """A unix time as ``YYYY-MM-DD HH:MM:SS UTC`` (anything else as is)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def config_rows(metas: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The config diff of several runs: one row per setting (run fields, ``config.*``, environment ``env.*``:
+    versions, device, git commit), one column per run, ``differs`` set where the runs disagree (a setting
+    one run lacks counts as a difference)."""
+    rows: list[dict[str, Any]] = []
+    for section, fields in META_SECTIONS:
+        per_run: dict[str, dict[str, Any]] = {}
+        for run, meta in metas.items():
+            if fields is None:
+                block = meta.get(section)
+                per_run[run] = flatten(block) if isinstance(block, dict) else {}
+            else:
+                per_run[run] = {f: _utc(meta[f]) if f.endswith("_time") else meta.get(f) for f in fields if f in meta}
+        names: list[str] = []
+        for values in per_run.values():
+            names += [n for n in values if n not in names]
+        if fields is None:
+            names.sort()
+        for name in names:
+            cells = {run: _cell(per_run[run].get(name)) if name in per_run[run] else "(not set)" for run in metas}
+            rows.append({"section": section, "setting": name, **cells,
+                         "differs": "yes" if len(set(cells.values())) > 1 else ""})
+    return rows
+
+
+SAMPLE_SORTS = ("reward", "kl", "length")
+
+
+def sample_rows(records: Sequence[dict[str, Any]], step: int | None, text: str = "", sort: str = "",
+                descending: bool = True) -> list[dict[str, Any]]:
+    """Table rows of one step's samples: reward components as ``reward:<name>`` columns, rows whose prompt or
+    completion (or chosen/rejected) contains ``text`` (case-insensitive), sorted by ``sort`` (missing last)."""
+    rows = []
+    needle = text.lower().strip()
+    for rec in records:
+        if rec.get("step") != step:
+            continue
+        texts = [str(rec.get(k) or "") for k in ("prompt", "completion", "chosen", "rejected")]
+        if needle and not any(needle in t.lower() for t in texts):
+            continue
+        row = {k: v for k, v in rec.items() if k not in ("rewards", "time", "rank", "nonfinite", "truncated")
+               and isinstance(v, (str, int, float, type(None)))}
+        parts = rec.get("rewards") if isinstance(rec.get("rewards"), dict) else {}
+        row.update({f"reward:{k}": v for k, v in parts.items()})
+        rows.append(row)
+    if sort:
+        present = [r for r in rows if isinstance(r.get(sort), (int, float))]
+        absent = [r for r in rows if not isinstance(r.get(sort), (int, float))]
+        rows = sorted(present, key=lambda r: r[sort], reverse=descending) + absent
+    return rows
 
 
 def join_problems(items: Iterable[str], limit: int = 6) -> list[str]:

@@ -6,6 +6,7 @@ empty if the key is not logged yet, so a live page can extend trace ``i`` withou
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .data import ALL, Alert, View, bucket_edges, bucket_reduce, downsample
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
-PANEL_HEIGHT = 270
+PANEL_HEIGHT = 290
 MAX_ALERT_LINES = 40
 
 
@@ -37,13 +38,15 @@ class Line:
     derive: str = "value"  # value | upper (key + other) | lower (key - other) | square (key²)
     other: str = ""
 
-    def values(self, view: View, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        x = view.steps(start)
-        y = view.column(self.key, start)
+    def values(self, view: View, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values of rows ``start:stop`` (``stop``: the rows snapshotted under the run's lock, so
+        x and y have the same rows while a writer appends)."""
+        x = view.steps(start, stop)
+        y = view.column(self.key, start, stop)
         if self.derive == "upper":
-            y = y + view.column(self.other, start)
+            y = y + view.column(self.other, start, stop)
         elif self.derive == "lower":
-            y = y - view.column(self.other, start)
+            y = y - view.column(self.other, start, stop)
         elif self.derive == "square":
             y = y * y
         return x, y
@@ -58,27 +61,46 @@ class Panel:
     row_titles: tuple[str, ...] = ()
     log_y: bool = False
     threshold: str = ""  # "kl_budget" | "max_grad_norm"
+    y_title: str = ""  # the y axis title with its unit
+    optional: bool = False  # shown only when a selected run logs one of its keys (DPO, reward model, SFT...)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for line in self.lines for k in (line.key, line.other) if k))
 
 
 PANELS: tuple[Panel, ...] = (
     Panel("kl", "KL to reference (nats/token): k3 solid, k1 dotted", (
-        Line("kl/ref_k3", "k3"), Line("kl/ref_k1", "k1", dash="dot")), threshold="kl_budget"),
+        Line("kl/ref_k3", "k3"), Line("kl/ref_k1", "k1", dash="dot")), threshold="kl_budget",
+        y_title="KL (nats/token)"),
     Panel("reward", "Reward mean ± std (top) and variance (bottom)", (
         Line("reward/mean", "mean+std", derive="upper", other="reward/std"),
         Line("reward/mean", "mean-std", derive="lower", other="reward/std"),
         Line("reward/mean", "mean"),
-        Line("reward/std", "variance", row=2, derive="square")), rows=2),
-    Panel("entropy", "Policy entropy (nats/token)", (Line("policy/entropy", "entropy"),)),
+        Line("reward/std", "variance", row=2, derive="square")), rows=2, y_title="reward"),
+    Panel("entropy", "Policy entropy (nats/token)", (Line("policy/entropy", "entropy"),),
+          y_title="entropy (nats/token)"),
     Panel("ppo", "PPO clip fraction (top) and ratio (bottom)", (
         Line("policy/clipfrac", "clipfrac"),
         Line("policy/ratio_mean", "ratio mean", row=2),
         Line("policy/ratio_max", "ratio max", row=2, dash="dot"),
-        Line("policy/ratio_min", "ratio min", row=2, dash="dash")), rows=2),
-    Panel("value", "Value explained variance", (Line("value/explained_var", "explained var"),)),
-    Panel("length", "Response length (tokens)", (Line("response/length_mean", "length"),)),
+        Line("policy/ratio_min", "ratio min", row=2, dash="dash")), rows=2, y_title="fraction"),
+    Panel("value", "Value explained variance", (Line("value/explained_var", "explained var"),),
+          y_title="explained variance (1 = perfect)"),
+    Panel("length", "Response length (tokens)", (Line("response/length_mean", "length"),), y_title="tokens"),
     Panel("grad", "Total gradient norm, pre-clip (log)", (Line("grad/norm", "grad norm"),), log_y=True,
-          threshold="max_grad_norm"),
-    Panel("drift", "Drift from the reference ||θ-θref||/||θref||", (Line("drift/rel", "drift"),)),
+          threshold="max_grad_norm", y_title="L2 norm"),
+    Panel("drift", "Drift from the reference ||θ-θref||/||θref||", (Line("drift/rel", "drift"),),
+          y_title="relative L2 distance"),
+    # Panels of other kinds of run: drawn only when a selected run logs their keys.
+    Panel("preference", "Preference rewards: chosen, rejected (top); margin and accuracy (bottom)", (
+        Line("reward/chosen", "chosen"), Line("reward/rejected", "rejected", dash="dot"),
+        Line("reward/margin", "margin", row=2), Line("reward/accuracy", "accuracy", row=2, dash="dash")),
+        rows=2, y_title="implicit reward", optional=True),
+    Panel("loss", "Loss: total solid, policy dotted, value dashed", (
+        Line("loss/total", "total"), Line("loss/policy", "policy", dash="dot"),
+        Line("loss/value", "value", dash="dash")), y_title="loss", optional=True),
+    Panel("lr", "Learning rate", (Line("lr", "lr"),), y_title="learning rate", optional=True),
 )
 
 
@@ -102,17 +124,106 @@ def needed_keys(view: View) -> set[str]:
 
 
 FIGURE_IDS: tuple[str, ...] = tuple(p.id for p in PANELS) + tuple(h.id for h in HEATMAPS)
+FIGURE_TITLES: dict[str, str] = {
+    **{p.id: p.title for p in PANELS}, **{h.id: h.title for h in HEATMAPS},
+    "phases": "Time per step by phase (s)", "rank_phases": "Per-rank phase time (s)",
+    "system": "System: CPU, RSS and GPU", "flame": "Flame graph (latest profiled window)",
+    "memory": "Memory per phase (MiB)",
+}
+
+
+X_TITLES = {"step": "step", "wall": "wall time (UTC)", "relative": "time since the run's first record (s)"}
+
+
+@dataclass(frozen=True)
+class ChartOptions:
+    """What the chart controls chose: EMA smoothing weight (0: off), the x axis and the log-y charts."""
+
+    smooth: float = 0.0
+    x: str = "step"  # step | wall | relative
+    log: frozenset[str] = frozenset(p.id for p in PANELS if p.log_y)  # chart ids (panel id or "key:<key>")
+
+    @classmethod
+    def of(cls, data: dict[str, Any] | None) -> "ChartOptions":
+        """From the page's JSON (unknown or bad values fall back to the defaults)."""
+        data = data or {}
+        smooth = data.get("smooth", 0.0)
+        smooth = float(smooth) if isinstance(smooth, (int, float)) and 0 <= smooth < 1 else 0.0
+        x = data.get("x") if data.get("x") in X_TITLES else "step"
+        log = data.get("log")
+        return cls(smooth, x, frozenset(log) if isinstance(log, list) else cls.log)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"smooth": self.smooth, "x": self.x, "log": sorted(self.log)}
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average over the finite values, debiased (divided by
+    ``1 - weight**k`` after ``k`` values, so the start is not pulled towards 0); non-finite values stay NaN.
+
+    Vectorised in blocks: inside a block the recurrence is a cumulative sum scaled by ``weight**-i``, and
+    the block length keeps that scale below 1e250.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    out = np.full(len(values), np.nan)
+    finite = np.isfinite(values)
+    v = values[finite]
+    if not len(v) or weight <= 0:
+        out[finite] = v
+        return out
+    block = int(max(1, min(4096, 250 / -math.log10(weight))))
+    smoothed = np.empty(len(v))
+    last = 0.0
+    for b0 in range(0, len(v), block):
+        seg = v[b0:b0 + block]
+        i = np.arange(len(seg))
+        acc = np.cumsum(seg * weight ** -i) * (1 - weight) * weight ** i + last * weight ** (i + 1)
+        smoothed[b0:b0 + len(seg)] = acc
+        last = float(acc[-1])
+    out[finite] = smoothed / (1 - weight ** np.arange(1, len(v) + 1))
+    return out
+
+
+def x_values(view: View, mode: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """The x of rows ``start:stop``: the step, the wall time (ms since the epoch, for a date axis) or the
+    seconds since the view's first record."""
+    if mode == "step":
+        return view.steps(start, stop)
+    t = view.column("time", start, stop)
+    if mode == "wall":
+        return t * 1000.0
+    first = view.column("time", 0, 1)
+    return t - (first[0] if len(first) and np.isfinite(first[0]) else np.nan)
+
+
+def x_at_step(view: View, step: float, mode: str, n: int | None = None) -> float | None:
+    """Where ``step`` is on the chosen x axis (interpolated over the logged steps); None if unknown."""
+    if mode == "step":
+        return float(step)
+    steps, xs = view.steps(0, n), x_values(view, mode, 0, n)
+    ok = np.isfinite(steps) & np.isfinite(xs)
+    if not ok.any():
+        return None
+    return float(np.interp(step, steps[ok], xs[ok]))
 
 
 @dataclass
 class Series:
-    """What a figure needs of one selected run: its id, label, colour, view and config."""
+    """What a figure needs of one selected run: its id, label, colour, view, config and ``n``, the rows to
+    draw (taken under the run's lock: rows appended while the figures are built wait for the next poll)."""
 
     key: str
     label: str
     colour: str
     view: View
     config: dict[str, Any]
+    n: int = -1
+    order: View | None = None  # a rank's view, whose key order is the model's (the rank mean's is alphabetical)
+    running: bool = True  # a finished run will not log a missing key later: "not logged", not "no data yet"
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            self.n = len(self.view)
 
 
 def _is_band(line: Line) -> bool:
@@ -132,8 +243,8 @@ def _layout(title: str, uirevision: str, rows: int = 1, height: int = PANEL_HEIG
     """A plain-dict layout (plotly.py's validating objects cost ~0.1 s per figure; dicts cost nothing)."""
     layout: dict[str, Any] = {
         "title": {"text": title, "font": {"size": 14}, "x": 0.01}, "height": height,
-        "margin": {"l": 50, "r": 10, "t": 36, "b": 28}, "paper_bgcolor": "white", "plot_bgcolor": "white",
-        "legend": {"orientation": "h", "y": -0.18, "font": {"size": 10}}, "uirevision": uirevision,
+        "margin": {"l": 62, "r": 10, "t": 36, "b": 44}, "paper_bgcolor": "white", "plot_bgcolor": "white",
+        "legend": {"orientation": "h", "y": -0.3, "yanchor": "top", "font": {"size": 10}}, "uirevision": uirevision,
         "hovermode": "x unified", "font": {"size": 11},
     }
     if rows == 1:
@@ -167,7 +278,8 @@ def threshold_of(series: Series, name: str) -> float | None:
     return float(value) if ok else None
 
 
-def panel_shapes(panel: Panel, series: Sequence[Series], alerts: dict[str, list[Alert]]) -> list[dict[str, Any]]:
+def panel_shapes(panel: Panel, series: Sequence[Series], alerts: dict[str, list[Alert]],
+                 x_mode: str = "step") -> list[dict[str, Any]]:
     """Threshold lines of each run plus a vertical line at each alert's step (capped, critical first)."""
     shapes: list[dict[str, Any]] = []
     if panel.threshold:
@@ -179,54 +291,121 @@ def panel_shapes(panel: Panel, series: Sequence[Series], alerts: dict[str, list[
                            "line": {"color": s.colour, "width": 1, "dash": "dash"},
                            "label": {"text": f"{panel.threshold} {value:g}", "textposition": "end",
                                      "font": {"size": 9, "color": s.colour}}})
-    return shapes + alert_shapes(series, alerts)
+    return shapes + alert_shapes(series, alerts, x_mode)
 
 
-def alert_shapes(series: Sequence[Series], alerts: dict[str, list[Alert]]) -> list[dict[str, Any]]:
-    marks = [a for s in series for a in alerts.get(s.key, []) if a.step is not None]
-    marks.sort(key=lambda a: (a.severity != "critical", a.step))
-    return [{"type": "line", "xref": "x", "x0": a.step, "x1": a.step, "yref": "paper", "y0": 0, "y1": 1,
-             "line": {"color": SEVERITY_COLOURS.get(a.severity, "#7f7f7f"), "width": 1.5, "dash": "dot"},
-             "label": {"text": a.rule, "textangle": -90, "textposition": "end", "font": {"size": 9}}}
-            for a in marks[:MAX_ALERT_LINES]]
+def alert_shapes(series: Sequence[Series], alerts: dict[str, list[Alert]], x_mode: str = "step"
+                 ) -> list[dict[str, Any]]:
+    """A vertical dash-dot line per alert (a style no data line has), labelled with its rule and, when runs
+    are overlaid, its run."""
+    marks = [(s, a) for s in series for a in alerts.get(s.key, []) if a.step is not None]
+    marks.sort(key=lambda sa: (sa[1].severity != "critical", sa[1].step))
+    multi = len(series) > 1
+    shapes = []
+    for s, a in marks[:MAX_ALERT_LINES]:
+        x = x_at_step(s.view, a.step, x_mode, s.n)
+        if x is None:
+            continue
+        shapes.append({"type": "line", "xref": "x", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
+                       "opacity": 0.85,
+                       "line": {"color": SEVERITY_COLOURS.get(a.severity, "#7f7f7f"), "width": 1.2, "dash": "dashdot"},
+                       "label": {"text": f"{a.rule} · {s.label}" if multi else a.rule, "textangle": -90,
+                                 "textposition": "end", "font": {"size": 9}}})
+    return shapes
+
+
+def key_panel(key: str) -> Panel:
+    """The chart of any logged key (the key browser's charts): one line per run, titled by the key."""
+    return Panel(f"key:{key}", key, (Line(key, key.rsplit("/", 1)[-1]),), y_title=key)
+
+
+def _x_layout(layout: dict[str, Any], panel: Panel, opts: ChartOptions, max_step: float, growing: bool) -> None:
+    """x axis of every row: type, title on the bottom row, integer step ticks, a "step N" hover header."""
+    for r in range(1, panel.rows + 1):
+        axis = layout["xaxis" if r == 1 else f"xaxis{r}"]
+        if opts.x == "wall":
+            axis["type"] = "date"
+        elif opts.x == "step":
+            axis["tickformat"] = "d"
+            axis["unifiedhovertitle"] = {"text": "step %{x}"}
+            if max_step <= 12 and not growing:  # auto ticks of a few steps fall on halves; a fixed dtick
+                axis["dtick"] = 1  # on a growing run would draw thousands of ticks as it grows
+        else:
+            axis["unifiedhovertitle"] = {"text": "%{x:.1f} s"}
+        if r == panel.rows:
+            axis["title"] = {"text": X_TITLES[opts.x], "font": {"size": 10}, "standoff": 2}
+    for r in range(1, panel.rows + 1):
+        axis = layout["yaxis" if r == 1 else f"yaxis{r}"]
+        if panel.y_title and r == 1:
+            axis["title"] = {"text": panel.y_title, "font": {"size": 10}, "standoff": 2}
+    if panel.id in opts.log:
+        layout["yaxis"]["type"] = "log"
 
 
 def line_figure(panel: Panel, series: Sequence[Series], alerts: dict[str, list[Alert]],
-                uirevision: str = "", trace_type: str = "scattergl") -> tuple[dict[str, Any], list[list[Any]]]:
-    """The full panel (a plain plotly figure dict) and its trace map ``[[run_key, line_index], ...]``."""
+                uirevision: str = "", trace_type: str = "scattergl", opts: ChartOptions | None = None
+                ) -> tuple[dict[str, Any], list[list[Any]]]:
+    """The full panel (a plain plotly figure dict) and its trace map ``[[run_key, line_index(, kind)], ...]``.
+
+    With smoothing each line is two traces: the raw values, faint (``raw``), and their debiased EMA (``ema``);
+    a band's edges are smoothed only.
+    """
+    opts = opts or ChartOptions()
     data: list[dict[str, Any]] = []
     trace_map: list[list[Any]] = []
     has_data = False
+    max_step = 0.0
     for s in series:
         for li, line in enumerate(panel.lines):
-            x, y = (a.tolist() for a in downsample(*line.values(s.view)))  # lists: Patch.extend needs arrays
-            has_data = has_data or len(y) > 0
+            steps, y = line.values(s.view, 0, s.n)
+            x = steps if opts.x == "step" else x_values(s.view, opts.x, 0, s.n)
+            if len(steps):
+                max_step = max(max_step, float(np.nanmax(steps)) if np.isfinite(steps).any() else 0.0)
             band = _is_band(line)
-            trace: dict[str, Any] = {
-                "type": trace_type, "x": x, "y": y, "mode": "lines", "name": f"{s.label} {line.label}",
-                "legendgroup": s.key, "showlegend": not band,
-                "line": {"color": s.colour, "dash": line.dash, "width": 0 if band else 1.5},
-            }
-            if line.row > 1:
-                trace["xaxis"], trace["yaxis"] = f"x{line.row}", f"y{line.row}"
-            if band:
-                trace["hoverinfo"] = "skip"
-            if line.derive == "lower":
-                trace["fill"], trace["fillcolor"] = "tonexty", _transparent(s.colour)
-            data.append(trace)
-            trace_map.append([s.key, li])
+            kinds = [None] if not opts.smooth else (["ema"] if band else ["raw", "ema"])
+            for kind in kinds:
+                yk = ema(y, opts.smooth) if kind == "ema" else y
+                xs, ys = (a.tolist() for a in downsample(x, yk))  # lists: Patch.extend needs arrays
+                has_data = has_data or len(ys) > 0
+                faint = kind == "raw"
+                trace: dict[str, Any] = {
+                    "type": trace_type, "x": xs, "y": ys, "mode": "lines", "name": f"{s.label} {line.label}",
+                    "legendgroup": s.key, "showlegend": not band and not faint,
+                    "line": {"color": s.colour, "dash": line.dash, "width": 0 if band else (1 if faint else 1.5)},
+                }
+                if faint:
+                    trace["opacity"], trace["hoverinfo"] = 0.25, "skip"
+                if line.row > 1:
+                    trace["xaxis"], trace["yaxis"] = f"x{line.row}", f"y{line.row}"
+                if band:
+                    trace["hoverinfo"] = "skip"
+                if line.derive == "lower":
+                    trace["fill"], trace["fillcolor"] = "tonexty", _transparent(s.colour)
+                data.append(trace)
+                trace_map.append([s.key, li] if kind is None else [s.key, li, kind])
     layout = _layout(panel.title, uirevision, panel.rows)
-    if panel.log_y:
-        layout["yaxis"]["type"] = "log"
-    layout["shapes"] = panel_shapes(panel, series, alerts)
-    if not has_data:
+    _x_layout(layout, panel, opts, max_step, any(s.running for s in series))
+    if has_data:  # on an empty chart the alert lines alone would set a meaningless x range
+        layout["shapes"] = panel_shapes(panel, series, alerts, opts.x)
+    else:
         _no_data(layout, _no_data_text(panel, series))
+    if not series:  # no run: no axes to read (empty ticks looked like data)
+        for name, axis in layout.items():
+            if name.startswith(("xaxis", "yaxis")):
+                axis["visible"] = False
     return {"data": data, "layout": layout}, trace_map
 
 
 def _no_data_text(panel: Panel, series: Sequence[Series]) -> str:
-    keys = sorted({line.key for line in panel.lines})
-    return "no runs selected" if not series else f"no data yet ({', '.join(keys)} not logged)"
+    """"no runs selected"; "no data yet" while a run is still being written; "not logged by this run" once
+    every selected run has finished (nothing more will come)."""
+    keys = ", ".join(sorted({line.key for line in panel.lines}))
+    if not series:
+        return "no runs selected"
+    if any(s.running for s in series):
+        return f"no data yet<br>({keys} not logged)"
+    these = "this run" if len(series) == 1 else "these runs"
+    return f"not logged by {these}<br>({keys}; finished, so no data yet means none)"
 
 
 def _transparent(colour: str, alpha: float = 0.2) -> str:
@@ -235,15 +414,30 @@ def _transparent(colour: str, alpha: float = 0.2) -> str:
 
 
 def line_patch(panel: Panel, trace_map: Sequence[Sequence[Any]], views: dict[str, View],
-               starts: dict[str, int]) -> tuple[Patch | None, int]:
-    """Append rows ``starts[run]:`` of each run to its traces; (None, 0) when nothing is new."""
+               starts: dict[str, int], stops: dict[str, int] | None = None, opts: ChartOptions | None = None
+               ) -> tuple[Patch | None, int]:
+    """Append rows ``starts[run]:stops[run]`` of each run to its traces; (None, 0) when nothing is new.
+    A smoothed trace is the EMA over rows ``0:stop`` (it depends on every earlier value), sent from ``start``."""
+    opts = opts or ChartOptions()
     patch = Patch()
     added = 0
-    for i, (run_key, li) in enumerate(trace_map):
+    for i, entry in enumerate(trace_map):
+        run_key, li = entry[0], entry[1]
         view = views.get(run_key)
         if view is None or li >= len(panel.lines):
             continue
-        x, y = _clean(*panel.lines[li].values(view, starts.get(run_key, len(view))))
+        stop = (stops or {}).get(run_key, len(view))
+        start = starts.get(run_key, stop)
+        if start >= stop:
+            continue
+        line = panel.lines[li]
+        if len(entry) > 2 and entry[2] == "ema":
+            _, y_all = line.values(view, 0, stop)
+            y = ema(y_all, opts.smooth)[start:stop]
+        else:
+            _, y = line.values(view, start, stop)
+        x = view.steps(start, stop) if opts.x == "step" else x_values(view, opts.x, start, stop)
+        x, y = _clean(x, y)
         if not x:
             continue
         patch["data"][i]["x"].extend(x)
@@ -266,10 +460,23 @@ def _nulls(values: np.ndarray) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in values.tolist()]
 
 
+def layer_blocks(view: View, prefix: str, order: View | None = None) -> list[str]:
+    """The blocks under ``prefix`` in model order: as ``order`` (a rank's view, written by the model) logged
+    them, then any it lacks in ``view``'s order. The rank-mean records list their keys alphabetically
+    (h.0, h.1, h.10, h.2, ...), so without ``order`` a DDP run's mean heatmap had another layer order than
+    its single-rank heatmaps."""
+    names = view.prefixed(prefix)
+    if order is None:
+        return names
+    present = set(names)
+    ranked = [b for b in order.prefixed(prefix) if b in present]
+    return ranked + [b for b in names if b not in set(ranked)]
+
+
 def heatmap_figure(heat: Heatmap, series: Series | None, alerts: dict[str, list[Alert]],
                    uirevision: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Layer × step heatmap of one run (step buckets keep each bucket's max) and its map for live updates."""
-    blocks = series.view.prefixed(heat.prefix) if series else []
+    blocks = layer_blocks(series.view, heat.prefix, series.order) if series else []
     layout = _layout(heat.title + (f": {series.label}" if series else ""), uirevision)
     layout["hovermode"] = "closest"
     layout["yaxis"]["autorange"] = "reversed"  # first logged block (embeddings) on top
@@ -278,29 +485,36 @@ def heatmap_figure(heat: Heatmap, series: Series | None, alerts: dict[str, list[
         _no_data(layout, "no runs selected" if not series else f"no data yet ({heat.prefix}<block> not logged)")
         return {"data": [], "layout": layout}, heat_map
     view = series.view
-    edges = bucket_edges(len(view))
-    x = view.steps()[edges[:-1]].tolist()
-    z = [_nulls(_heat_values(heat, bucket_reduce(view.column(heat.prefix + b), edges, "max"))) for b in blocks]
+    edges = bucket_edges(series.n)
+    x = view.steps(0, series.n)[edges[:-1]].tolist()
+    z = [_nulls(_heat_values(heat, bucket_reduce(view.column(heat.prefix + b, 0, series.n), edges, "max")))
+         for b in blocks]
     layout["shapes"] = alert_shapes([series], alerts)
+    layout["xaxis"]["title"] = {"text": "step", "font": {"size": 10}, "standoff": 2}
+    layout["xaxis"]["tickformat"] = "d"
     trace = {"type": "heatmap", "x": x, "y": blocks, "z": z, "colorscale": "Viridis",
              "colorbar": {"thickness": 10}, "hovertemplate": "step %{x}<br>%{y}: %{z:.4g}<extra></extra>"}
     return {"data": [trace], "layout": layout}, heat_map
 
 
-def heatmap_patch(heat: Heatmap, heat_map: dict[str, Any], view: View | None, start: int) -> tuple[Patch | None, int]:
-    """Append the new steps as columns; (None, 0) when nothing is new, (None, -1) when blocks changed."""
-    if view is None or start >= len(view):
+def heatmap_patch(heat: Heatmap, heat_map: dict[str, Any], view: View | None, start: int,
+                  stop: int | None = None, order: View | None = None) -> tuple[Patch | None, int]:
+    """Append steps ``start:stop`` as columns; (None, 0) when nothing is new, (None, -1) when blocks changed."""
+    if view is None:
         return None, 0
-    blocks = view.prefixed(heat.prefix)
+    stop = len(view) if stop is None else stop
+    if start >= stop:
+        return None, 0
+    blocks = layer_blocks(view, heat.prefix, order)
     if blocks != heat_map.get("blocks"):
         return None, -1
     if not blocks:
         return None, 0
     patch = Patch()
-    patch["data"][0]["x"].extend(view.steps(start).tolist())
+    patch["data"][0]["x"].extend(view.steps(start, stop).tolist())
     for r, block in enumerate(blocks):
-        patch["data"][0]["z"][r].extend(_nulls(_heat_values(heat, view.column(heat.prefix + block, start))))
-    return patch, len(view) - start
+        patch["data"][0]["z"][r].extend(_nulls(_heat_values(heat, view.column(heat.prefix + block, start, stop))))
+    return patch, stop - start
 
 
 # ---- profiler and memory tabs (small, rarely redrawn: plotly objects are fine here)
@@ -383,13 +597,23 @@ def rank_phase_figure(views: dict[Any, View], last: int = 50) -> go.Figure:
     return fig
 
 
-def system_figure(records: Sequence[dict[str, Any]]) -> go.Figure:
-    """CPU %, RSS (GiB) and whatever GPU keys the sampler wrote, against time since the first sample."""
-    title = "System: CPU, RSS and GPU"
+def system_figure(records: Sequence[dict[str, Any]], rank: Any = ALL) -> go.Figure:
+    """CPU %, RSS (GiB) and whatever GPU keys the sampler wrote, against time since the first sample.
+
+    Every rank of a DDP run appends to the one ``system.jsonl``: each rank is its own line (interleaved
+    into one line they drew a sawtooth), and a rank picked in the rank selector shows that rank alone.
+    """
+    title = "System: CPU, RSS and GPU" + (f" (rank {rank})" if rank != ALL else "")
     numeric = [r for r in records if isinstance(r.get("time"), (int, float))]
+    if rank != ALL:
+        numeric = [r for r in numeric if r.get("rank", 0) == rank]
     if not numeric:
-        return empty_figure(title, "no data yet: system.jsonl is empty or missing", height=300)
-    t0 = numeric[0]["time"]
+        message = "system.jsonl is empty or missing" if rank == ALL else f"system.jsonl has no records of rank {rank}"
+        return empty_figure(title, f"no data yet: {message}", height=300)
+    by_rank: dict[Any, list[dict[str, Any]]] = {}
+    for r in numeric:
+        by_rank.setdefault(r.get("rank", 0), []).append(r)
+    t0 = min(r["time"] for r in numeric)
     keys = sorted({k for r in numeric for k, v in r.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "rank", "step")})
     groups = [("CPU %", [k for k in keys if "cpu" in k.lower()]),
@@ -400,12 +624,18 @@ def system_figure(records: Sequence[dict[str, Any]]) -> go.Figure:
         return empty_figure(title, "no data yet: system.jsonl holds no CPU/RSS/GPU keys", height=300)
     fig = make_subplots(rows=len(groups), cols=1, shared_xaxes=True, subplot_titles=[g for g, _ in groups],
                         vertical_spacing=0.12)
-    x = [r["time"] - t0 for r in numeric]
-    for row, (_, ks) in enumerate(groups, 1):
-        for k in ks:
-            scale = 2.0**-30 if k.endswith("bytes") else 1.0
-            y = [r[k] * scale if isinstance(r.get(k), (int, float)) else None for r in numeric]
-            fig.add_trace(go.Scattergl(x=x, y=y, mode="lines", name=k), row=row, col=1)
+    multi = len(by_rank) > 1
+    for ri, (r_id, recs) in enumerate(sorted(by_rank.items(), key=lambda kv: str(kv[0]))):
+        recs = sorted(recs, key=lambda r: r["time"])
+        x = [r["time"] - t0 for r in recs]
+        for row, (_, ks) in enumerate(groups, 1):
+            for k in ks:
+                scale = 2.0**-30 if k.endswith("bytes") else 1.0
+                y = [r[k] * scale if isinstance(r.get(k), (int, float)) else None for r in recs]
+                fig.add_trace(go.Scattergl(x=x, y=y, mode="lines", name=f"{k} [rank {r_id}]" if multi else k,
+                                           legendgroup=f"rank {r_id}",
+                                           line=dict(dash=("solid", "dot", "dash", "dashdot")[ri % 4])),
+                              row=row, col=1)
     _base_layout(fig, title, "system")
     fig.update_layout(height=160 + 140 * len(groups), hovermode="x unified")
     fig.update_xaxes(title_text="seconds since the first sample", row=len(groups), col=1)
@@ -428,8 +658,13 @@ def flame_or_message(folded: Path | None) -> go.Figure:
 
 
 def memory_figure(report: dict[str, Any] | None) -> go.Figure:
-    """Predicted bytes per phase (stacked components) against the measured peak of each phase."""
-    title = "Memory per phase: prediction (stacked) vs measurement (diamonds), MiB"
+    """Predicted bytes per phase (stacked components) and the measured peak of each phase (diamonds).
+
+    Only a report that says ``comparable: true`` (CUDA allocator peaks against tensor bytes) gets both on one
+    axis; otherwise (RSS on the CPU: the whole process, an upper bound) the measurement has its own panel and
+    axis, so nobody reads the gap between the two as an error of the prediction.
+    """
+    title = "Memory per phase (MiB)"
     if report is None:
         return empty_figure(title, "no data yet: this run has no memory.json (rlhfkit memory ...)", height=380)
     prediction = report.get("prediction") if isinstance(report.get("prediction"), dict) else {}
@@ -444,17 +679,29 @@ def memory_figure(report: dict[str, Any] | None) -> go.Figure:
         if isinstance(comps, dict):
             components += [c for c in comps if c != "total" and c not in components]
     mib = 2.0**-20
-    fig = go.Figure()
+    meas = [(p, _num(measured.get(p))) for p in names if isinstance(measured.get(p), (int, float))]
+    method = str(measured_block.get("method", "?"))
+    together = report.get("comparable") is True or not meas
+    if together:
+        fig = go.Figure()
+        title = "Memory per phase: prediction (stacked) vs measurement (diamonds), MiB"
+    else:
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.12, subplot_titles=[
+            "predicted tensor bytes (stacked), MiB", "measured peak, MiB: not comparable with the prediction"])
+        title = "Memory per phase: prediction and measurement on separate axes (memory.json: not comparable)"
+    col = {} if together else {"row": 1, "col": 1}
     for comp in components:
         y = [_num(phases.get(p, {}).get(comp)) * mib if isinstance(phases.get(p), dict) else 0.0 for p in names]
-        fig.add_trace(go.Bar(x=names, y=y, name=comp))
-    meas = [(p, _num(measured.get(p))) for p in names if isinstance(measured.get(p), (int, float))]
+        fig.add_trace(go.Bar(x=names, y=y, name=comp), **col)
     if meas:
         fig.add_trace(go.Scatter(x=[p for p, _ in meas], y=[v * mib for _, v in meas], mode="markers",
-                                 name=f"measured ({measured_block.get('method', '?')})",
-                                 marker=dict(symbol="diamond", size=14, color="black")))
+                                 name=f"measured ({method})", hovertemplate="%{x}: %{y:.1f} MiB<extra>"
+                                 + method[:60] + "</extra>",
+                                 marker=dict(symbol="diamond", size=14, color="black")),
+                      **({} if together else {"row": 1, "col": 2}))
     _base_layout(fig, title, "memory")
     fig.update_layout(barmode="stack", height=380, hovermode="closest")
+    fig.update_yaxes(title_text="MiB")
     peak = prediction.get("peak_phase")
     if peak:
         fig.add_annotation(text=f"predicted peak: {peak} ({_num(prediction.get('peak_bytes')) * mib:.1f} MiB)",
@@ -467,7 +714,38 @@ def _num(value: Any) -> float:
 
 
 def colour_of(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
+    """The palette's colours, then as many more as needed, each as far (in RGB) from all earlier ones as the
+    candidate set allows, so the 9th run is not the 1st run's colour again and no two runs look alike."""
+    colours = _extra_colours()
+    if index < len(colours):
+        return colours[index]
+    k = index - len(colours)  # beyond ~200 runs: golden-angle hues (distinct, if less far apart)
+    return _hsl_hex((k * 137.508) % 360.0, 0.7, (0.35, 0.5, 0.62)[k % 3])
+
+
+@functools.lru_cache(maxsize=1)
+def _extra_colours(count: int = 200) -> tuple[str, ...]:
+    """PALETTE followed by a greedy farthest-point pick from an HSL grid (no near-white, no greys)."""
+    candidates = [_hsl_hex(h, sat, light) for h in range(0, 360, 10) for sat in (0.55, 0.85)
+                  for light in (0.3, 0.45, 0.6)]
+    rgb = lambda c: np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)  # noqa: E731
+    chosen = list(PALETTE)
+    pool = np.array([rgb(c) for c in candidates])
+    dist = np.min([np.linalg.norm(pool - rgb(c), axis=1) for c in chosen], axis=0)
+    while len(chosen) < min(count, len(PALETTE) + len(candidates)):
+        i = int(np.argmax(dist))
+        chosen.append(candidates[i])
+        dist = np.minimum(dist, np.linalg.norm(pool - pool[i], axis=1))
+        dist[i] = -1.0
+    return tuple(chosen)
+
+
+def _hsl_hex(hue: float, sat: float, light: float) -> str:
+    c = (1 - abs(2 * light - 1)) * sat
+    x = c * (1 - abs((hue / 60.0) % 2 - 1))
+    m = light - c / 2
+    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(hue // 60) % 6]
+    return "#" + "".join(f"{int(round((v + m) * 255)):02x}" for v in (r, g, b))
 
 
 def alert_counts(alerts: Iterable[Alert]) -> dict[str, int]:

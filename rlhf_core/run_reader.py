@@ -564,6 +564,12 @@ class Run:
     def system(self) -> list[dict[str, Any]]:
         return self._all("system.jsonl")
 
+    def samples(self, step: int | None = None) -> list[dict[str, Any]]:
+        """The completions the producer kept (``samples.jsonl``: a bounded sample per step), or those of
+        ``step``; followed incrementally like the other files."""
+        records = self._all("samples.jsonl")
+        return records if step is None else [r for r in records if r.get("step") == step]
+
     def memory(self) -> dict[str, Any] | None:
         p = self.path / "memory.json"
         if not os.path.lexists(p):

@@ -2,7 +2,7 @@
 
 Layout and rules are the contract in docs/design.md ("Run format"): ``meta.json`` (rewritten atomically),
 ``metrics.jsonl`` (one line per step, one ``write`` + flush each so a crash can only tear the last line),
-``events.jsonl``, ``system.jsonl``, ``tb/``, ``traces/``, ``memory.json``, ``checkpoints/`` (the two folders only
+``events.jsonl``, ``system.jsonl``, ``samples.jsonl`` (a bounded sample of completions per step), ``tb/``, ``traces/``, ``memory.json``, ``checkpoints/`` (the two folders only
 once something is written into them, by the profiler or a checkpoint). With ``world_size > 1`` each
 rank writes ``metrics.rank<k>.jsonl``; rank 0 alone writes the shared files and the reduced
 ``metrics.jsonl`` through :meth:`RunWriter.log_reduced`.
@@ -19,9 +19,10 @@ import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .keys import FORMAT_VERSION, SOURCES, STATUSES, sanitize
+from .samples import SAMPLE_CHARS, SAMPLES_PER_STEP, sample_records
 
 
 TB_FLUSH_SECS = 5
@@ -78,9 +79,24 @@ def dumps_line(obj: Mapping[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write through a temporary file and a rename (a crash leaves the old or the new file); a write error
+    removes the temporary file and names ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, default=_json_default, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, default=_json_default, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(path)) from None
+
+
+def write_json_in_place(path: Path, obj: Any) -> None:
+    """Overwrite ``path`` in place: the last resort of a full disk, where the blocks the file already holds
+    are reused and no temporary file fits (not atomic: used only after :func:`write_json_atomic` failed)."""
+    data = json.dumps(obj, default=_json_default, indent=2, allow_nan=False).encode()
+    with open(path, "r+b") as fh:
+        fh.write(data)
+        fh.truncate()
 
 
 class JsonlAppender:
@@ -92,18 +108,32 @@ class JsonlAppender:
         self._lock = threading.Lock()
 
     def append(self, record: Mapping[str, Any]) -> None:
+        """Write one line; a write error (a full disk) is re-raised naming the file, and the next append
+        starts on a fresh line (a resume drops the torn one)."""
         line = dumps_line(record)
         with self._lock:
-            if self._fh is None:
-                self._fh = open(self.path, "a", encoding="utf-8")
-            self._fh.write(line)
-            self._fh.flush()
+            try:
+                if self._fh is None:
+                    self._fh = open(self.path, "a", encoding="utf-8")
+                self._fh.write(line)
+                self._fh.flush()
+            except OSError as err:
+                self._discard()
+                raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(self.path)) from None
+
+    def _discard(self) -> None:
+        """Drop the handle and whatever its buffer still holds (it could not be written)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
+        """Close; a buffer that cannot be flushed any more (a full disk) is dropped, not raised."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            self._discard()
 
 
 class RunWriter:
@@ -151,10 +181,13 @@ class RunWriter:
         self._tb_enabled = tensorboard and self.is_main
         self._tb_purge_step = tb_purge_step  # on resume: TensorBoard hides events from this step on, written before
         self._closed = False
+        self.previous: dict[str, Any] | None = None  # on resume: the status and reason the run had
         if self.is_main:
             if resume and existing:
                 self.meta = json.loads(self.meta_path.read_text())
+                self.previous = {"status": self.meta.get("status"), "reason": self.meta.get("reason")}
                 self.meta["status"] = "running"
+                self.meta["reason"] = None
                 self.meta["resumed_at"] = self.meta.get("resumed_at", []) + [time.time()]
                 self.meta["end_time"] = None
             else:
@@ -260,6 +293,27 @@ class RunWriter:
         rec.setdefault("rank", self.rank)
         self._system.append(sanitize(rec)[0])
 
+    # samples.jsonl: how many completions each step keeps and how many characters of each text (set them on
+    # the writer, or through the producer's options, before the first step)
+    samples_per_step: int = SAMPLES_PER_STEP
+    sample_chars: int = SAMPLE_CHARS
+    _samples: "JsonlAppender | None" = None
+
+    def log_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """A bounded sample of one step's completions to ``samples.jsonl`` (rank 0 only; the file appears with
+        the first sample): ``samples`` are dicts with ``prompt``, ``completion`` (or ``chosen``/``rejected``),
+        ``reward``, ``rewards`` (components), ``kl``, ``length``; see :func:`rlhf_core.samples.sample_records`.
+        Returns the records written."""
+        if not self.is_main or self._closed:
+            return []
+        records = sample_records(step, samples, self.samples_per_step, self.sample_chars)
+        if records and self._samples is None:
+            self._samples = JsonlAppender(self.run_dir / "samples.jsonl")
+        now = time.time()
+        for rec in records:
+            self._samples.append({"step": rec.pop("step"), "time": now, "rank": self.rank, **rec})
+        return records
+
     def write_memory(self, report: Mapping[str, Any]) -> None:
         if self.is_main:
             write_json_atomic(self.memory_path, dict(report))
@@ -269,19 +323,29 @@ class RunWriter:
             self.meta.update(fields)
             write_json_atomic(self.meta_path, self.meta)
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: str = "finished", reason: str | None = None) -> None:
+        """Close every file and record ``status`` (and, for a failed or interrupted run, ``reason``: one line
+        saying why) in ``meta.json``. On a full disk the status still gets written: the files are closed
+        first, and ``meta.json`` is rewritten in place when no temporary copy fits."""
         if self._closed:
             return
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
         self._closed = True
-        for f in (self._metrics, self._reduced, self._events, self._system):
+        for f in (self._metrics, self._reduced, self._events, self._system, self._samples):
             if f is not None:
                 f.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:
+                pass
         if self.is_main:
-            self.update_meta(status=status, end_time=time.time())
+            self.meta.update(status=status, end_time=time.time(), reason=reason)
+            try:
+                write_json_atomic(self.meta_path, self.meta)
+            except OSError:
+                write_json_in_place(self.meta_path, self.meta)
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -290,9 +354,9 @@ class RunWriter:
         if exc_type is None:
             self.close("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("interrupted")
+            self.close("interrupted", f"{exc_type.__name__}")
         else:
-            self.close("failed")
+            self.close("failed", " ".join(f"{exc_type.__name__}: {exc}".split())[:500])
 
 
 def _clear_run_dir(run_dir: Path) -> None:
