@@ -34,7 +34,15 @@ DEVICES = ("auto", "cpu", "cuda")
 LOGPROB_IMPLS = ("auto", "torch", "chunked", "triton")
 DTYPES = ("fp32", "bf16")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
+MAX_BATCH = 65536  # prompts per step or chunk: far past any machine's memory for a causal LM step
+# settings a --resume may change without --resume_override: where and how the run is kept, observed and
+# placed, not what it computes (--epochs may grow, never below the steps done)
+RESUME_FREE = ("run_dir", "resume", "resume_override", "overwrite", "save_every", "save_model", "epochs", "device",
+               "threads", "no_tensorboard", "sample_interval", "profile", "profile_wait", "profile_warmup",
+               "profile_active", "profile_repeat", "profile_full", "kl_budget", "heldout_reward", "debug_slow_rank",
+               "debug_slow_seconds", "weight_guard")
 REF_DEVICES = ("same", "cpu")
+WEIGHT_GUARDS = ("restore", "check")
 
 
 @dataclass
@@ -43,17 +51,24 @@ class TrainConfig:
 
     # run
     seed: int = field(default=42, metadata={
-        "group": "run", "help": "seed of every random choice (prompts, sampling, shuffling)"})
+        "group": "run", "min": 0, "max": 2 ** 63 - 1,
+        "help": "seed of every random choice (prompts, sampling, shuffling)"})
     device: str = field(default="auto", metadata={
         "group": "run", "choices": DEVICES, "help": "auto picks cuda when available"})
     threads: int | None = field(default=None, metadata={
-        "group": "run", "min": 1,
+        "group": "run", "min": 1, "max": 1024,
         "help": "torch CPU threads (default: 1 for the built-in tiny model, whose ops are too small to gain from "
                 "more, else torch's default)"})
     run_dir: str | None = field(default=None, metadata={
         "group": "run", "help": "output run directory (default runs/<timestamp>)"})
     resume: str | None = field(default=None, metadata={
-        "group": "run", "metavar": "RUN_DIR", "help": "continue a run from its last checkpoint"})
+        "group": "run", "metavar": "RUN_DIR",
+        "help": "continue a run from its last complete checkpoint (from step 0 of the same run when none is "
+                "complete); a flag that changes what the run computes is refused unless --resume_override"})
+    resume_override: bool = field(default=False, metadata={
+        "group": "run",
+        "help": "with --resume, accept flags that change what the run computes (batch size, dtype, reward, "
+                "seed, schedule…); the changed fields are recorded in meta.json"})
     overwrite: bool = field(default=False, metadata={
         "group": "run", "help": "replace an existing run in --run_dir"})
     save_every: int = field(default=0, metadata={
@@ -66,18 +81,21 @@ class TrainConfig:
                 "turns it on)"})
     # schedule
     epochs: int = field(default=3, metadata={
-        "group": "schedule", "min": 1, "help": "epochs of --steps_per_epoch PPO steps each"})
+        "group": "schedule", "min": 1, "max": 10 ** 6, "help": "epochs of --steps_per_epoch PPO steps each"})
     steps_per_epoch: int = field(default=8, metadata={
-        "group": "schedule", "min": 1, "help": "PPO steps (rollout + update) per epoch"})
+        "group": "schedule", "min": 1, "max": 10 ** 6, "help": "PPO steps (rollout + update) per epoch"})
     batch_size: int = field(default=4, metadata={
-        "group": "schedule", "min": 1, "help": "prompts per step (per process)"})
+        "group": "schedule", "min": 1, "max": MAX_BATCH,
+        "help": "prompts per step (per process); its memory is estimated against the machine's before the "
+                "models are built"})
     rollout_batch_size: int | None = field(default=None, metadata={
-        "group": "schedule", "min": 1,
+        "group": "schedule", "min": 1, "max": MAX_BATCH,
         "help": "generate in chunks of N prompts to cap KV-cache memory (default: batch_size)"})
     mini_batch_size: int | None = field(default=None, metadata={
-        "group": "schedule", "min": 1, "help": "PPO minibatch size (default: batch_size); must divide batch_size"})
+        "group": "schedule", "min": 1, "max": MAX_BATCH,
+        "help": "PPO minibatch size (default: batch_size); must divide batch_size"})
     ppo_epochs: int = field(default=4, metadata={
-        "group": "schedule", "min": 1, "help": "PPO passes over each batch"})
+        "group": "schedule", "min": 1, "max": 1000, "help": "PPO passes over each batch"})
     # model and data
     model: str = field(default="tiny", metadata={
         "group": "model and data", "help": "'tiny' (built locally) or a from_pretrained name/path"})
@@ -106,7 +124,7 @@ class TrainConfig:
                 "bf16, where a cached decode differs from a full forward by more than the PPO ratio can ignore"})
     # sampling
     max_new_tokens: int = field(default=15, metadata={
-        "group": "sampling", "min": 1, "help": "response length cap in tokens"})
+        "group": "sampling", "min": 1, "max": 65536, "help": "response length cap in tokens"})
     temperature: float = field(default=1.0, metadata={
         "group": "sampling", "gt": 0.0, "help": "softmax temperature of sampling"})
     top_k: int = field(default=0, metadata={
@@ -121,7 +139,9 @@ class TrainConfig:
                 "(default: sample in --dtype, mismatch not measured)"})
     # optimisation
     learning_rate: float = field(default=1e-5, metadata={
-        "group": "optimisation", "gt": 0.0, "help": "AdamW learning rate"})
+        "group": "optimisation", "gt": 0.0, "max": 1.0,
+        "help": "AdamW learning rate (an update that still makes a weight non-finite is undone and skipped; "
+                "3 in a row fail the run)"})
     max_grad_norm: float = field(default=5.0, metadata={
         "group": "optimisation", "gt": 0.0,
         "help": "gradient clipping threshold (the tiny model's pre-clip norm is about 2-4)"})
@@ -129,6 +149,11 @@ class TrainConfig:
         "group": "optimisation", "min": 0.0,
         "help": "AdamW decoupled weight decay, on all parameters but biases and normalisation weights (as HF "
                 "Trainer and TRL)"})
+    weight_guard: str = field(default="restore", metadata={
+        "group": "optimisation", "choices": WEIGHT_GUARDS,
+        "help": "after each optimizer step the weights are checked for non-finite values (one reduction); "
+                "restore: undo such a step from a copy kept before it (3 copies of the trained parameters in "
+                "memory), 3 in a row fail the run; check: no copy, the run fails at the first one"})
     # PPO
     gamma: float = field(default=1.0, metadata={"group": "PPO", "min": 0.0, "max": 1.0, "help": "discount"})
     lam: float = field(default=0.95, metadata={"group": "PPO", "min": 0.0, "max": 1.0, "help": "GAE lambda"})
@@ -164,6 +189,9 @@ class TrainConfig:
         "group": "observability", "min": 1, "help": "steps recorded per trace"})
     profile_repeat: int = field(default=1, metadata={
         "group": "observability", "min": 0, "help": "profiler cycles (0: until the run ends)"})
+    profile_full: bool = field(default=False, metadata={
+        "group": "observability",
+        "help": "also Python stacks and the memory timeline HTML in each trace (an export several times slower)"})
     # debugging
     inject_nan_step: int | None = field(default=None, metadata={
         "group": "debugging", "min": 1, "help": "make the reward of step N NaN (exercises the non-finite guard)"})
@@ -205,7 +233,7 @@ class TrainConfig:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -228,8 +256,9 @@ class Setting:
     def flag(self) -> str:
         return f"--{self.name}"
 
-    def expected(self) -> str:
-        """What a valid value is, in words, for the error messages."""
+    def expected(self, upper: bool = True) -> str:
+        """What a valid value is, in words, for the error messages; an integer's upper bound (a sanity cap)
+        only with ``upper`` (the value went past it)."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:
@@ -237,12 +266,13 @@ class Setting:
         if self.kind is str:
             return "a string"
         if self.kind is int:
-            if self.min == 1 and self.max is None:
+            top = self.max if upper else None
+            if self.min == 1 and top is None:
                 return "a positive integer"
-            if self.min is not None and self.max is None:
+            if self.min is not None and top is None:
                 return f"an integer >= {_num(self.min)}"
-            if self.min is not None and self.max is not None:
-                return f"an integer in [{_num(self.min)}, {_num(self.max)}]"
+            if self.min is not None and top is not None:
+                return f"an integer in [{_num(self.min)}, {_num(top)}]"
             return "an integer"
         low = self.gt if self.gt is not None else self.min
         if low is not None and self.max is not None:
@@ -265,7 +295,9 @@ class Setting:
 
     def check(self, value: Any, shown: str | None = None) -> Any:
         """A typed value (from a config file, a saved run or the parser) → the value; ``ValueError`` if invalid."""
-        bad = ValueError(f"expected {self.expected()}, got {shown if shown is not None else repr(value)}")
+        over = (isinstance(value, (int, float)) and not isinstance(value, bool) and self.max is not None
+                and value > self.max)
+        bad = ValueError(f"expected {self.expected(upper=over)}, got {shown if shown is not None else repr(value)}")
         if value is None:
             if self.optional:
                 return None
@@ -441,11 +473,32 @@ def _check_resume(parser: argparse.ArgumentParser, run_dir: str) -> dict[str, An
     if not isinstance(meta, dict) or meta.get("source") != "rlhf_core" or not isinstance(meta.get("config"), dict):
         parser.error(f"argument --resume: {run_dir} was not written by this runner (source "
                      f"{meta.get('source') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def computation_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings of ``cfg`` that differ from a run's ``saved`` config and change what the run computes (all but
+    :data:`RESUME_FREE`): {name: (saved, now)}. Keys the saved config lacks (older versions) are not compared."""
+    now = cfg.to_dict()
+    return {name: (saved[name], now[name]) for name in now
+            if name not in RESUME_FREE and name != "extra" and name in saved and saved[name] != now[name]}
+
+
+def check_resume_config(parser: argparse.ArgumentParser, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resume continues the same computation: a changed setting that alters it is refused (one line naming
+    every such field) unless ``--resume_override``; ``--epochs`` may grow but not below the steps done."""
+    changed = computation_changes(saved, cfg)
+    if changed and not cfg.resume_override:
+        shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+        parser.error(f"argument --resume: {len(changed)} setting(s) differ from the run's and change what it "
+                     f"computes: {shown}; pass --resume_override to resume with them anyway")
     from .checkpoint import latest_checkpoint
 
-    if latest_checkpoint(path) is None:
-        parser.error(f"argument --resume: {run_dir} has no checkpoints/step_<N>/ to resume from")
-    return meta
+    found = latest_checkpoint(cfg.run_dir or "")
+    done = found[0] if found is not None else 0
+    if cfg.total_steps < done:
+        parser.error(f"argument --epochs: {cfg.epochs} epoch(s) of {cfg.steps_per_epoch} step(s) is "
+                     f"{cfg.total_steps} step(s), fewer than the {done} the run has done")
 
 
 def check_settings(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
@@ -462,6 +515,8 @@ def validate(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
     """The per-setting checks, then the cross-flag ones argparse cannot express; each failure is one
     ``parser.error`` line."""
     check_settings(parser, cfg)
+    if not cfg.model.strip():
+        parser.error("argument --model: empty; give 'tiny' or a from_pretrained name or path")
     _check_reward(parser, cfg.reward)
     if cfg.heldout_reward is not None:
         _check_reward(parser, cfg.heldout_reward, "--heldout_reward")
@@ -500,16 +555,26 @@ def parse_args(argv: list[str] | None, prog: str = "train.py") -> TrainConfig:
     explicit = vars(build_parser(suppress_defaults=True, prog=prog).parse_args(argv))
     explicit.pop("config", None)
     from_file = load_config_file(parser, args.config) if args.config is not None else {}
-    resume = {**from_file, **explicit}.get("resume")
+    given = {**from_file, **explicit}
+    resume = given.get("resume")
     values: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     if resume is not None:
-        values.update(_check_resume(parser, resume)["config"])
-    values.update(from_file)
-    values.update(explicit)
-    if resume is not None:
-        values.update(run_dir=resume, resume=resume, overwrite=False)
+        saved = _check_resume(parser, resume)["config"]
+        values.update(saved)
+        if given.get("run_dir") is not None and Path(given["run_dir"]).resolve() != Path(resume).resolve():
+            parser.error(f"argument --run_dir: {given['run_dir']} is not the resumed run {resume}; a resume "
+                         "continues in its own folder (copy the folder first to branch it)")
+    values.update(given)
+    if resume is not None:  # the override holds for this resume only, never inherited from the saved config
+        values.update(run_dir=resume, resume=resume, overwrite=False,
+                      resume_override=bool(given.get("resume_override", False)))
+    elif values.get("resume_override"):
+        parser.error("argument --resume_override: needs --resume")
     cfg = TrainConfig.from_dict(values)
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     validate(parser, cfg)
+    if resume is not None:
+        check_resume_config(parser, saved, cfg)
     return cfg

@@ -8,7 +8,7 @@ current policy. Only plain GPT-2 configs qualify (:func:`supports`); everything 
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,9 @@ class GPT2Decoder:
     def __init__(self, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None):
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a plain GPT-2 model")
-        cfg = model.config
-        self.tf = model.transformer
+        hf: Any = model  # a transformers GPT2LMHeadModel; nn.Module types its submodules only as Tensor | Module
+        cfg = hf.config
+        self.tf = hf.transformer
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_epsilon
@@ -67,7 +68,7 @@ class GPT2Decoder:
                 cast[id(t)] = t.detach().to(dtype)
             return cast[id(t)]
 
-        self.head_weight = w(model.get_output_embeddings().weight)
+        self.head_weight = w(hf.get_output_embeddings().weight)
         self.wte, self.wpe = w(self.tf.wte.weight), w(self.tf.wpe.weight)
         self.ln_f = (w(self.tf.ln_f.weight), w(self.tf.ln_f.bias))
         # the weight tensors themselves, looked up once: nn.Module attribute access per token and layer was

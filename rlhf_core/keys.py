@@ -93,6 +93,34 @@ def to_number(value: Any) -> float | None:
     return None
 
 
+class CumulativeRate:
+    """Per-second rate of a cumulative counter (TRL's ``num_tokens``) over the step time since it last grew.
+
+    A counter that grows once per generation batch, with steps in between that only train on it, gives one
+    rate per batch instead of a spike and zeros. ``start`` is the count before the first step (None: unknown,
+    as in a resumed run, so the first reading only sets the base). A counter that goes down starts over.
+    """
+
+    def __init__(self, start: float | None = 0.0):
+        self.last = start
+        self.seconds = 0.0
+
+    def add_time(self, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds > 0:
+            self.seconds += seconds
+
+    def update(self, count: float) -> float | None:
+        """The rate up to this reading of the counter, or None when it did not grow (or has no base yet)."""
+        if not math.isfinite(count):
+            return None
+        rate = None
+        if self.last is not None and count > self.last and self.seconds > 0:
+            rate = (count - self.last) / self.seconds
+        if self.last is None or count != self.last:
+            self.last, self.seconds = count, 0.0
+        return rate
+
+
 def sanitize(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Split metrics into JSON-safe values and the keys whose values were NaN/Inf.
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "The movie was", "This book is", "Honestly the food", "Our trip", "The weather today",
@@ -20,6 +20,9 @@ BUILTIN_PROMPTS: tuple[str, ...] = (
     "Once upon a time the team", "The review says the hotel", "Honestly the music", "I think our trip",
     "The show", "Overall the service", "In the end my day", "The city",
 )
+
+
+MAX_BYTES = 1 << 30  # a prompts file is read whole: past this it is not a prompts file
 
 
 class PromptError(ValueError):
@@ -48,6 +51,8 @@ def _from_jsonl(lines: Sequence[str], path: Path) -> list[str]:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise PromptError(f"{path}:{no}: malformed JSON line ({err.msg})") from None
+        except RecursionError:
+            raise PromptError(f"{path}:{no}: JSON nested too deeply") from None
         prompt = rec.get("prompt") if isinstance(rec, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"{path}:{no}: no non-empty 'prompt' string")
@@ -58,8 +63,14 @@ def _from_jsonl(lines: Sequence[str], path: Path) -> list[str]:
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts from ``path``; the format is told from the content, not the extension."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PromptError(f"{path}: no such file")
+    if path.is_dir():
+        raise PromptError(f"{path}: a folder, not a prompts file")
+    if not path.is_file():
+        raise PromptError(f"{path}: not a regular file (a device or a pipe); give a prompts file")
+    if path.stat().st_size > MAX_BYTES:
+        raise PromptError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_BYTES} a prompts file may hold")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -73,6 +84,8 @@ def load_prompts(path: str | Path) -> list[str]:
             prompts = _from_json(json.loads(stripped), path)
         except json.JSONDecodeError as err:
             raise PromptError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+        except RecursionError:
+            raise PromptError(f"{path}: JSON nested too deeply to be a list of prompts") from None
     elif stripped.startswith("{"):
         prompts = _from_jsonl(lines, path)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 

@@ -2,8 +2,9 @@
 
 Layout and rules are the contract in docs/design.md ("Run format"): ``meta.json`` (rewritten atomically),
 ``metrics.jsonl`` (one line per step, one ``write`` + flush each so a crash can only tear the last line),
-``events.jsonl``, ``system.jsonl``, ``samples.jsonl`` (a bounded sample of completions per step), ``tb/``, ``traces/``, ``memory.json``, ``checkpoints/`` (the two folders only
-once something is written into them, by the profiler or a checkpoint). With ``world_size > 1`` each
+``events.jsonl``, ``system.jsonl``, ``samples.jsonl`` (a bounded sample of completions per step), ``tb/``,
+``traces/``, ``memory.json``, ``checkpoints/`` (the two folders only once something is written into them, by the
+profiler or a checkpoint). With ``world_size > 1`` each
 rank writes ``metrics.rank<k>.jsonl``; rank 0 alone writes the shared files and the reduced
 ``metrics.jsonl`` through :meth:`RunWriter.log_reduced`.
 """
@@ -17,12 +18,16 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .keys import FORMAT_VERSION, SOURCES, STATUSES, sanitize
 from .samples import SAMPLE_CHARS, SAMPLES_PER_STEP, sample_records
+
+if TYPE_CHECKING:  # the run format stays torch-free at run time
+    from torch.utils.tensorboard import SummaryWriter
 
 
 TB_FLUSH_SECS = 5
@@ -104,7 +109,7 @@ class JsonlAppender:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = None
+        self._fh: TextIO | None = None
         self._lock = threading.Lock()
 
     def append(self, record: Mapping[str, Any]) -> None:
@@ -114,7 +119,7 @@ class JsonlAppender:
         with self._lock:
             try:
                 if self._fh is None:
-                    self._fh = open(self.path, "a", encoding="utf-8")
+                    self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
                 self._fh.write(line)
                 self._fh.flush()
             except OSError as err:
@@ -177,7 +182,7 @@ class RunWriter:
         self._reduced = JsonlAppender(self.run_dir / "metrics.jsonl") if self.world_size > 1 and self.is_main else None
         self._events = JsonlAppender(self.run_dir / "events.jsonl")
         self._system = JsonlAppender(self.run_dir / "system.jsonl")
-        self._tb = None
+        self._tb: SummaryWriter | None = None
         self._tb_enabled = tensorboard and self.is_main
         self._tb_purge_step = tb_purge_step  # on resume: TensorBoard hides events from this step on, written before
         self._closed = False
@@ -297,7 +302,7 @@ class RunWriter:
     # the writer, or through the producer's options, before the first step)
     samples_per_step: int = SAMPLES_PER_STEP
     sample_chars: int = SAMPLE_CHARS
-    _samples: "JsonlAppender | None" = None
+    _samples: JsonlAppender | None = None
 
     def log_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """A bounded sample of one step's completions to ``samples.jsonl`` (rank 0 only; the file appears with
@@ -307,7 +312,9 @@ class RunWriter:
         if not self.is_main or self._closed:
             return []
         records = sample_records(step, samples, self.samples_per_step, self.sample_chars)
-        if records and self._samples is None:
+        if not records:
+            return records
+        if self._samples is None:
             self._samples = JsonlAppender(self.run_dir / "samples.jsonl")
         now = time.time()
         for rec in records:
@@ -347,7 +354,7 @@ class RunWriter:
             except OSError:
                 write_json_in_place(self.meta_path, self.meta)
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -13,9 +13,13 @@ reduced ``metrics.jsonl``, checkpoints and meta. Skips for non-finite values are
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import ExitStack, nullcontext
@@ -27,18 +31,38 @@ import torch
 
 from . import distributed as dist_utils
 from . import ppo
-from .checkpoint import list_checkpoints, load_checkpoint, own_storage, prepare_resume, save_checkpoint
+from .checkpoint import (clean_partial_writes, kill_point, list_checkpoints, load_checkpoint, own_storage,
+                         prepare_resume, save_checkpoint)
 from .config import TrainConfig
 from .analysis import LiveAlerts
+from .rules.base import is_alerting
+from .finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from .flat_params import FlatParams
-from .probes import kl_estimates, layer_metrics
+from .probes import kl_estimates, layer_metrics, rollout_mismatch
 from .prompts import batch_for_step, get_prompts
-from .rewards import RewardError, RewardFn, get_reward, score
+from .rewards import RewardError, RewardFn, distinct2, get_reward, identical_frac, score
 from .run_writer import RunWriter
+from .samples import repeated_ngram_frac
+
+
+# phases holding a collective every rank enters (the non-finite checks, DDP's gradient all-reduce): where a rank
+# waits for a slower one (rlhf_core.timeline); "logging" too when the adaptive KL all-reduces the KL
+COLLECTIVE_PHASES = ("advantages", "update", "optimizer")
 
 
 class RunnerError(Exception):
     """A problem with the inputs of a run (model not loadable, world size mismatch…): one line for the user."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the run closes as ``interrupted`` (the default handler would end
+    the process with ``meta.json`` still saying ``running``)."""
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line, capped: the ``reason`` of a failed run in ``meta.json``."""
+    text = " ".join(str(err).split())
+    return (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:500]
 
 
 @dataclass
@@ -98,36 +122,53 @@ class PPORunner:
         self._threads_before = torch.get_num_threads()
         self.threads = configure_threads(cfg)
         self.info = dist_utils.init_distributed(self.device)
+        self.clock = dist_utils.measure_clock_offset(self.info)  # every rank, before any rank-specific work
         if self.device.type == "cuda" and self.info.enabled:
             self.device = torch.device("cuda", self.info.local_rank)
         self.reward_fn = reward_fn or get_reward(cfg.reward)
+        self.heldout_fn = get_reward(cfg.heldout_reward) if cfg.heldout_reward else None  # logged, not optimised
         self.prompts = dist_utils.shard(get_prompts(cfg.prompts), self.info)
         if not self.prompts:
             raise RunnerError(f"rank {self.info.rank} got no prompts: fewer prompts than processes")
+        from .limits import step_memory_problem
+
+        problem = step_memory_problem(cfg, self.device)  # before the models: an oversized batch fails in a line
+        if problem:
+            raise RunnerError(problem)
         self._build_models()
         self._check_context()
-        # fused, over the one flat buffer: a single kernel for the whole model
-        self.optimizer = torch.optim.AdamW([self.params.data], lr=cfg.learning_rate, eps=1e-5,
+        # fused, over the one flat buffer: a single kernel for the whole model; no decay of biases and norms
+        self.optimizer = self.params.adamw(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else ppo.FixedKLController(cfg.kl_coef))
+        self.guard = WeightGuard(self.params.data, self.optimizer, keep=cfg.weight_guard == "restore")
+        self._nonfinite_streak = 0  # consecutive optimizer steps undone by the weight guard
+        self._restores = 0  # all optimizer steps it undid in this run (every session)
         self.start_step = 0
         if cfg.resume:
             self._resume()
         self.writer = RunWriter(
             cfg.run_dir, source="rlhf_core", config=cfg.to_dict(), rank=self.info.rank,
             world_size=self.info.world_size, device=str(self.device), tensorboard=not cfg.no_tensorboard,
-            resume=bool(cfg.resume), overwrite=cfg.overwrite, extra_meta={"torch_threads": self.threads},
+            resume=bool(cfg.resume), overwrite=cfg.overwrite,
+            extra_meta={"torch_threads": self.threads, "pid": os.getpid()},
             tb_purge_step=self.start_step + 1 if cfg.resume else None,
         )
         if cfg.resume:
-            self.writer.update_meta(config=cfg.to_dict())
+            self._record_resume()
         self.live = LiveAlerts(self.writer)  # the rules read the KL budget and clip norm from the run's meta
         if cfg.resume and self.info.is_main:
             self._replay_history()
         from profiler.phases import PhaseTimer
+        from profiler.timeline import TimelineRecorder
 
-        self.timer = PhaseTimer(self.device)
+        collective = COLLECTIVE_PHASES + (("logging",) if cfg.adaptive_kl else ())
+        self.timeline = TimelineRecorder(
+            self.writer.run_dir, rank=self.info.rank, world_size=self.info.world_size, role="runner",
+            clock=self.clock, collective=collective, exchange_waits=self.info.enabled,
+            group=dist_utils.host_group(self.info), source="rlhf_core")
+        self.timer = PhaseTimer(self.device, timeline=self.timeline)
 
     # ---------------------------------------------------------------- setup
     def _build_models(self) -> None:
@@ -173,15 +214,30 @@ class PPORunner:
                               f"{self.cfg.max_new_tokens} that exceeds the model's context of {limit} tokens")
 
     def _resume(self) -> None:
+        """Clean up after the interrupted session, cut its files at the newest complete checkpoint and load it;
+        with no complete checkpoint, start again from step 0 in the same run (nothing to load: the models were
+        just built from the same seed, as a fresh run builds them)."""
         cfg = self.cfg
         if self.info.is_main:
+            for removed in clean_partial_writes(cfg.run_dir):
+                print(f"resume: removed partial write {removed}", file=sys.stderr)
             step, path, dropped = prepare_resume(cfg.run_dir)
+            if path is None:
+                print("resume: no complete checkpoint; starting again from step 0", file=sys.stderr)
             for name, n in dropped.items():
                 print(f"resume: dropped {n} record(s) after step {step} from {name}", file=sys.stderr)
+            restores = self._count_weight_restores()
+            kill_point("resume:cleaned")
         dist_utils.barrier(self.info)
-        step, path = dist_utils.broadcast_object(
-            (step, str(path)) if self.info.is_main else None, self.info)
-        state = load_checkpoint(path, map_location=self.device)
+        step, path, self._restores = dist_utils.broadcast_object(
+            (step, None if path is None else str(path), restores) if self.info.is_main else None, self.info)
+        if path is None:
+            return
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike: the file is damaged
+            raise RunnerError(f"checkpoint {path} is unreadable ({_one_line(err)}); remove that folder to "
+                              "resume from the one before") from None
         if int(state["world_size"]) != self.info.world_size:
             raise RunnerError(f"checkpoint {path} was written by {state['world_size']} process(es); "
                               f"resume with the same number (now {self.info.world_size})")
@@ -194,6 +250,25 @@ class PPORunner:
         torch.set_rng_state(state["torch_rng"].cpu())
         self.start_step = int(state["step"])
 
+    def _record_resume(self) -> None:
+        """``meta.json`` of a resumed run: the config now in force, and where this session took over from
+        (the status and reason the run had; ``running`` there means its process died without closing it) and
+        the settings ``--resume_override`` let change."""
+        from .config import computation_changes
+
+        previous = self.writer.previous or {}
+        reason = previous.get("reason")
+        if previous.get("status") == "running":
+            reason = "the previous process ended without closing the run (killed, or the machine went down)"
+        saved = self.writer.meta.get("config")
+        changed = computation_changes(saved, self.cfg) if isinstance(saved, dict) else {}
+        entry = {"step": self.start_step, "time": time.time(), "previous_status": previous.get("status"),
+                 "previous_reason": reason}
+        if changed:
+            entry["changed"] = {k: list(v) for k, v in changed.items()}
+        self.writer.update_meta(config=self.cfg.to_dict(),
+                                resumed_from=self.writer.meta.get("resumed_from", []) + [entry])
+
     def _replay_history(self) -> None:
         """Feed the kept records to the rules without writing their alerts again (events.jsonl has them)."""
         from .run_reader import Run
@@ -202,9 +277,12 @@ class PPORunner:
 
     # ---------------------------------------------------------------- one step
     def _rollout(self, step: int):
+        from .policy import DTYPES
         from .sampling import generate, pad_and_concat
 
         cfg, tok = self.cfg, self.tokenizer
+        # --rollout_dtype: the sampler in its own precision, returning its log-probs to measure the mismatch
+        dtype = DTYPES[cfg.rollout_dtype] if cfg.rollout_dtype else None
         prompts = batch_for_step(self.prompts, cfg.batch_size, cfg.seed, step, self.info.rank)
         enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
         gen = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, "sample", step, self.info.rank))
@@ -213,7 +291,7 @@ class PPORunner:
             generate(self.policy.model, enc.input_ids[i: i + chunk], enc.attention_mask[i: i + chunk],
                      max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id, generator=gen, temperature=cfg.temperature,
-                     top_k=cfg.top_k, top_p=cfg.top_p)
+                     top_k=cfg.top_k, top_p=cfg.top_p, dtype=dtype, with_logprobs=dtype is not None)
             for i in range(0, len(prompts), chunk)
         ]
         if cfg.debug_slow_rank == self.info.rank and cfg.debug_slow_seconds > 0:
@@ -228,7 +306,7 @@ class PPORunner:
         from .policy import reference_logprobs, response_hidden, score_tokens
 
         cfg, timer, policy = self.cfg, self.timer, self.policy
-        timer.start_step()
+        timer.start_step(step)
 
         with timer.phase("rollout"):
             prompts, roll = self._rollout(step)
@@ -242,6 +320,12 @@ class PPORunner:
                 raise RunnerError(f"step {step}: {err}") from None
             if cfg.inject_nan_step == step:
                 scores[0] = math.nan
+            side = {"src/text/distinct2": distinct2(texts), "src/text/identical_frac": identical_frac(texts)}
+            if self.heldout_fn is not None:
+                try:
+                    side["reward/heldout"] = sum(score(self.heldout_fn, prompts, texts)) / len(texts)
+                except RewardError as err:
+                    raise RunnerError(f"step {step}: held-out reward: {err}") from None
             scores_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
 
         with timer.phase("ref_logprobs"):
@@ -251,8 +335,9 @@ class PPORunner:
 
         with timer.phase("old_logprobs"), torch.no_grad():
             # CleanRL-style: the policy's log-probs and values at sampling time; the sampler kept the hidden
-            # states, so only the head runs here (a fresh forward where it did not, or --old_logprobs recompute)
-            hidden = roll.hidden if cfg.old_logprobs_from_rollout else None
+            # states, so only the head runs here (a fresh forward where it did not, or --old_logprobs recompute,
+            # or --rollout_dtype: the trainer's own log-probs of the sampled tokens, to set against the sampler's)
+            hidden = roll.hidden if cfg.old_logprobs_from_rollout and roll.logprobs is None else None
             if hidden is None:
                 hidden = response_hidden(policy.model, roll.input_ids, roll.attention_mask, roll.prompt_len)
             old_logp, entropy = score_tokens(policy.model, hidden, roll.response_ids, impl=cfg.logprob_impl,
@@ -285,6 +370,11 @@ class PPORunner:
         with timer.phase("logging"):
             record = self._step_metrics(step, scores, roll, mask, old_logp, ref_logp, entropy, old_values,
                                         returns, kl_coef, raw_adv_mean, raw_adv_std, stats, layer_norms, skipped)
+            record.update(side)
+            if roll.logprobs is not None:  # --rollout_dtype: the sampler's log-probs vs the trainer's recompute
+                record.update(rollout_mismatch(old_logp, roll.logprobs, mask))
+            self._log_samples(step, prompts, texts, scores, kl_tok, mask)
+            record["src/text/repeated_ngram_frac"] = repeated_ngram_frac(texts)
             seq_kl = (kl_tok.sum(-1).mean().item())
             if cfg.adaptive_kl:  # every rank must move the coefficient by the same, global KL
                 seq_kl = dist_utils.all_reduce_mean({"kl": seq_kl}, self.info, self.device)["kl"]
@@ -332,7 +422,13 @@ class PPORunner:
                                           message=f"non-finite loss or gradient at step {step}: optimizer step skipped",
                                           data={"loss": loss.item(), "grad_norm": grad_norm})
                         continue
+                    self.guard.save()
                     self.optimizer.step()
+                    if self._any_nonfinite(0.0 if self.guard.finite() else math.nan):
+                        skipped += 1
+                        self._undo_nonfinite_update(step, grad_norm)
+                        continue
+                    self._nonfinite_streak = 0
                     stats["loss/total"].append(loss.item())
                     stats["loss/policy"].append(pl.loss.item())
                     stats["loss/value"].append(vl.item())
@@ -349,6 +445,39 @@ class PPORunner:
                         layer_norms[block].append(value)
         self.params.release_grads()
         return skipped
+
+    def _undo_nonfinite_update(self, step: int, grad_norm: float) -> None:
+        """The weights went non-finite in an optimizer step: restore them and the optimizer state from before
+        it, record the skip, and stop the run after ``MAX_NONFINITE_UPDATES`` such steps in a row
+        (``--weight_guard check`` keeps no copy: the run stops at once)."""
+        if not self.guard.keep:
+            raise RunnerError(f"step {step}: the weights went non-finite in an optimizer step (learning rate "
+                              f"{self.optimizer.param_groups[0]['lr']:g} too high?); --weight_guard check cannot "
+                              "undo it: resume from the newest checkpoint")
+        self.guard.restore()
+        self._nonfinite_streak += 1
+        self._restores += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.writer.event(step, "skip", severity="warning", rule="nonfinite",
+                          message=f"non-finite weights after an optimizer step at step {step}: weights and "
+                                  "optimizer state restored, optimizer step skipped",
+                          data={"what": "weights", "lr": lr, "grad_norm": grad_norm,
+                                "consecutive": self._nonfinite_streak})
+        if self._nonfinite_streak >= MAX_NONFINITE_UPDATES:
+            raise RunnerError(f"step {step}: the weights went non-finite in {self._nonfinite_streak} optimizer "
+                              f"steps in a row (each undone; learning rate {lr:g} too high?); the last finite "
+                              "weights are those of the newest checkpoint")
+
+    def _log_samples(self, step: int, prompts: list[str], texts: list[str], scores: list[float],
+                     kl_tok: torch.Tensor, mask: torch.Tensor) -> None:
+        """A bounded sample of this step's completions to ``samples.jsonl`` (rank 0): the text shows reward
+        hacking and collapse before the scalars do. ``kl`` is the sequence's summed per-token KL penalty term."""
+        if not self.info.is_main:
+            return
+        kl = kl_tok.sum(-1).tolist()
+        lengths = mask.sum(-1).long().tolist()
+        self.writer.log_samples(step, [{"prompt": p, "completion": t, "reward": r, "kl": k, "length": n}
+                                       for p, t, r, k, n in zip(prompts, texts, scores, kl, lengths)])
 
     def _step_metrics(self, step, scores, roll, mask, old_logp, ref_logp, entropy, old_values, returns, kl_coef,
                       adv_mean, adv_std, stats, layer_norms, skipped) -> dict[str, Any]:
@@ -400,7 +529,9 @@ class PPORunner:
         return run_record, reduced
 
     def _announce(self, alert) -> None:
-        """One console line per alert (already written to events.jsonl by the live analysis)."""
+        """One console line per warning or critical alert (every alert, info too, is already an event)."""
+        if not is_alerting(alert.severity):
+            return
         self._print(f"{alert.severity.upper()} [{alert.rule}] step {alert.step}: {alert.message} "
                     f"(suggestion: {alert.suggestion})")
 
@@ -427,6 +558,18 @@ class PPORunner:
                                                            "world_size": self.info.world_size})
         dist_utils.barrier(self.info)
 
+    def _export_model(self) -> None:
+        """``--save_model``: the trained policy as a ``save_pretrained`` folder, ``<run_dir>/model``, with its
+        tokenizer, for the user's next stage (``state.pt`` only resumes this runner); the value head beside it in
+        ``value_head.pt`` (``{"weight", "bias"}`` of a ``Linear(hidden, 1)``)."""
+        if self.info.is_main:
+            out = Path(self.cfg.run_dir) / "model"
+            # own storage: the parameters are views of one flat buffer, which safetensors refuses to save
+            self.policy.model.save_pretrained(out, state_dict=own_storage(self.policy.model.state_dict()))
+            self.tokenizer.save_pretrained(out)
+            torch.save(own_storage(self.policy.v_head.state_dict()), out / "value_head.pt")
+        dist_utils.barrier(self.info)
+
     def _trace_session(self):
         cfg = self.cfg
         if not cfg.profile:
@@ -435,7 +578,8 @@ class PPORunner:
 
         return TraceSession(self.writer.traces_dir, wait=cfg.profile_wait, warmup=cfg.profile_warmup,
                             active=cfg.profile_active, repeat=cfg.profile_repeat, device=self.device,
-                            rank=self.info.rank, step_offset=self.start_step + 1)
+                            rank=self.info.rank, step_offset=self.start_step + 1, with_stack=cfg.profile_full,
+                            memory_timeline=cfg.profile_full, writer=self.writer)
 
     def run(self) -> RunResult:
         from tqdm import tqdm
@@ -443,7 +587,8 @@ class PPORunner:
         cfg = self.cfg
         total = cfg.total_steps
         sampler = None
-        status, last, step = "failed", None, self.start_step
+        status, reason, last, step = "failed", None, None, self.start_step
+        old_term = self._catch_sigterm()
         try:
             if cfg.sample_interval > 0:
                 from profiler.sampler import SystemSampler
@@ -469,17 +614,54 @@ class PPORunner:
                     if (cfg.save_every and step % cfg.save_every == 0) or step == total:
                         self._checkpoint(step)
                     bar.update(1)
+            if self._restores:
+                raise RunnerError(f"the weights went non-finite in {self._restores} optimizer step(s), each undone "
+                                  "and skipped (events.jsonl); the run is not marked finished")
+            if cfg.save_model:
+                self._export_model()
             status = "finished"
-        except KeyboardInterrupt:
-            status = "interrupted"
+        except KeyboardInterrupt as err:
+            status, reason = "interrupted", "SIGTERM" if isinstance(err, Terminated) else "KeyboardInterrupt"
+            raise
+        except BaseException as err:
+            reason = _one_line(err)
             raise
         finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
             if sampler is not None:
                 sampler.stop()
-            self._finish(status)
+            self._finish(status, reason)
         return RunResult(Path(cfg.run_dir), step, last, status)
 
-    def _finish(self, status: str) -> None:
+    @staticmethod
+    def _catch_sigterm() -> Any:
+        """Turn SIGTERM into :class:`Terminated` for the run (main thread only); returns the old handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            raise Terminated()
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _count_weight_restores(self) -> int:
+        """Optimizer steps the weight guard undid in the sessions before this one (rank 0, from
+        ``events.jsonl`` already cut at the resumed checkpoint)."""
+        path = Path(self.cfg.run_dir) / "events.jsonl"
+        if not path.is_file():
+            return 0
+        n = 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            data = rec.get("data") if isinstance(rec, dict) else None
+            n += isinstance(data, dict) and rec.get("kind") == "skip" and data.get("what") == "weights"
+        return n
+
+    def _finish(self, status: str, reason: str | None = None) -> None:
         """End of a run: close the writer with its status and print where everything is (rank 0).
 
         The memory report (``memory.json``) hooks in here, before the writer closes.
@@ -491,7 +673,14 @@ class PPORunner:
                 write_run_memory(self.writer.run_dir, self.cfg.to_dict(), self.policy.model.config)
             except Exception as err:  # noqa: BLE001 - a failed report must not fail the run
                 print(f"memory.json not written: {type(err).__name__}: {err}", file=sys.stderr)
-        self.writer.close(status)
+        try:
+            self.timer.close()
+        except OSError as err:  # a full disk: the timeline's last lines are lost, the status must still go out
+            print(f"timeline not flushed: {err}", file=sys.stderr)
+        try:
+            self.writer.close(status, reason)
+        except OSError as err:  # not even an in-place rewrite of meta.json fit: say so, keep the run's own error
+            print(f"meta.json not updated to {status!r}: {err}", file=sys.stderr)
         torch.set_num_threads(self._threads_before)
         if self.info.is_main:
             run = Path(self.cfg.run_dir)
@@ -503,6 +692,8 @@ class PPORunner:
             print(f"  events:      {events} ({n_events} event(s))" if n_events else "  events:      (none)")
             print(f"  tensorboard: {self.writer.tb_dir if not self.cfg.no_tensorboard else '(off)'}")
             print(f"  checkpoints: {', '.join(str(p) for p in ckpts) or '(none)'}")
+            if self.cfg.save_model and status == "finished":
+                print(f"  model:       {run / 'model'} (save_pretrained)")
         if self.info.enabled:
             # DDP's reducer keeps the gloo process group and its last async work (with tensors) alive; freed at
             # interpreter teardown they abort the process ("terminate called without an active exception").
