@@ -29,7 +29,10 @@ class Extras:
     """The profiler's system sampler (``system.jsonl``, main process only) and a scheduled torch.profiler
     session (Chrome traces and op tables under ``traces/``); either may be off. Call :meth:`step` once per
     optimizer step and :meth:`close` at the end (both safe when nothing was started). ``trace_options`` go to
-    ``TraceSession`` (e.g. ``{"with_stack": False, "profile_memory": False}`` for a cheaper trace)."""
+    ``TraceSession``: its defaults leave out the slow artefacts; ``{"with_stack": True}`` adds the Python stacks,
+    ``{"memory_timeline": True}`` those and the memory timeline HTML, ``{"profile_memory": False}`` makes it
+    cheaper still.
+    A requested window the run never reached is a warning line and a ``trace`` event at :meth:`close`."""
 
     def __init__(self, writer: RunWriter, *, interval_s: float | None, schedule: dict[str, int] | None,
                  device: str, step_offset: int = 0, trace_options: Mapping[str, Any] | None = None):
@@ -45,8 +48,9 @@ class Extras:
                 from profiler.tracing import TraceSession
 
                 self.tracer = self._stack.enter_context(TraceSession(
-                    writer.traces_dir, device=device, rank=writer.rank, step_offset=step_offset, **schedule,
-                    **dict(trace_options or {})))
+                    writer.traces_dir, wait=schedule["wait"], warmup=schedule["warmup"], active=schedule["active"],
+                    repeat=schedule["repeat"], device=device, rank=writer.rank, step_offset=step_offset,
+                    writer=writer, **dict(trace_options or {})))
         except BaseException:
             self._stack.close()
             raise

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from profiler.phases import PhaseTimer
+from profiler.timeline import TimelineRecorder
 from rlhf_core.analysis import LiveAlerts
 from rlhf_core.probes import block_drift, block_grad_norms, kl_estimates, layer_metrics, param_snapshot
 from rlhf_core.detectors import Alert
@@ -42,12 +43,13 @@ class KitRun:
     """One run being written by a custom loop: phases, step records with probes, live alerts."""
 
     def __init__(self, writer: RunWriter, *, device: str = "cpu", alerts: bool = True,
-                 diagnoser_config: Mapping[str, Any] | None = None, mapping: str = "none"):
+                 diagnoser_config: Mapping[str, Any] | None = None, mapping: str = "none",
+                 timeline: TimelineRecorder | None = None):
         if mapping not in MAPPERS:
             raise ValueError(f"unknown mapping {mapping!r}; choose from {', '.join(MAPPERS)}")
         self.writer = writer
         self._map = MAPPERS[mapping]
-        self._timer = PhaseTimer(device)
+        self._timer = PhaseTimer(device, timeline=timeline)
         self._in_step = False
         self._grads: tuple[float, dict[str, float]] | None = None
         self._start_params: dict[int, dict[str, torch.Tensor]] = {}
@@ -85,7 +87,7 @@ class KitRun:
         """Write the record of ``step``: mapped metrics, phase times, and probes of the models given."""
         record: dict[str, Any] = {}
         if self._in_step:
-            record.update(self._timer.end_step())
+            record.update(self._timer.end_step(step))
             self._in_step = False
         record.update(self._map(dict(metrics or {})))
         if model is not None:
@@ -134,15 +136,25 @@ def run(
     world_size: int | None = None,
     device: str = "cpu",
     mapping: str = "none",
-    system_interval_s: float | None = None,
+    system_interval_s: float | None = 1.0,
     trace_steps: int | tuple[int, ...] | None = None,
     trace_options: Mapping[str, Any] | None = None,
     alerts: bool = True,
     diagnoser_config: Mapping[str, Any] | None = None,
+    role: str = "worker",
+    collective_phases: tuple[str, ...] = (),
+    exchange_waits: bool = False,
 ) -> Iterator[KitRun]:
     """Open a run directory for a custom loop; the final status (finished/failed/interrupted) is always written.
 
-    ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` set by torchrun or accelerate.
+    ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` set by torchrun or accelerate. The system
+    sampler (``system.jsonl``, main process) reads CPU, RSS and GPUs every ``system_interval_s`` (1 s, as in the
+    TRL adapter and the runner; None turns it off); ``trace_steps``/``trace_options`` as in the TRL adapter.
+    Phase intervals go to ``timeline.rank<N>.jsonl`` labelled with ``role``; with an initialised
+    ``torch.distributed`` group every rank measures its clock offset to rank 0 here (so every rank must call
+    ``run``). ``collective_phases`` names the phases that hold a collective (where ranks wait for each other,
+    docs/timeline.md); ``exchange_waits`` also puts each rank's measured waits in its records
+    (``wait/<phase>``): one small all-reduce per logged step, so only for loops where every rank logs every step.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -152,10 +164,28 @@ def run(
     with RunWriter(run_dir, source=source, config=config, rank=rank, world_size=world_size, device=device,
                    overwrite=overwrite, resume=resume,
                    extra_meta={"adapter": {"name": "adapters.generic", "trace": trace}}) as writer:
-        kit_run = KitRun(writer, device=device, alerts=alerts, diagnoser_config=diagnoser_config, mapping=mapping)
+        clock, group = _clock_of(rank, world_size)
+        recorder = TimelineRecorder(writer.run_dir, rank=rank, world_size=world_size, role=role, clock=clock,
+                                    collective=collective_phases, exchange_waits=exchange_waits, group=group,
+                                    source=source)
+        kit_run = KitRun(writer, device=device, alerts=alerts, diagnoser_config=diagnoser_config, mapping=mapping,
+                         timeline=recorder)
         kit_run._extras = Extras(writer, interval_s=system_interval_s, schedule=trace, device=device,
                                  step_offset=1, trace_options=trace_options)
         try:
             yield kit_run
         finally:
             kit_run._extras.close()
+            kit_run._timer.close()
+
+
+def _clock_of(rank: int, world_size: int) -> tuple[Any, Any]:
+    """(clock offset to rank 0, CPU process group) when a torch.distributed group is up; else a lone clock."""
+    from rlhf_core import distributed as dist_utils
+    from rlhf_core.clock import ClockOffset
+
+    dist = torch.distributed
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return ClockOffset(), None
+    info = dist_utils.DistInfo(rank, world_size)
+    return dist_utils.measure_clock_offset(info), dist_utils.host_group(info)

@@ -7,7 +7,8 @@ lost. A few entries also derive a value (veRL's GiB → bytes, TRL's truncation 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rlhf_core.keys import is_canonical, prefixed_unmapped, to_number
 
@@ -50,6 +51,9 @@ TRL_PREFIXES: dict[str, str] = {"rewards/": "reward/"}
 # Keys of TRL's end-of-training summary log (not a step): kept in meta.json instead.
 TRL_SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
                               "train_loss"})
+# What marks a log as that summary: with include_num_input_tokens_seen, transformers puts train_runtime (and
+# train_tokens_per_second) into every step's log too, so only these two tell the summary apart.
+TRL_SUMMARY_MARKERS = frozenset({"train_loss", "total_flos"})
 
 # OpenRLHF ≥ 0.9 (TensorboardLogger: ``train/<key>``; ``eval/<key>`` is imported under ``eval/``).
 OPENRLHF_KEYS: dict[str, str] = {

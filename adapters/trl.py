@@ -29,13 +29,14 @@ from transformers import TrainerCallback
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
 from rlhf_core.analysis import LiveAlerts
-from rlhf_core.keys import sanitize
+from rlhf_core.keys import CumulativeRate, sanitize, to_number
 from rlhf_core.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
 from rlhf_core.run_writer import RunWriter
+from rlhf_core.samples import SAMPLE_CHARS, SAMPLES_PER_STEP, text_of
 
 from . import trl_profiling
 from .extras import Extras, TraceSpec, trace_schedule
-from .mapping import TRL_SUMMARY_KEYS, map_trl
+from .mapping import TRL_SUMMARY_MARKERS, map_trl
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class RLHFKitCallback(TrainerCallback):
         kl_budget: float | None = None,
         show_nan: bool = True,
         tensorboard: bool = False,
+        samples_per_step: int = SAMPLES_PER_STEP,
+        sample_chars: int = SAMPLE_CHARS,
     ):
         if probe_every < 1:
             raise ValueError("probe_every must be >= 1")
@@ -108,6 +111,7 @@ class RLHFKitCallback(TrainerCallback):
         self.trace_options = dict(trace_options or {})
         self.alerts, self.diagnoser_config, self.kl_budget = alerts, diagnoser_config, kl_budget
         self.show_nan, self.tensorboard = show_nan, tensorboard
+        self.samples_per_step, self.sample_chars = samples_per_step, sample_chars
         self.writer: RunWriter | None = None
         self._model = None
         self._reset_state()
@@ -126,6 +130,10 @@ class RLHFKitCallback(TrainerCallback):
         self._extras: Extras | None = None
         self._live: LiveAlerts | None = None
         self._clip_patched = None
+        self._samples_seen: tuple | None = None
+        self._pairs: dict[str, Any] | None = None
+        self._pairs_patched = None
+        self._tokens = CumulativeRate()
 
     # ------------------------------------------------------------------ setup and teardown
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -157,22 +165,27 @@ class RLHFKitCallback(TrainerCallback):
                 extra_meta={"adapter": {"name": "adapters.trl", "probe_every": self.probe_every,
                                         "trace": self.trace}},
             )
+            self.writer.samples_per_step, self.writer.sample_chars = self.samples_per_step, self.sample_chars
         from .generic import _clock_of
 
         clock, group = _clock_of(rank, world)
         self._timer = PhaseTimer(args.device, timeline=TimelineRecorder(
             self.writer.run_dir, rank=rank, world_size=world, role="trainer", clock=clock, group=group,
-            source="trl"))
+            collective=("update",) if world > 1 else (), source="trl"))  # DDP all-reduces in the backward
         if self.drift and self._model is not None:
             self._start_params = param_snapshot(self._model, trainable_only=True)
         trl_profiling.add_listener(self._on_span)
         if self.grad_norms:
             self._patch_clip()
+        if self.writer.is_main:
+            self._patch_pairs()
         if self.alerts and self.writer.is_main:
             overrides = dict(self.diagnoser_config or {})
             if self.kl_budget is not None:
                 overrides["kl_budget"] = self.kl_budget
             self._live = LiveAlerts(self.writer, overrides, rank=rank if world > 1 else None)
+        # TRL's num_tokens counts from 0 in a fresh run; a resumed one starts from a count we have not seen
+        self._tokens = CumulativeRate(start=0.0 if int(state.global_step) == 0 else None)
         self._extras = Extras(self.writer, interval_s=self.system_interval_s, schedule=self.trace,
                               device=str(args.device), step_offset=int(state.global_step) + 1,
                               trace_options=self.trace_options)
@@ -212,6 +225,7 @@ class RLHFKitCallback(TrainerCallback):
         finally:
             trl_profiling.remove_listener(self._on_span)
             self._unpatch_clip()
+            self._unpatch_pairs()
             if self._optim_phase is not None:
                 self._optim_phase.close()
             if self._extras is not None:
@@ -291,6 +305,7 @@ class RLHFKitCallback(TrainerCallback):
             rel, per_block = block_drift(self._model, self._start_params)
             record["drift/rel"] = rel
             record.update(layer_metrics("drift", per_block))
+        self._tokens.add_time(float(record.get("time/step", 0.0)))
         self._extras.step()
         self._pending, self._pending_step = record, int(state.global_step)
         self._t_begin = self._t_pre = None
@@ -298,11 +313,14 @@ class RLHFKitCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.writer is None or not logs:
             return
-        if TRL_SUMMARY_KEYS & set(logs):
+        if TRL_SUMMARY_MARKERS & set(logs):
             clean, nonfinite = sanitize(logs)
             self.writer.update_meta(trl_summary=dict(clean, nonfinite=nonfinite) if nonfinite else clean)
             return
         mapped = map_trl(logs, trainer=type(self.trainer).__name__ if self.trainer is not None else None)
+        self._throughput(logs, mapped)
+        if not any(k.startswith("eval_") for k in logs):
+            self._log_samples(int(state.global_step))
         if self._pending is not None and self._pending_step == state.global_step:
             # TRL's pre-clip norm is the same number as ours; keep TRL's when both exist
             self._pending.update(mapped)
@@ -311,6 +329,107 @@ class RLHFKitCallback(TrainerCallback):
                 self._flush()
         else:
             self._write(int(state.global_step), mapped)
+
+    def _throughput(self, logs: Mapping[str, Any], mapped: dict[str, Any]) -> None:
+        """``throughput/tokens_per_s`` from TRL's cumulative ``num_tokens`` (GRPO/RLOO: prompt + completion
+        tokens of all processes; DPO/SFT: attention-mask tokens), or a plain ``Trainer``'s
+        ``num_input_tokens_seen`` (``include_num_input_tokens_seen``), over the step time since it last grew,
+        so the report, dashboard and rules see one throughput key whatever the producer."""
+        count = to_number(logs.get("num_tokens", logs.get("num_input_tokens_seen")))
+        if count is None or "throughput/tokens_per_s" in mapped:
+            return
+        rate = self._tokens.update(count)
+        if rate is not None:
+            mapped["throughput/tokens_per_s"] = rate
+
+    def _log_samples(self, step: int) -> None:
+        """A bounded sample of this step's text to ``samples.jsonl``: GRPO/RLOO's completions, or DPO's pairs."""
+        if self.writer is None:
+            return
+        samples = self._generation_samples() or self._pair_samples()
+        if samples:
+            self.writer.log_samples(step, samples)
+
+    def _generation_samples(self) -> list[dict[str, Any]]:
+        """GRPO/RLOO keep the latest generation batch's prompts, completions and per-function rewards in
+        ``trainer._logs`` (what their ``log_completions`` prints); taken once per generation batch."""
+        logs = getattr(self.trainer, "_logs", None)
+        if not isinstance(logs, Mapping) or not logs.get("completion"):
+            return []
+        prompts, completions = list(logs.get("prompt", [])), list(logs["completion"])
+        seen = (len(completions), str(completions[0])[:200], str(completions[-1])[:200])
+        if seen == self._samples_seen:
+            return []  # no new generation since the last log
+        self._samples_seen = seen
+        components = {str(name): list(values) for name, values in (logs.get("rewards") or {}).items()}
+        names = list(components)
+        weights = getattr(self.trainer, "reward_weights", None)
+        weights = [float(w) for w in weights.tolist()] if hasattr(weights, "tolist") and len(weights) == len(names) \
+            else [1.0] * len(names)
+        advantages = list(logs.get("advantages", []))
+        tokenizer = getattr(self.trainer, "processing_class", None)
+        samples = []
+        for i, completion in enumerate(completions):
+            parts = {n: components[n][i] for n in names if i < len(components[n])}
+            finite = [(weights[j], parts[n]) for j, n in enumerate(names) if isinstance(parts.get(n), (int, float))]
+            sample: dict[str, Any] = {"prompt": prompts[i] if i < len(prompts) else "", "completion": completion,
+                                      "reward": sum(w * v for w, v in finite) if finite else None, "rewards": parts,
+                                      "length": _token_length(tokenizer, completion)}
+            if i < len(advantages):
+                sample["advantage"] = advantages[i]
+            samples.append(sample)
+        return samples
+
+    def _patch_pairs(self) -> None:
+        """DPO: keep the token ids of the first pairs of each training batch (``compute_loss`` sees them; the
+        callback does not), decoded into prompt/chosen/rejected samples when the step is logged."""
+        trainer = self.trainer
+        if trainer is None or self.samples_per_step <= 0 or not hasattr(trainer, "compute_loss") \
+                or "DPO" not in type(trainer).__name__:
+            return
+        original = trainer.compute_loss
+        keep = self.samples_per_step
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            if getattr(model, "training", False) and isinstance(inputs, Mapping) and "completion_mask" in inputs:
+                ids = inputs["input_ids"]
+                half = ids.shape[0] // 2  # the batch is [chosen..., rejected...]
+                rows = list(range(min(keep, half))) + list(range(half, half + min(keep, half)))
+                self._pairs = {k: inputs[k].detach()[rows].cpu() for k in ("input_ids", "completion_mask",
+                                                                           "attention_mask") if k in inputs}
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss
+        self._pairs_patched = (trainer, compute_loss)
+
+    def _unpatch_pairs(self) -> None:
+        if self._pairs_patched is None:
+            return
+        trainer, wrapper = self._pairs_patched
+        if trainer.__dict__.get("compute_loss") is wrapper:
+            del trainer.compute_loss
+        self._pairs_patched = None
+
+    def _pair_samples(self) -> list[dict[str, Any]]:
+        """The pairs kept by :meth:`_patch_pairs` as samples (``chosen``/``rejected`` text, lengths in tokens)."""
+        pairs, self._pairs = self._pairs, None
+        tokenizer = getattr(self.trainer, "processing_class", None)
+        decode = getattr(tokenizer, "decode", None) or getattr(getattr(tokenizer, "tokenizer", None), "decode", None)
+        if not pairs or not callable(decode):
+            return []
+        ids, completion = pairs["input_ids"], pairs["completion_mask"].bool()
+        attention = pairs.get("attention_mask")
+        attention = attention.bool() if attention is not None else ids.new_ones(ids.shape, dtype=bool)
+        n = ids.shape[0] // 2
+        samples = []
+        for i in range(n):
+            chosen, rejected = ids[i][completion[i]], ids[n + i][completion[n + i]]
+            prompt = ids[i][attention[i] & ~completion[i]]
+            samples.append({"prompt": decode(prompt.tolist(), skip_special_tokens=True),
+                            "chosen": decode(chosen.tolist(), skip_special_tokens=True),
+                            "rejected": decode(rejected.tolist(), skip_special_tokens=True),
+                            "length": int(chosen.numel()), "rejected_length": int(rejected.numel())})
+        return samples
 
     def _flush(self) -> None:
         if self._pending is not None and self.writer is not None:
@@ -321,6 +440,18 @@ class RLHFKitCallback(TrainerCallback):
         record = self.writer.log(step, metrics)
         if self._live is not None:
             self._live.update([record])
+
+
+def _token_length(tokenizer: Any, completion: Any) -> int:
+    """Tokens of a completion (its words when there is no text tokenizer)."""
+    text = text_of(completion)
+    encode = getattr(tokenizer, "encode", None) or getattr(getattr(tokenizer, "tokenizer", None), "encode", None)
+    if callable(encode):
+        try:
+            return len(encode(text, add_special_tokens=False))
+        except (TypeError, ValueError):
+            pass
+    return len(text.split())
 
 
 def profile_trainer(trainer, run_dir: str | os.PathLike, **options: Any) -> RLHFKitCallback:

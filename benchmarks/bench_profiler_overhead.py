@@ -127,7 +127,7 @@ def trace_window(runner, step: int, trace_dir: Path, with_stack: bool) -> dict:
 
     active, export = [], 0.0
     with TraceSession(trace_dir, wait=0, warmup=1, active=TRACE_ACTIVE, repeat=1, device=runner.device,
-                      with_stack=with_stack) as ts:
+                      with_stack=with_stack, memory_timeline=with_stack) as ts:
         timed_steps(runner, step)
         ts.step()
         for i in range(TRACE_ACTIVE):

@@ -1,7 +1,8 @@
 """``rlhfkit report RUN_DIR``: where the time and memory of a run's steps went.
 
 Per-phase table (ms/step, share of the step, peak memory), the untimed remainder, throughput, the slowest
-steps and the phase that made each slow, the top ops of the latest trace, and a system summary. ``--json``
+steps and the phase that made each slow, the top ops of the latest trace and what exporting the trace windows
+cost (their ``.export.json``: no step record holds that time), and a system summary. ``--json``
 prints the same content as one JSON object. Reads the run only through :class:`rlhf_core.run_reader.Run` and
 never imports torch, so it runs anywhere a run directory can be copied to.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rlhf_core.analysis import RunAnalysis
-from rlhf_core.keys import PHASES
+from rlhf_core.keys import PHASES, CumulativeRate
 from rlhf_core.run_reader import Run, RunError, read_json_file, summarize
 
 from .trace_analysis import TraceError, load_trace, op_kind, op_totals, phase_summary
@@ -116,6 +117,71 @@ def latest_trace_info(run: Run, top: int, problems: list[str]) -> dict[str, Any]
     return {"trace": str(trace), "ops_source": source, "sort_key": key, "ops": top_rows, "phases": phases}
 
 
+def _export_info(data: Any) -> dict[str, Any] | None:
+    """The usable part of one ``.export.json`` (seconds per artefact, total, bytes); None when it is foreign."""
+    if not isinstance(data, dict) or not isinstance(data.get("export_s"), dict):
+        return None
+    parts = {str(k): float(v) for k, v in data["export_s"].items() if _finite([v])}
+    total = _val(data.get("total_s"), math.nan)
+    sizes = data.get("bytes")
+    size_values: list[float] = _finite(sizes.values()) if isinstance(sizes, dict) else []
+    return {"total_s": total if math.isfinite(total) else sum(parts.values()),
+            "parts_s": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+            "bytes": round(sum(size_values)),
+            "rank": data.get("rank") if isinstance(data.get("rank"), int) else None}
+
+
+def trace_exports(run: Run, problems: list[str]) -> dict[str, Any] | None:
+    """Export cost of every trace window: the latest one by artefact, and per rank the seconds all its windows
+    blocked training (the largest of those is ``total_s``). None when no window left an ``.export.json``."""
+    per_window = []
+    for trace in run.traces():
+        info = _export_info(_sidecar_json(trace, ".export.json", problems))
+        if info is not None:
+            per_window.append(info)
+    if not per_window:
+        return None
+    by_rank: dict[str, tuple[float, int]] = {}
+    for info in per_window:
+        seconds, count = by_rank.get(str(info["rank"]), (0.0, 0))
+        by_rank[str(info["rank"])] = (seconds + info["total_s"], count + 1)
+    total, windows = max(by_rank.values())
+    return {"windows": windows, "total_s": total, "latest": per_window[-1]}
+
+
+def trace_hint(source: Any) -> str:
+    """How to get a trace, in the words of the producer that wrote the run (the runner's flags mean nothing to
+    a TRL user, and an imported run cannot be traced after the fact)."""
+    if source == "rlhf_core":
+        return "train with --profile, window set by --profile_wait, --profile_warmup, --profile_active"
+    if source in ("trl", "transformers"):
+        return "profile_trainer(trainer, run_dir, trace_steps=N), or RLHFKitCallback(..., trace_steps=N)"
+    if source in ("import", "openrlhf", "verl", "tensorboard"):
+        return "traces are not available from an imported run"
+    return "kit.run(..., trace_steps=N) in adapters.generic"
+
+
+def missed_windows(run: Run) -> list[str]:
+    """The messages of ``trace`` events saying a requested window never ran (the run ended first)."""
+    return [str(e.get("message")) for e in run.events()
+            if e.get("kind") == "trace" and e.get("rule") == "window_missed"]
+
+
+def cumulative_rates(records: list[dict[str, Any]], key: str = "src/num_tokens") -> list[float]:
+    """Tokens/s from a cumulative token count (TRL's ``num_tokens``, kept as ``src/num_tokens`` by runs written
+    before the TRL adapter mapped it) and the step times since the count last grew; from 0 when the run starts
+    at step 1, else from its first reading."""
+    counter = CumulativeRate(start=0.0 if records and records[0].get("step") == 1 else None)
+    rates: list[float] = []
+    for r in records:
+        counter.add_time(_val(r.get("time/step"), 0.0))
+        count = _val(r.get(key), math.nan)
+        rate = counter.update(count)
+        if rate is not None:
+            rates.append(rate)
+    return rates
+
+
 def _system_summary(records: list[dict[str, Any]], problems: list[str], path: Path) -> dict[str, Any] | None:
     if not records:
         return None
@@ -177,7 +243,11 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     untimed = None if mean_step is None else {"ms_per_step": 1000 * mean_step - timed,
                                                "share": 1 - timed / (1000 * mean_step) if mean_step else None}
     tps = _finite(r.get("throughput/tokens_per_s") for r in records)
-    throughput = {"tokens_per_s_mean": _mean(tps), "tokens_per_s_median": _median(tps)} if tps else None
+    tps_source = "throughput/tokens_per_s"
+    if not tps:
+        tps, tps_source = cumulative_rates(records), "src/num_tokens over time/step"
+    throughput = {"tokens_per_s_mean": _mean(tps), "tokens_per_s_median": _median(tps),
+                  "source": tps_source} if tps else None
     slow_rows = []
     traced = traced_steps(run)
     if steps:
@@ -205,6 +275,9 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
                  "peak_bytes": max(peaks) if peaks else None},
         "phases": phase_rows, "untimed": untimed, "throughput": throughput, "slowest": slow_rows,
         "trace": None if trace is None else {k: v for k, v in trace.items() if k != "phases"},
+        "trace_export": trace_exports(run, problems),
+        "trace_missed": missed_windows(run),
+        "trace_hint": trace_hint(run.meta.get("source")),
         "system": system,
         "alerts": alerts,
         "problems": problems,
@@ -254,8 +327,12 @@ def render(report: dict[str, Any], console: Any) -> None:
         t.add_row("[dim](untimed)[/dim]", _ms(u["ms_per_step"]), "", _pct(u["share"]), "", "")
     console.print(t)
     tp = report["throughput"]
-    console.print("throughput: " + (f"{tp['tokens_per_s_mean']:,.1f} tokens/s mean, "
-                                    f"{tp['tokens_per_s_median']:,.1f} median" if tp else "not logged"))
+    if tp is None:
+        console.print("throughput: not logged (throughput/tokens_per_s)")
+    else:
+        derived = "" if tp["source"] == "throughput/tokens_per_s" else f" (from {tp['source']})"
+        console.print(f"throughput: {tp['tokens_per_s_mean']:,.1f} tokens/s mean, "
+                      f"{tp['tokens_per_s_median']:,.1f} median{derived}", soft_wrap=True)
     if report["slowest"]:
         t = Table(title="Slowest steps", title_justify="left")
         for col in ("step", "ms", "over median", "slowest phase", "phase over median", "note"):
@@ -265,8 +342,12 @@ def render(report: dict[str, Any], console: Any) -> None:
                       _signed_ms(r["phase_over_median_ms"]), "in a trace window" if r.get("traced") else "")
         console.print(t)
     tr = report["trace"]
+    for message in report["trace_missed"]:
+        console.print(f"[yellow]trace:[/yellow] {escape(message)}", soft_wrap=True)
     if tr is None:
-        console.print("top ops: no trace (train with --profile)")
+        # a run that asked for a trace is told why it has none, not how to ask for one
+        hint = "" if report["trace_missed"] else f" ({escape(report['trace_hint'])})"
+        console.print(f"top ops: no trace{hint}", soft_wrap=True)
     elif tr["ops"]:
         key = tr["sort_key"]
         console.print(f"latest trace: {escape(tr['trace'])}", soft_wrap=True)
@@ -277,6 +358,7 @@ def render(report: dict[str, Any], console: Any) -> None:
             t.add_row(escape(str(r.get("name"))), escape(str(r.get("count", ""))), _ms(_val(r.get(key), 0.0) / 1000),
                       _pct(r.get("share")))
         console.print(t)
+    _render_export(report["trace_export"], console)
     sysrec = report["system"]
     if sysrec:
         line = (f"system: {sysrec['samples']} samples, process CPU {_ms(sysrec['cpu_process_percent_mean'])}% mean, "
@@ -288,6 +370,21 @@ def render(report: dict[str, Any], console: Any) -> None:
     _render_alerts(report["alerts"], console)
     for p in summarize(report["problems"]):
         console.print(f"[yellow]warning:[/yellow] {escape(p)}", soft_wrap=True)
+
+
+def _render_export(export: dict[str, Any] | None, console: Any) -> None:
+    """One line: the seconds the trace export blocked training, the latest window's artefacts by cost."""
+    from rich.markup import escape
+
+    if not export:
+        return
+    latest = export["latest"]
+    parts = ", ".join(f"{escape(k)} {v:.1f} s" for k, v in latest["parts_s"].items() if v >= 0.05)
+    line = (f"trace export: {latest['total_s']:.1f} s for the latest window ({parts or 'all under 0.1 s'}; "
+            f"{_bytes(latest['bytes'])} written)")
+    if export["windows"] > 1:
+        line += f"; {export['total_s']:.1f} s over {export['windows']} windows"
+    console.print(line + ", not in any step time", soft_wrap=True)
 
 
 def _render_alerts(alerts: list[dict[str, Any]], console: Any) -> None:

@@ -5,19 +5,26 @@ For each completed window (``wait`` idle steps, ``warmup`` steps, ``active`` rec
 
 - ``.pt.trace.json.gz``: the Chrome trace (Perfetto, chrome://tracing);
 - ``.ops.txt`` / ``.ops.json``: the op table (``key_averages``), text and machine-readable;
-- ``.folded`` (and ``.cuda.folded`` on CUDA): folded stacks of the op tree (phase ranges, modules, ops; self
-  time in µs), with ``.flame.svg`` rendered from it; ``.stacks.folded``: the Python stacks of
-  ``export_stacks`` (needs ``_ExperimentalConfig(verbose=True)`` in torch 2.13, or it writes nothing);
-- ``.memory.html``: the memory timeline (``torch.cuda._memory_viz.profile_plot``);
+- ``.folded`` (and ``.cuda.folded`` on CUDA): folded stacks of the op tree (phase ranges, modules with
+  ``with_stack``, ops; self time in µs), with ``.flame.svg`` rendered from it;
 - ``.phases.json``: per-phase time and allocator peak read back from the trace (:mod:`profiler.trace_analysis`);
+- ``.export.json``: what the export of this window cost (seconds per artefact, bytes, options), written last;
 - on CUDA ``.snapshot.pickle``: a CUDA memory snapshot of the window (``_record_memory_history``), for
-  https://pytorch.org/memory_viz.
+  https://pytorch.org/memory_viz;
+- opt-in, because they are the slow part of the export: ``.stacks.folded``, the Python stacks of
+  ``export_stacks`` (``with_stack=True``; needs ``_ExperimentalConfig(verbose=True)`` in torch 2.13, set here),
+  and ``.memory.html``, the memory timeline (``memory_timeline=True``, which turns on the ``with_stack``,
+  ``record_shapes`` and ``profile_memory`` it needs; ``torch.cuda._memory_viz.profile_plot``).
 
 Export failures never stop training: each artefact is written on its own and a failure is one warning line.
+The export blocks the step that closes the window, and no step record holds that time, hence ``.export.json``.
+A requested window the run never reached (it ended first) is one warning line at the end and, with a
+``writer``, a ``trace`` event in ``events.jsonl``: otherwise a run asked to trace says nothing when it did not.
 The runner (and the adapters) call :meth:`TraceSession.step` once at the end of each optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,7 +110,10 @@ class TraceSession:
     """Context manager around ``torch.profiler.profile`` with a wait/warmup/active/repeat schedule.
 
     ``step_offset`` is the global step of the first :meth:`step` (a resumed run), used in file names only.
-    ``windows`` lists, per exported window, its steps and the artefacts written.
+    ``windows`` lists, per exported window, its steps, the artefacts written and the export seconds.
+    The defaults keep the export cheap (no Python stacks, no memory timeline); ``with_stack=True`` adds the
+    stacks, ``memory_timeline=True`` the timeline and what it needs. ``writer`` (a ``RunWriter``) records a
+    window that never ran.
     """
 
     def __init__(
@@ -118,22 +128,31 @@ class TraceSession:
         *,
         record_shapes: bool = True,
         profile_memory: bool = True,
-        with_stack: bool = True,
+        with_stack: bool = False,
+        memory_timeline: bool = False,
         step_offset: int = 0,
         row_limit: int = 40,
+        writer: Any = None,
     ):
         for name, value, low in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1), ("repeat", repeat, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"profile {name} must be an integer >= {low}, got {value!r}")
+        if memory_timeline:  # profile_plot reads allocations with their shapes and Python stacks
+            record_shapes = profile_memory = with_stack = True
         self.traces_dir = Path(traces_dir)
         self.device = torch.device(device)
         self.rank = int(rank)
         self.schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=repeat)
+        self.cycle = {"wait": wait, "warmup": warmup, "active": active, "repeat": repeat}
         self.record_shapes, self.profile_memory, self.with_stack = record_shapes, profile_memory, with_stack
+        self.memory_timeline = memory_timeline
         self.row_limit = row_limit
+        self.writer = writer
         self.windows: list[dict[str, Any]] = []
         self._cuda = self.device.type == "cuda"
+        self._first_step = int(step_offset)
         self._step = int(step_offset)
+        self._t_call: float | None = None
         self._recorded: list[int] = []
         self._history_on = False
         self._stopping = False
@@ -141,7 +160,6 @@ class TraceSession:
 
     # ---- lifecycle
     def __enter__(self) -> "TraceSession":
-        self.traces_dir.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self._cuda else [])
         self._prof = torch.profiler.profile(
             activities=activities, schedule=self.schedule, on_trace_ready=self._on_ready,
@@ -156,11 +174,15 @@ class TraceSession:
     def __exit__(self, *exc: Any) -> None:
         self._stopping = exc[0] is not None  # left mid-step by an error: that step was recorded in part
         try:
+            self._t_call = time.perf_counter()
             with quiet_kineto():
                 self._prof.__exit__(*exc)
         finally:
+            self._t_call = None
             self._set_memory_history(False)
             self._prof = None
+        if not self._stopping:
+            self._report_missed()
 
     def step(self) -> None:
         """Mark the end of one optimizer step (call it after the step's last phase)."""
@@ -169,14 +191,46 @@ class TraceSession:
         if self._prof.current_action in RECORDING:
             self._recorded.append(self._step)
         self._step += 1
+        self._t_call = time.perf_counter()
         with quiet_kineto():  # a window may start or stop here
             self._prof.step()
+        self._t_call = None
         self._sync_memory_history()
 
     @property
     def recording(self) -> bool:
         """True while the current step is inside an active window."""
         return self._prof is not None and self._prof.current_action in RECORDING
+
+    # ---- windows the run never reached
+    def missed(self) -> dict[str, Any] | None:
+        """What was requested and never traced (None when every requested window ran): with ``repeat`` N,
+        the windows short of N; with ``repeat`` 0 (until the end), none at all."""
+        c = self.cycle
+        wanted = c["repeat"] if c["repeat"] > 0 else 1
+        if len(self.windows) >= wanted:
+            return None
+        period = c["wait"] + c["warmup"] + c["active"]
+        first = self._first_step + len(self.windows) * period + c["wait"] + c["warmup"]
+        steps_run = self._step - self._first_step
+        last = self._step - 1
+        what = "no trace window ran" if not self.windows else (
+            f"{wanted - len(self.windows)} of {wanted} trace windows never ran")
+        message = (f"{what}: the run ended at step {last}, before the window that records steps "
+                   f"{first}-{first + c['active'] - 1} (wait {c['wait']}, warm-up {c['warmup']}, active "
+                   f"{c['active']}); start it earlier or train longer")
+        return {"message": message, "windows_requested": c["repeat"] or None, "windows_written": len(self.windows),
+                "steps_run": steps_run, "last_step": last, "next_window_first_step": first, "schedule": dict(c)}
+
+    def _report_missed(self) -> None:
+        missed = self.missed()
+        if missed is None:
+            return
+        if self.rank == 0:
+            log.warning("rlhfkit: %s", missed["message"])
+        if self.writer is not None:
+            self.writer.event(missed["last_step"], "trace", rule="window_missed", severity="warning",
+                              message=missed["message"], data={k: v for k, v in missed.items() if k != "message"})
 
     # ---- CUDA memory snapshots
     def _sync_memory_history(self) -> None:
@@ -206,9 +260,12 @@ class TraceSession:
         if not steps:  # the run ended just as a new window opened: nothing was recorded
             return
         stem = f"rank{self.rank}_steps{steps[0]:06d}-{steps[-1]:06d}"
+        self.traces_dir.mkdir(parents=True, exist_ok=True)  # here, so a window that never ran leaves no folder
         base = self.traces_dir / stem
         written: dict[str, str] = {}
         seconds: dict[str, float] = {}
+        if self._t_call is not None:  # torch stopping the profiler and collecting its events, before any file
+            seconds["collect"] = time.perf_counter() - self._t_call
 
         def attempt(kind: str, path: Path, fn: Callable[[], Any]) -> None:
             t0 = time.perf_counter()
@@ -236,7 +293,7 @@ class TraceSession:
         if self.with_stack:
             stacks = base.with_name(stem + ".stacks.folded")
             attempt("stacks", stacks, lambda: self._export_stacks(prof, stacks))
-        if self.profile_memory and self.record_shapes and self.with_stack:
+        if self.memory_timeline:
             mem_html = base.with_name(stem + ".memory.html")
             attempt("memory_html", mem_html, lambda: self._memory_timeline(prof, mem_html))
         if "trace" in written:
@@ -247,7 +304,27 @@ class TraceSession:
             snap = base.with_name(stem + ".snapshot.pickle")
             attempt("cuda_snapshot", snap, lambda: torch.cuda.memory._dump_snapshot(str(snap)))
             self._set_memory_history(False)
-        self.windows.append({"stem": stem, "steps": steps, "files": written, "export_s": seconds})
+        self.windows.append({"stem": stem, "steps": steps, "files": written, "export_s": seconds,
+                             "total_s": sum(seconds.values())})
+        self._write_export_info(base.with_name(stem + ".export.json"), self.windows[-1])
+
+    def _write_export_info(self, path: Path, window: dict[str, Any]) -> None:
+        """``<stem>.export.json``: the seconds the export of this window blocked training, per artefact, with the
+        bytes written and the options that decided which artefacts there are (``rlhfkit report`` shows it)."""
+        sizes: dict[str, int] = {}
+        for kind, name in window["files"].items():
+            with contextlib.suppress(OSError):
+                sizes[kind] = os.path.getsize(name)
+        info = {"stem": window["stem"], "rank": self.rank, "steps": window["steps"],
+                "total_s": round(window["total_s"], 4),
+                "export_s": {k: round(v, 4) for k, v in window["export_s"].items()}, "bytes": sizes,
+                "options": {"with_stack": self.with_stack, "record_shapes": self.record_shapes,
+                            "profile_memory": self.profile_memory, "memory_timeline": self.memory_timeline}}
+        try:
+            path.write_text(json.dumps(info, indent=1), encoding="utf-8")
+            window["files"]["export"] = str(path)
+        except OSError as err:
+            log.warning("trace export of %s failed: %s", path.name, err)
 
     def _write_ops(self, prof: Any, base: Path) -> None:
         sort = "self_device_time_total" if self._cuda else "self_cpu_time_total"

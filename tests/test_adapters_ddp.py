@@ -1,4 +1,5 @@
-"""TRL adapter under ``accelerate launch --num_processes 2`` on the CPU: one run, one metrics file per rank.
+"""TRL adapter under ``accelerate launch --num_processes 2`` on the CPU: one run, one metrics file per rank, a
+trace window per rank, the shared files from rank 0 alone (docs/distributed.md, "TRL under accelerate").
 
 Run as a script (by the test, through accelerate) this file trains a tiny GRPO on each of the two processes.
 """
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +27,7 @@ def _train(run_dir: str) -> None:
                       save_strategy="no", beta=0.05, seed=0, disable_tqdm=True)
     trainer = GRPOTrainer(model=path, reward_funcs=lambda completions, **kw: [len(c) / 10.0 for c in completions],
                           args=args, train_dataset=prompts, processing_class=AutoTokenizer.from_pretrained(path))
-    profile_trainer(trainer, run_dir, system_interval_s=None)
+    profile_trainer(trainer, run_dir, system_interval_s=0.5, trace_steps=(0, 1, 1))
     trainer.train()
 
 
@@ -60,6 +62,15 @@ def test_two_processes_write_one_run_with_rank_files(tmp_path, tiny_model_dir, r
     assert "loss/total" in merged[0] and "kl/ref_k3" in merged[0]
     # after the gradient all-reduce both ranks hold the same gradients
     assert per_rank[0][0]["grad/norm"] == pytest.approx(per_rank[1][0]["grad/norm"], rel=1e-5)
+    # TRL's num_tokens counts both processes' tokens, so each rank's rate is the job's
+    assert all(r["throughput/tokens_per_s"] > 0 for recs in per_rank.values() for r in recs)
+    # each rank traces its own window (step 2) and says what its export cost; the sampler is rank 0's alone
+    for rank in (0, 1):
+        stem = run_dir / "traces" / f"rank{rank}_steps000002-000002"
+        assert Path(f"{stem}.pt.trace.json.gz").exists()
+        assert json.loads(Path(f"{stem}.export.json").read_text())["rank"] == rank
+    assert {r["rank"] for r in run.system()} == {0}
+    assert not [e for e in run.events() if e["kind"] == "trace"]
 
 
 if __name__ == "__main__":

@@ -107,6 +107,27 @@ def test_report_and_diagnose_cli_read_the_trl_run(grpo_run, capsys):
     assert isinstance(json.loads(capsys.readouterr().out), list)
 
 
+def test_trl_run_has_throughput_and_the_report_shows_trace_export_in_trl_words(grpo_run, capsys):
+    from profiler import report
+
+    run_dir, _ = grpo_run
+    recs = Run(run_dir).metrics()
+    counts = [r["src/num_tokens"] for r in recs]
+    assert counts == sorted(counts) and counts[0] > 0  # TRL's cumulative count is kept as it was logged
+    # each step generates, so each rate is that step's new tokens over its own step time
+    for prev, rec in zip([0] + counts, recs):
+        assert rec["throughput/tokens_per_s"] == pytest.approx((rec["src/num_tokens"] - prev) / rec["time/step"])
+    (sidecar,) = (run_dir / "traces").glob("*.export.json")
+    assert json.loads(sidecar.read_text())["export_s"]["ops_json"] >= 0
+    data = report.build_report(Run(run_dir))
+    assert data["throughput"]["source"] == "throughput/tokens_per_s" and data["throughput"]["tokens_per_s_mean"] > 0
+    assert data["trace_export"]["windows"] == 1 and not data["trace_missed"]
+    assert "profile_trainer" in data["trace_hint"] and "--profile" not in data["trace_hint"]
+    assert report.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "trace export: " in out and "throughput: not logged" not in out
+
+
 def test_training_is_unchanged_by_the_callback(grpo_run, tiny_model_dir, tok, prompts, tmp_path):
     _, with_callback = grpo_run
     trainer = _grpo(tiny_model_dir, tok, prompts, tmp_path / "plain")
@@ -115,17 +136,22 @@ def test_training_is_unchanged_by_the_callback(grpo_run, tiny_model_dir, tok, pr
     assert len(with_callback) == 3
 
 
-def test_rloo_logs_k1_and_phases(tiny_model_dir, tok, prompts, tmp_path):
+def test_rloo_logs_k1_and_phases(tiny_model_dir, tok, prompts, tmp_path, caplog):
     from trl import RLOOConfig, RLOOTrainer
 
     args = RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=2, beta=0.1, **COMMON)
     trainer = RLOOTrainer(model=str(tiny_model_dir), reward_funcs=_reward_len, args=args, train_dataset=prompts,
                           processing_class=tok)
-    profile_trainer(trainer, tmp_path / "rloo", system_interval_s=None)
+    # trace_steps past max_steps: the window never runs, which is said once and recorded, not silent
+    profile_trainer(trainer, tmp_path / "rloo", system_interval_s=None, trace_steps=5)
     trainer.train()
     run = Run(tmp_path / "rloo")
     assert run.meta["config"]["trainer"] == "RLOOTrainer"
+    (event,) = [e for e in run.events() if e["kind"] == "trace"]
+    assert event["rule"] == "window_missed" and event["step"] == 2 and "steps 3-7" in event["message"]
+    assert sum("no trace window ran" in r.getMessage() for r in caplog.records) == 1
+    assert not (tmp_path / "rloo" / "traces").exists()
     for rec in run.metrics():
         assert "kl/ref_k3" not in rec  # RLOO's "kl" is log π_old − log π_ref: the k1 estimator
         for key in ("kl/ref_k1", "loss/total", "reward/mean", "time/rollout", "time/ref_logprobs", "time/update",

@@ -1,5 +1,4 @@
 """The profiler inside the real PPO runner: phase times, the sampler, ``--profile`` traces and the report."""
-import functools
 import gzip
 import json
 
@@ -47,14 +46,11 @@ def test_report_of_the_smoke_run(smoke_run_dir, capsys):
 
 
 @pytest.mark.slow
-def test_train_with_profile_writes_a_trace_window(tmp_path, monkeypatch, capsys):
-    import profiler.tracing
+def test_train_with_profile_writes_a_trace_window(tmp_path, capsys):
     from rlhf_core.train_cli import main
 
-    # Python stacks make the export of a generate() window take tens of seconds here; they are covered on a
-    # small workload in test_profiler_tracing.py, so this run keeps the op-level artefacts only.
-    monkeypatch.setattr(profiler.tracing, "TraceSession",
-                        functools.partial(profiler.tracing.TraceSession, with_stack=False))
+    # the default trace leaves out the Python stacks, which make the export of a generate() window take tens of
+    # seconds here (--profile_full adds them; covered on a small workload in test_profiler_tracing.py)
     run_dir = tmp_path / "run"
     rc = main(["--epochs", "1", "--steps_per_epoch", "3", "--batch_size", "1", "--ppo_epochs", "1",
                "--max_new_tokens", "3", "--sample_interval", "0", "--no_tensorboard", "--run_dir", str(run_dir),
@@ -71,3 +67,35 @@ def test_train_with_profile_writes_a_trace_window(tmp_path, monkeypatch, capsys)
     assert report.main([str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "rank0_steps000003-000003.pt.trace.json.gz" in out and "Top ops by self_cpu time" in out and "aten::" in out
+    assert "trace export: " in out and not list((run_dir / "traces").glob("*.stacks.folded"))
+
+
+def test_profile_full_and_a_window_the_run_never_reached(tmp_path, monkeypatch, capsys, caplog):
+    import profiler.tracing
+    from rlhf_core.train_cli import main
+
+    opened = []
+
+    def recording(*args, **kwargs):
+        session = real(*args, **kwargs)
+        opened.append((kwargs, session))
+        return session
+
+    real = profiler.tracing.TraceSession
+    monkeypatch.setattr(profiler.tracing, "TraceSession", recording)
+    run_dir = tmp_path / "run"
+    rc = main(["--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "1", "--ppo_epochs", "1",
+               "--max_new_tokens", "3", "--sample_interval", "0", "--no_tensorboard", "--run_dir", str(run_dir),
+               "--profile", "--profile_full", "--profile_wait", "2"])
+    assert rc == 0
+    ((kwargs, session),) = opened
+    assert kwargs["with_stack"] is kwargs["memory_timeline"] is True and kwargs["writer"] is not None
+    assert not session.windows and not (run_dir / "traces").exists()
+    (event,) = [e for e in Run(run_dir).events() if e["kind"] == "trace"]
+    assert event["step"] == 2 and "records steps 4-5" in event["message"]
+    assert [r.getMessage()[:28] for r in caplog.records if r.name == "profiler.tracing"] == [
+        "rlhfkit: no trace window ran"]
+    capsys.readouterr()
+    assert report.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "trace: no trace window ran" in out and "train with --profile" not in out

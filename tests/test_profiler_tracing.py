@@ -44,10 +44,12 @@ def _loop(writer, timer, session, steps):
 
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory):
-    """wait 1, warmup 1, active 2 over 5 steps: one window (steps 2-3), with the sampler running."""
+    """wait 1, warmup 1, active 2 over 5 steps: one window (steps 2-3) with the opt-in artefacts too, with the
+    sampler running."""
     run_dir = tmp_path_factory.mktemp("prof") / "run"
     with RunWriter(run_dir, source="generic", tensorboard=False) as w, SystemSampler(w, 0.05, nvml=False):
-        with TraceSession(w.traces_dir, wait=1, warmup=1, active=2, repeat=1) as session:
+        with TraceSession(w.traces_dir, wait=1, warmup=1, active=2, repeat=1, with_stack=True,
+                          memory_timeline=True) as session:
             _loop(w, PhaseTimer("cpu"), session, 5)
     return run_dir, session
 
@@ -57,12 +59,12 @@ def test_one_window_with_every_artefact(profiled_run):
     assert len(session.windows) == 1
     win = session.windows[0]
     assert win["steps"] == [2, 3] and win["stem"] == "rank0_steps000002-000003"
-    expected = {"trace", "ops_json", "ops_txt", "folded", "flame_svg", "stacks", "memory_html", "phases"}
+    expected = {"trace", "ops_json", "ops_txt", "folded", "flame_svg", "stacks", "memory_html", "phases", "export"}
     assert expected <= set(win["files"]), win
     names = sorted(p.name for p in (run_dir / "traces").iterdir())
     assert names == sorted(f"rank0_steps000002-000003{s}" for s in (
         ".pt.trace.json.gz", ".ops.json", ".ops.txt", ".folded", ".flame.svg", ".stacks.folded", ".memory.html",
-        ".phases.json"))
+        ".phases.json", ".export.json"))
 
 
 def test_trace_is_gzip_json_with_the_phase_ranges(profiled_run):
@@ -138,7 +140,7 @@ def test_a_failing_artefact_does_not_stop_the_others(tmp_path, monkeypatch, capl
 
     monkeypatch.setattr(viz, "profile_plot", broken)
     with caplog.at_level(logging.WARNING, logger="profiler.tracing"):
-        with TraceSession(tmp_path, wait=0, warmup=1, active=1) as s:
+        with TraceSession(tmp_path, wait=0, warmup=1, active=1, with_stack=True, memory_timeline=True) as s:
             _loop(None, PhaseTimer("cpu"), s, 2)
     files = s.windows[0]["files"]
     assert "memory_html" not in files and {"trace", "ops_json", "folded", "stacks"} <= set(files)
