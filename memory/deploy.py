@@ -16,6 +16,7 @@ allocator fragmentation are outside them and covered by ``reserve_bytes``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -177,7 +178,7 @@ class Deployment:
     def roles(self) -> list[Role]:
         return [r for r in (self.actor, self.critic, self.reference, self.reward) if r is not None]
 
-    def with_(self, **changes: Any) -> "Deployment":
+    def with_(self, **changes: Any) -> Deployment:
         return replace(self, **changes)
 
 
@@ -374,7 +375,7 @@ def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMe
         return EngineMemory(0, kv, dep.rollout_per_gpu * a.vocab * 4, 0, dep.rollout_per_gpu * dep.seq,
                             dep.rollout_per_gpu, "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
     act_tokens = e.max_num_batched_tokens
-    act = act_tokens * layer_transient(a).bytes(db) // e.tp + min(e.max_num_seqs, act_tokens) * a.vocab * 4
+    act = int(act_tokens * layer_transient(a).bytes(db) // e.tp) + min(e.max_num_seqs, act_tokens) * a.vocab * 4
     overhead = act + e.cuda_graph_bytes
     if e.kind == "vllm":
         budget = int(dep.gpu_memory * e.gpu_memory_utilization)
@@ -551,18 +552,23 @@ def _fits_with(dep: Deployment, **changes: Any) -> bool:
         return False
 
 
-def largest_micro_batch(dep: Deployment, hi: int = 4096) -> int:
-    """Largest train micro-batch per GPU that fits (0: not even one sequence)."""
-    if not _fits_with(dep, micro_batch=1):
+def _largest(fits: Callable[[int], bool], hi: int) -> int:
+    """The largest n in 1..hi with fits(n), by bisection (memory grows with n); 0 when even 1 does not fit."""
+    if not fits(1):
         return 0
     lo = 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _fits_with(dep, micro_batch=mid):
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def largest_micro_batch(dep: Deployment, hi: int = 4096) -> int:
+    """Largest train micro-batch per GPU that fits (0: not even one sequence)."""
+    return _largest(lambda n: _fits_with(dep, micro_batch=n), hi)
 
 
 def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
@@ -570,16 +576,7 @@ def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
     next to everything else; for vLLM/SGLang the sequences of the requested length the KV pool holds."""
     if dep.engine.kind != "hf":
         return engine_memory(dep).max_seqs
-    if not _fits_with(dep, rollout_per_gpu=1):
-        return 0
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _fits_with(dep, rollout_per_gpu=mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return _largest(lambda n: _fits_with(dep, rollout_per_gpu=n), hi)
 
 
 def min_gpus(dep: Deployment, limit: int = 1024) -> int | None:
