@@ -9,8 +9,9 @@ producer and the detector settings the producer was given), then the caller's ov
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .detectors import Alert, DetectorConfig, Diagnoser, per_step_ranks
 from .keys import SOURCES
@@ -41,7 +42,8 @@ def _settings_of(meta: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     config = meta.get("config")
     if isinstance(config, Mapping):
-        scopes = [config, config.get("args")] if isinstance(config.get("args"), Mapping) else [config]
+        args = config.get("args")
+        scopes = [config, args] if isinstance(args, Mapping) else [config]
         for scope in scopes:
             for key in _FROM_RUN_CONFIG:
                 value = _positive(scope.get(key))
@@ -156,39 +158,37 @@ class RunAnalysis:
         return self.analysis.records_seen
 
 
-class LiveAlerts:
+class LiveAlerts(Analysis):
     """A producer's live alerts: the rules over each record it writes, each alert written to ``events.jsonl``.
 
     The producer's own detector settings go into ``meta.json`` (key :data:`META_KEY`), so a later
     ``rlhfkit diagnose`` or the dashboard rebuilds exactly these rules.
     """
 
-    def __init__(self, writer: "RunWriter", overrides: Mapping[str, Any] | None = None, rank: int | None = None):
+    def __init__(self, writer: RunWriter, overrides: Mapping[str, Any] | None = None, rank: int | None = None):
         """``rank`` labels the alerts of a producer that feeds one rank's own records (not run-level ones)."""
-        self.writer, self.rank = writer, rank
+        self.writer, self.rank, self._writing = writer, rank, True
         if overrides and writer.is_main:
             writer.update_meta(**{META_KEY: dict(overrides)})
         meta = writer.meta if writer.is_main else {}
-        self.analysis = Analysis(meta, None if writer.is_main else overrides,
-                                 run_id=str(meta.get("run_id", writer.run_dir.name)))
+        super().__init__(meta, None if writer.is_main else overrides,
+                         run_id=str(meta.get("run_id", writer.run_dir.name)))
 
-    def _write(self, alerts: list[Alert]) -> list[Alert]:
-        for alert in alerts:
+    def _label(self, alerts: list[Alert]) -> list[Alert]:
+        for alert in super()._label(alerts):
             if self.rank is not None and alert.rank is None:
                 alert.rank = self.rank
-            self.writer.event(**alert.to_event())
+            if self._writing:
+                self.writer.event(**alert.to_event())
         return alerts
 
-    def update(self, records: Iterable[Mapping[str, Any]]) -> list[Alert]:
-        """Alerts that fire on these records, already written as events."""
-        return self._write(self.analysis.update(records))
-
-    def update_ranks(self, step: int, per_rank: Mapping[int, Mapping[str, Any]]) -> list[Alert]:
-        return self._write(self.analysis.update_ranks(step, per_rank))
-
-    @property
-    def alerts(self) -> list[Alert]:
-        return self.analysis.alerts
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Feed records written before a resume: the rules catch up, their alerts are in events.jsonl already."""
+        self._writing = False
+        try:
+            self.update(records)
+        finally:
+            self._writing = True
 
 
 def diagnose_run(run: Run | str | Path, overrides: ConfigLike = None) -> list[Alert]:

@@ -40,9 +40,9 @@ from .finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from .flat_params import FlatParams
 from .probes import kl_estimates, layer_metrics, rollout_mismatch
 from .prompts import batch_for_step, get_prompts
-from .rewards import RewardError, RewardFn, distinct2, get_reward, identical_frac, score
+from .rewards import RewardError, RewardFn, get_reward, score
 from .run_writer import RunWriter
-from .samples import repeated_ngram_frac
+from .samples import text_stats
 
 
 # phases holding a collective every rank enters (the non-finite checks, DDP's gradient all-reduce): where a rank
@@ -273,7 +273,7 @@ class PPORunner:
         """Feed the kept records to the rules without writing their alerts again (events.jsonl has them)."""
         from .run_reader import Run
 
-        self.live.analysis.update(Run(self.cfg.run_dir).metrics())
+        self.live.replay(Run(self.cfg.run_dir).metrics())
 
     # ---------------------------------------------------------------- one step
     def _rollout(self, step: int):
@@ -320,7 +320,7 @@ class PPORunner:
                 raise RunnerError(f"step {step}: {err}") from None
             if cfg.inject_nan_step == step:
                 scores[0] = math.nan
-            side = {"src/text/distinct2": distinct2(texts), "src/text/identical_frac": identical_frac(texts)}
+            side = text_stats(texts)
             if self.heldout_fn is not None:
                 try:
                     side["reward/heldout"] = sum(score(self.heldout_fn, prompts, texts)) / len(texts)
@@ -374,7 +374,6 @@ class PPORunner:
             if roll.logprobs is not None:  # --rollout_dtype: the sampler's log-probs vs the trainer's recompute
                 record.update(rollout_mismatch(old_logp, roll.logprobs, mask))
             self._log_samples(step, prompts, texts, scores, kl_tok, mask)
-            record["src/text/repeated_ngram_frac"] = repeated_ngram_frac(texts)
             seq_kl = (kl_tok.sum(-1).mean().item())
             if cfg.adaptive_kl:  # every rank must move the coefficient by the same, global KL
                 seq_kl = dist_utils.all_reduce_mean({"kl": seq_kl}, self.info, self.device)["kl"]

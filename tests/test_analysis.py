@@ -124,3 +124,15 @@ def test_analysis_without_meta_uses_defaults():
     analysis = Analysis()
     assert analysis.run_id is None and analysis.config == rule_config()
     assert analysis.update([{"step": 1, "grad/norm": float("inf")}])[0].rule == "nonfinite"
+
+
+def test_replay_catches_the_rules_up_without_writing_the_alerts_again(tmp_path):
+    """A resumed producer feeds the kept records first: their alerts are in events.jsonl already."""
+    writer = RunWriter(tmp_path / "resumed", source="generic", tensorboard=False)
+    live = LiveAlerts(writer)
+    live.replay([{"step": 1, "loss/total": float("nan")}])
+    assert [a.rule for a in live.alerts] == ["nonfinite"] and Run(tmp_path / "resumed").events() == []
+    assert live.update([{"step": 2, "loss/total": float("nan")}]) == []  # the same episode: not raised twice
+    assert live.update([{"step": 3, "kl/ref_k3": 2.0}])[0].rule == "kl_budget"  # writing is back on
+    writer.close()
+    assert [e["rule"] for e in Run(tmp_path / "resumed").events()] == ["kl_budget"]
