@@ -25,6 +25,10 @@ TRL_KEYS: dict[str, str] = {
     "clip_ratio/region_mean": "policy/clipfrac",
     "completions/mean_length": "response/length_mean",
     "epoch": "epoch",
+    # text statistics a reward function logs itself (TRL's ``log_metric``) keep their canonical names
+    "text/distinct2": "text/distinct2",
+    "text/identical_frac": "text/identical_frac",
+    "text/repeated_ngram_frac": "text/repeated_ngram_frac",
     # DPO's implicit rewards and the reward model's pairwise statistics
     "rewards/chosen": "reward/chosen",
     "rewards/rejected": "reward/rejected",

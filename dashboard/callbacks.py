@@ -23,10 +23,13 @@ from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from rlhf_core.run_reader import RunError
+from rlhf_core.timeline import parse_steps
 
 from . import figures as F
 from .data import ALL, Alert, RunCache, RunData, config_rows, join_problems, sample_rows
 from .layout import CARD, GRAPH_CONFIG, chart_tools, log_toggle
+from .whatif import NO_DEPLOYMENT, what_if, whatif_figure
+from .whatif import summary as whatif_summary
 
 log = logging.getLogger("rlhfkit.dashboard")
 
@@ -794,6 +797,25 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         return columns, rows, summary, ""
 
     @app.callback(
+        Output("fig-timeline", "figure"), Output("timeline-table", "data"), Output("timeline-summary", "children"),
+        Output("timeline-sig", "data"), Output("err-timeline", "children"),
+        Input("tabs", "value"), Input("selection", "data"), Input("rank", "value"), Input("timeline-steps", "value"),
+        Input("list-interval", "n_intervals"), State("timeline-sig", "data"),
+    )
+    @guarded("timeline", 5)
+    def timeline(tab, selection, rank, steps_text, _n, shown):
+        if tab != "timeline":
+            raise PreventUpdate
+        runs, problems = builder.load(selection or [])
+        if not runs:
+            return F.empty_figure("Timeline", "; ".join(problems) or "no runs selected"), [], "", None, ""
+        rank = _rank_value(rank)
+        fig, rows, summary, signature = timeline_outputs(runs[0], steps_text, rank)
+        if ctx.triggered_id == "list-interval" and signature and signature == shown:
+            raise PreventUpdate  # the periodic refresh found nothing new: keep the drawn Gantt (and its zoom)
+        return fig, rows, summary, signature, ""
+
+    @app.callback(
         Output("fig-memory", "figure"), Output("err-memory", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("list-interval", "n_intervals"),
     )
@@ -812,7 +834,57 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         fig.update_layout(title_text=f"{fig.layout.title.text}: {runs[0].key}")
         return fig, ""
 
+    @app.callback(
+        Output("fig-whatif", "figure"), Output("whatif-summary", "children"), Output("err-whatif", "children"),
+        Input("tabs", "value"), Input("selection", "data"), Input("whatif-gpus", "value"),
+        Input("whatif-zero", "value"), Input("whatif-micro", "value"), Input("whatif-util", "value"),
+    )
+    @guarded("whatif", 3)
+    def whatif(tab, selection, gpus, zero, micro, util):
+        """Re-plan the selected run's deployment with the what-if knobs (memory.json's ``deployment``)."""
+        if tab != "memory":
+            raise PreventUpdate
+        runs, problems = builder.load(selection or [])
+        title = "What-if: per-GPU memory per phase (GiB)"
+        if not runs:
+            return F.empty_figure(title, "; ".join(problems) or "no runs selected"), "", ""
+        try:
+            result = what_if(runs[0].memory(), gpus, zero, micro, util)
+        except (RunError, ValueError) as err:
+            return F.empty_figure(title, str(err)), "", ""
+        if result is None:
+            return F.empty_figure(title, NO_DEPLOYMENT), "", ""
+        return whatif_figure(result), f"{runs[0].key}: {whatif_summary(result)}", ""
+
     return builder
+
+
+def timeline_outputs(data: RunData, steps_text: str | None, rank: Any = ALL
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]], str, str]:
+    """The Timeline tab of one run: the Gantt, the busy/wait rows, a one-line summary and what was drawn
+    (run, range, rank, file state). The rank selector narrows the rows drawn; the analysis always spans every
+    rank (a wait is defined against the others)."""
+    try:
+        steps = parse_steps(steps_text)
+    except ValueError as err:
+        return F.empty_figure("Timeline", str(err)).to_plotly_json(), [], str(err), ""
+    view = data.timeline(steps)
+    ranks = [rank] if isinstance(rank, int) and rank in view.timeline.steps else None
+    title = f"Timeline: {data.key}"
+    fig = F.timeline_figure(view, ranks, title)
+    signature = f"{view.signature}|{rank}"
+    if view.report is None:
+        return fig, [], view.message, signature
+    rows = [{"rank": r, "role": view.timeline.processes[r].role, "busy": round(100 * v["busy_share"], 1),
+             "wait": round(100 * v["wait_share"], 1), "idle": round(100 * v["idle_share"], 1),
+             "wait_s": round(v["wait_s"], 3)}
+            for r, v in view.report.per_rank().items() if ranks is None or r in ranks]
+    crit = view.report.critical_path_share()
+    lead = f"; critical path mostly rank {crit[0]['rank']} {crit[0]['phase']} ({crit[0]['share']:.0%})" if crit else ""
+    span = f"steps {view.steps[0]}-{view.steps[1]} (last recorded: {view.last_step})" if view.steps else ""
+    note = f"; {view.message}" if view.message else ""
+    problems = f"; {len(view.timeline.problems)} bad line(s) skipped" if view.timeline.problems else ""
+    return fig, rows, f"{span}, {len(view.timeline.steps)} ranks{lead}{note}{problems}", signature
 
 
 def chart_options(smoothing: Any, x_mode: Any, log_charts: Any) -> F.ChartOptions:

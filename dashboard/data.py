@@ -32,9 +32,12 @@ from rlhf_core.analysis import Analysis
 from rlhf_core.rules.base import is_alerting
 from rlhf_core.metric_columns import MetricColumns
 from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
+from rlhf_core.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
 
 ALL = "all"  # the run-level view (one record per step, ranks merged)
 MAX_POINTS = 1000  # points per line trace after downsampling
+TIMELINE_DEFAULT_STEPS = 10  # steps the Timeline tab shows until a range is chosen: one bar per phase stays legible
+TIMELINE_MAX_STEPS = 500  # a wider range is cut to its last steps (the analysis reads and walks every one)
 HEATMAP_COLUMNS = 400  # step buckets of a layer heatmap
 SMALL_METRICS_BYTES = 20 * 2**20  # runs below this are read for the run list; bigger ones when opened
 STALE_S = 600  # a "running" run silent this long is shown as possibly dead
@@ -226,6 +229,7 @@ class RunData:
         self._diag_rows = 0
         self._rank_rows: dict[int, int] = {}
         self._rank_pending: dict[int, dict[int, dict[str, Any]]] = {}
+        self._timeline: tuple[Any, TimelineView] | None = None  # (range and file stats, view) of the last read
 
     # ---- reading
     def refresh(self) -> None:
@@ -413,6 +417,21 @@ class RunData:
 
     def memory(self) -> dict[str, Any] | None:
         return self.run.memory()
+
+    def timeline(self, steps: tuple[int, int] | None = None, last: int = TIMELINE_DEFAULT_STEPS) -> TimelineView:
+        """The per-rank phase intervals of ``steps`` (default: the last ``last`` steps) and their analysis;
+        kept until a timeline file changes, so the page's periodic refresh does not redo the analysis
+        (~1 s at 256 ranks x 100 steps)."""
+        files = timeline_files(self.path)
+        stats = tuple((r, st.st_size, st.st_mtime_ns) for r, st in ((r, f.stat()) for r, f in files.items()))
+        key = (steps, last, stats)
+        cached = self._timeline
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        view = timeline_view(self.path, steps, last)
+        view.signature = f"{self.key}|{steps}|{last}|{hash(stats)}"
+        self._timeline = (key, view)
+        return view
 
     def folded_files(self) -> list[Path]:
         """The profiler's op-level folded stacks (not its ``.stacks``/``.cuda`` variants), oldest first."""
@@ -706,3 +725,64 @@ def join_problems(items: Iterable[str], limit: int = 6) -> list[str]:
     if len(seen) > limit:
         return seen[:limit] + [f"... and {len(seen) - limit} more"]
     return seen
+
+
+# ---------------------------------------------------------------------------------------------- timeline
+
+
+def timeline_step_of(line: bytes) -> int | None:
+    """The step of a timeline step line (``{"step":N,...``) without parsing the JSON."""
+    if not line.startswith(b'{"step":'):
+        return None
+    digits = line[8:line.find(b",", 8)]
+    return int(digits) if digits.isdigit() else None
+
+
+@dataclass
+class TimelineView:
+    """What the Timeline tab draws: the range read, its intervals, their analysis, and why anything is missing."""
+
+    steps: tuple[int, int] | None  # inclusive range shown; None when the run has no intervals
+    last_step: int | None  # the last step any process recorded (the range control's bound)
+    timeline: Timeline
+    report: TimelineReport | None
+    message: str = ""
+    signature: str = ""  # changes when the range or any timeline file changes (the page skips equal redraws)
+
+
+def _edge_steps(path: Path) -> tuple[int, int] | None:
+    """(first, last) step of one timeline file from its first step line and its last complete line, without
+    reading the whole file (256 files of 10k steps: a few ms)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16).split(b"\n")
+        first = next((s for s in (timeline_step_of(line) for line in head[1:]) if s is not None), None)
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - (1 << 16)))
+        tail = fh.read().split(b"\n")
+    last = next((s for s in (timeline_step_of(line) for line in reversed(tail[:-1])) if s is not None), None)
+    return (first, last) if first is not None and last is not None else None
+
+
+def timeline_step_span(run_dir: Path) -> tuple[int, int] | None:
+    """The steps the run's timeline files cover (first of any, last of any); None without intervals."""
+    spans = [e for e in (_edge_steps(f) for f in timeline_files(run_dir).values()) if e is not None]
+    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+
+
+def timeline_view(run_dir: Path, steps: tuple[int, int] | None, last: int = TIMELINE_DEFAULT_STEPS) -> TimelineView:
+    """Read only the chosen step range of every rank (the reader's range read) and analyse it with
+    :func:`rlhf_core.timeline.analyse`; the range is clamped to the run and to :data:`TIMELINE_MAX_STEPS`."""
+    span = timeline_step_span(run_dir)
+    if span is None:
+        return TimelineView(None, None, Timeline({}, {}), None,
+                            "no phase intervals in this run (timeline.rank<N>.jsonl; docs/timeline.md)")
+    lo, hi = steps if steps is not None else (span[1] - last + 1, span[1])
+    lo, hi = max(lo, span[0]), min(hi, span[1])
+    note = ""
+    if hi - lo + 1 > TIMELINE_MAX_STEPS:
+        lo, note = hi - TIMELINE_MAX_STEPS + 1, f"range cut to its last {TIMELINE_MAX_STEPS} steps"
+    if lo > hi:
+        return TimelineView(None, span[1], Timeline({}, {}), None,
+                            f"no recorded steps in that range (the run has steps {span[0]}-{span[1]})")
+    timeline = read_timeline(run_dir, (lo, hi))
+    return TimelineView((lo, hi), span[1], timeline, analyse(timeline), note)

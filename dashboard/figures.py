@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 
 from rlhf_core.keys import PHASES
 
-from .data import ALL, Alert, View, bucket_edges, bucket_reduce, downsample
+from .data import ALL, Alert, TimelineView, View, bucket_edges, bucket_reduce, downsample
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
@@ -753,3 +753,140 @@ def alert_counts(alerts: Iterable[Alert]) -> dict[str, int]:
     for a in alerts:
         out[a.severity] = out.get(a.severity, 0) + 1
     return out
+
+
+# ---- timeline tab: phases per rank on one clock (rlhf_core/timeline.py reads and analyses them)
+WAIT_COLOUR = "#d62728"
+TIMELINE_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22",
+                    "#7f7f7f", "#aec7e8", "#98df8a", "#c5b0d5")
+MAX_TIMELINE_BARS = 5000  # above this many bars the Gantt becomes a binned raster (one heatmap) to stay fast
+TIMELINE_BINS = 1200  # columns of the raster: about one per pixel of a wide chart
+TIMELINE_ROW_PX = 22
+
+
+def _timeline_rows(tv: TimelineView, ranks: Sequence[int] | None) -> list[int]:
+    shown = sorted(tv.timeline.steps)
+    return [r for r in shown if ranks is None or r in ranks]
+
+
+def timeline_row_label(tv: TimelineView, rank: int) -> str:
+    proc = tv.timeline.processes.get(rank)
+    return f"rank {rank} ({proc.role})" if proc is not None else f"rank {rank}"
+
+
+def _segments(tv: TimelineView, rank: int) -> Iterable[tuple[str, int, int, int]]:
+    """(phase or "waiting", start ns, end ns, step) of a rank: a collective-bound occurrence split into the
+    time it waited for the last rank and the rest."""
+    for s in tv.report.steps if tv.report is not None else ():
+        for o in s.occurrences.get(rank, ()):
+            if o.wait:
+                yield "waiting", o.start, o.start + o.wait, s.step
+            if o.dur > o.wait:
+                yield o.name, o.start + o.wait, o.end, s.step
+
+
+def timeline_figure(tv: TimelineView, ranks: Sequence[int] | None = None, title: str = "Timeline") -> dict[str, Any]:
+    """A Gantt of every phase per rank (one row each) over the chosen steps, the waits in red; a plain dict
+    (256 ranks x 100 steps is ~200k bars: beyond :data:`MAX_TIMELINE_BARS` it is drawn as a binned heatmap,
+    one column per ~pixel, each cell the phase, or the wait, covering the column's centre)."""
+    rows = _timeline_rows(tv, ranks)
+    height = max(PANEL_HEIGHT, 90 + TIMELINE_ROW_PX * len(rows))
+    if tv.report is None or not rows or not tv.report.steps:
+        fig = empty_figure(title, tv.message or "no phase intervals for this selection", height=PANEL_HEIGHT)
+        return fig.to_plotly_json()
+    lo, hi = tv.steps or (0, 0)
+    t0 = min(s.start for s in tv.report.steps)
+    labels = [timeline_row_label(tv, r) for r in rows]
+    phases = [p for p in PHASES if any(p in s.phase_busy for s in tv.report.steps)]
+    phases += sorted({n for s in tv.report.steps for n in s.phase_busy} - set(phases))
+    colours = {p: TIMELINE_PALETTE[i % len(TIMELINE_PALETTE)] for i, p in enumerate(phases)}
+    colours["waiting"] = WAIT_COLOUR
+    count = sum(len(items) for s in tv.report.steps for r, items in s.occurrences.items() if r in rows)
+    binned = count > MAX_TIMELINE_BARS
+    data = _timeline_raster(tv, rows, labels, t0, colours) if binned else _timeline_bars(tv, rows, labels, t0,
+                                                                                          colours)
+    kind = f"binned into {TIMELINE_BINS} columns ({count:,} phase occurrences)" if binned else "waits in red"
+    layout = _layout(f"{title}: steps {lo}-{hi}, {len(rows)} rank{'s' * (len(rows) != 1)}, {kind}",
+                     f"timeline-{lo}-{hi}", height=height)
+    plot_px = height - 36 - 90  # the plot area between the margins below: the legend goes under the axis title
+    layout.update(barmode="overlay", bargap=0.25, hovermode="closest", showlegend=not binned,
+                  legend={"orientation": "h", "y": -62 / plot_px, "yanchor": "top", "font": {"size": 10}})
+    layout["xaxis"].update(title={"text": f"seconds since step {lo} started (rank 0's clock)"}, type="linear")
+    layout["yaxis"].update(type="category", categoryorder="array", categoryarray=labels, autorange="reversed",
+                           title={"text": ""})
+    layout["margin"] = {"l": 130, "r": 10, "t": 36, "b": 90}
+    if len(tv.report.steps) <= 50:  # step boundaries as light lines (more would be a grey wall)
+        layout["shapes"] = [{"type": "line", "xref": "x", "yref": "paper", "x0": (s.start - t0) / 1e9,
+                             "x1": (s.start - t0) / 1e9, "y0": 0, "y1": 1,
+                             "line": {"color": "#bbb", "width": 1, "dash": "dot"}} for s in tv.report.steps]
+    return {"data": data, "layout": layout}
+
+
+def _timeline_bars(tv: TimelineView, rows: list[int], labels: list[str], t0: int,
+                   colours: dict[str, str]) -> list[dict[str, Any]]:
+    """One horizontal bar trace per phase (and one for the waits): ``base`` is the start, ``x`` the length."""
+    by_name: dict[str, tuple[list[str], list[float], list[float], list[int]]] = {n: ([], [], [], []) for n in colours}
+    for rank, label in zip(rows, labels):
+        for name, start, end, step in _segments(tv, rank):
+            y, x, base, steps = by_name.setdefault(name, ([], [], [], []))
+            y.append(label)
+            x.append((end - start) / 1e9)
+            base.append((start - t0) / 1e9)
+            steps.append(step)
+    out = []
+    for name, (y, x, base, steps) in by_name.items():
+        if not y:
+            continue
+        what = "waiting for the last rank" if name == "waiting" else name
+        out.append({"type": "bar", "orientation": "h", "name": name, "y": y, "x": x, "base": base,
+                    "customdata": steps, "marker": {"color": colours.get(name, "#999"), "line": {"width": 0}},
+                    "hovertemplate": f"%{{y}}<br>step %{{customdata}}: {what}<br>"
+                                     "from %{base:.4f} s for %{x:.4f} s<extra></extra>"})
+    return out
+
+
+def _timeline_raster(tv: TimelineView, rows: list[int], labels: list[str], t0: int,
+                     colours: dict[str, str]) -> list[dict[str, Any]]:
+    """The Gantt as a heatmap: per rank, the segment under each column's centre (sorted starts, one
+    ``searchsorted``), so drawing costs ranks x columns whatever the number of phases."""
+    names = list(colours)
+    t1 = max(s.end for s in tv.report.steps) if tv.report is not None else t0
+    width = max(t1 - t0, 1)
+    centres = t0 + (np.arange(TIMELINE_BINS) + 0.5) * (width / TIMELINE_BINS)
+    code = {n: i for i, n in enumerate(names)}
+    z = np.full((len(rows), TIMELINE_BINS), np.nan)
+    wait_code = code["waiting"]
+    for row, rank in enumerate(rows):
+        occ = [o for st in (tv.report.steps if tv.report is not None else ()) for o in st.occurrences.get(rank, ())]
+        if not occ:
+            continue
+        start = np.fromiter((o.start for o in occ), np.int64, len(occ))
+        wait = np.fromiter((o.wait for o in occ), np.int64, len(occ))
+        dur = np.fromiter((o.dur for o in occ), np.int64, len(occ))
+        phase = np.fromiter((code[o.name] for o in occ), np.float64, len(occ))
+        # each occurrence as [start, start + wait) waiting, then [start + wait, end) in its phase; a stable sort
+        # keeps an empty wait before its phase, so the phase wins the tie
+        starts = np.concatenate([start, start + wait])
+        ends = np.concatenate([start + wait, start + dur])
+        cats = np.concatenate([np.full(len(occ), float(wait_code)), phase])
+        order = np.argsort(starts, kind="stable")
+        starts, ends, cats = starts[order], ends[order], cats[order]
+        idx = np.searchsorted(starts, centres, side="right") - 1
+        ok = (idx >= 0) & (centres < ends[np.clip(idx, 0, None)])
+        z[row, ok] = cats[idx[ok]]
+    n = len(names)
+    scale = []
+    for i, name in enumerate(names):  # a stepped colour scale: value i is exactly the colour of names[i]
+        scale += [[i / n, colours[name]], [(i + 1) / n, colours[name]]]
+    return [{"type": "heatmap", "z": _nulls_2d(z), "y": labels,
+             "x": ((centres - t0) / 1e9).round(6).tolist(), "zmin": -0.5, "zmax": n - 0.5, "colorscale": scale,
+             "colorbar": {"tickvals": list(range(n)), "ticktext": names, "thickness": 12, "len": 0.9},
+             "hovertemplate": "%{y}<br>%{x:.3f} s<extra></extra>", "xgap": 0, "ygap": 1}]
+
+
+def _nulls_2d(z: np.ndarray) -> list[list[int | None]]:
+    """Cell codes as JSON-ready ints, None where no phase covers the cell (drawn transparent)."""
+    empty = np.isnan(z)
+    cells = np.where(empty, -1, z).astype(np.int64).astype(object)
+    cells[empty] = None
+    return cells.tolist()

@@ -13,7 +13,8 @@ from .figures import FIGURE_TITLES, HEATMAPS, PANELS, placeholder_figure
 
 LIVE_INTERVAL_MS = 1000
 LIST_INTERVAL_MS = 5000
-CALLBACK_NAMES = ("list", "render", "live", "alerts", "zoom", "profiler", "memory", "keys", "pins", "log", "config", "samples")
+CALLBACK_NAMES = ("list", "render", "live", "alerts", "zoom", "profiler", "memory", "keys", "pins", "log", "config",
+                  "samples", "timeline")
 
 # Nothing may leave the machine: no "Edit in Chart Studio"/"Share chart" (upload to Plotly's cloud), no
 # plotly.com link or logo, no server URL for plotly.js to send to. PNG download stays (it is local).
@@ -125,8 +126,57 @@ def _profiler_tab() -> dcc.Tab:
 
 
 def _memory_tab() -> dcc.Tab:
-    return dcc.Tab(label="Memory", value="memory", children=[html.Div([graph("memory")],
-                                                                       style={"marginTop": "8px"})])
+    """The run's memory.json, then what-if controls that re-plan its deployment (empty: as the run)."""
+    def knob(label: str, knob_id: str, **kw: Any) -> html.Label:
+        return html.Label([label, dcc.Input(id=f"whatif-{knob_id}", type="number", debounce=True,
+                                            placeholder="as run", style={"width": "80px", "marginLeft": "4px"},
+                                            **kw)], style={"marginRight": "14px"})
+
+    whatif = html.Div([
+        html.Div([html.B("What-if", style={"marginRight": "12px"}), knob("GPUs", "gpus", min=1, step=1),
+                  html.Label(["ZeRO stage", dcc.Dropdown(id="whatif-zero", options=[0, 1, 2, 3], value=None,
+                                                         placeholder="as run", style={"width": "100px"})],
+                             style={"display": "flex", "alignItems": "center", "gap": "4px",
+                                    "marginRight": "14px"}),
+                  knob("micro-batch", "micro", min=1, step=1), knob("engine utilisation", "util", min=0.05,
+                                                                     max=1, step=0.05)],
+                 style={"display": "flex", "alignItems": "center", "flexWrap": "wrap", "fontSize": "13px"}),
+        html.Div(id="whatif-summary", style={"fontSize": "13px", "margin": "4px 0"}),
+        html.Div(id="err-whatif", className="cb-error", style={"color": "#b00020"}),
+        graph("whatif", "What-if: per-GPU memory per phase (GiB)", card=False),
+    ], style={**CARD, "padding": "8px"})
+    return dcc.Tab(label="Memory", value="memory", children=[html.Div([graph("memory"), whatif],
+                                                                       style={"marginTop": "8px", "display": "grid",
+                                                                              "gap": "8px"})])
+
+
+def _timeline_tab() -> dcc.Tab:
+    """Phases per rank on one clock for a step range, waits in red, and the busy/wait table beside it."""
+    controls = html.Div([
+        html.Label("steps ", htmlFor="timeline-steps"),
+        dcc.Input(id="timeline-steps", type="text", debounce=True, placeholder="A:B (default: the last 10)",
+                  style={"width": "240px"}),
+        html.Span(id="timeline-summary", style={**SMALL, "marginLeft": "12px"}),
+    ], style={"display": "flex", "alignItems": "center", "gap": "4px"})
+    table = dash_table.DataTable(
+        id="timeline-table", columns=[{"name": n, "id": i} for n, i in (
+            ("rank", "rank"), ("role", "role"), ("busy %", "busy"), ("wait %", "wait"), ("idle %", "idle"),
+            ("wait s", "wait_s"))],
+        data=[], sort_action="native", page_size=32, style_as_list_view=True,
+        style_cell={"fontFamily": "monospace", "fontSize": "12px", "padding": "2px 6px", "textAlign": "right"},
+        style_header={"fontWeight": "bold"},
+        style_data_conditional=[{"if": {"filter_query": "{wait} >= 20", "column_id": "wait"},
+                                 "color": "#d62728", "fontWeight": "bold"}],
+    )
+    return dcc.Tab(label="Timeline", value="timeline", children=[html.Div([
+        controls,
+        html.Div([html.Div(graph("timeline", "Timeline"), style={"flex": "1", "minWidth": "0"}),
+                  html.Div([html.B("Busy / waiting per rank"),
+                            html.Div("share of the summed step windows; waiting: in a collective-bound phase "
+                                     "before the last rank entered it (docs/timeline.md)", style=SMALL),
+                            table], style={**CARD, "padding": "8px", "width": "380px", "flex": "none"})],
+                 style={"display": "flex", "gap": "8px", "alignItems": "flex-start", "marginTop": "6px"}),
+    ], style={"marginTop": "8px"})])
 
 
 def _samples_table(side: str) -> html.Div:
@@ -211,6 +261,7 @@ def build_layout(runs_root: str) -> html.Div:
         dcc.Store(id="trace-type", data=None),  # scattergl or scatter, chosen in the browser
         dcc.Store(id="alert-store", data={"alerts": [], "render": None}),
         dcc.Store(id="pinned", data=[]),
+        dcc.Store(id="timeline-sig", data=None),  # what the Timeline tab drew (a refresh with nothing new skips)
         dcc.Store(id="key-sig", data=None),  # the keys and filter the key browser shows  # keys charted from the key browser, in the order they were ticked
         dcc.Store(id="pin-cursor", data={}),  # rows drawn in the pinned charts (as ``cursor`` for the panels)
         dcc.Store(id="log-charts", data=sorted(p.id for p in PANELS if p.log_y)),  # charts with a log y axis
@@ -224,5 +275,5 @@ def build_layout(runs_root: str) -> html.Div:
         controls,
         html.Div(id="run-messages", style={"color": "#8a6d00", "fontSize": "13px"}),
         dcc.Tabs(id="tabs", value="stability", children=[_stability_tab(), _samples_tab(), _profiler_tab(),
-                                                          _memory_tab(), _config_tab()]),
+                                                          _timeline_tab(), _memory_tab(), _config_tab()]),
     ], style={"fontFamily": "system-ui, sans-serif", "padding": "8px 14px", "background": "#fafafa"})

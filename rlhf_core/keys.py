@@ -49,8 +49,16 @@ CANONICAL_KEYS = frozenset(
         "rollout/ratio_min", "rollout/ratio_max",
         "rollout/prob_diff_mean", "rollout/prob_diff_max", "rollout/prob_diff_std", "rollout/prob_corr",
         "rollout/is_weight_min", "rollout/is_weight_mean", "rollout/is_weight_max",
+        # the step's batch of completions as text (rlhf_core.samples.text_stats; docs/design.md "Run format")
+        "text/distinct2", "text/identical_frac", "text/repeated_ngram_frac",
     }
 )
+# Names the text statistics had before they were canonical: runs written then still carry these.
+TEXT_KEY_ALIASES = {
+    "text/distinct2": "src/text/distinct2",
+    "text/identical_frac": "src/text/identical_frac",
+    "text/repeated_ngram_frac": "src/text/repeated_ngram_frac",
+}
 # wait/<phase>, wait/total: seconds a rank waited in collective-bound phases for the last rank (docs/timeline.md)
 CANONICAL_PREFIXES = ("grad/layer/", "drift/layer/", "time/", "mem/", "reward/", "src/", "sys/", "eval/", "wait/")
 
@@ -62,6 +70,13 @@ _PHASE_MEM = re.compile(r"^mem/(\w+)_peak_bytes$")
 def is_canonical(key: str) -> bool:
     """True for a key of the contract (fixed or in a known family)."""
     return key in CANONICAL_KEYS or key in RECORD_FIELDS or key.startswith(CANONICAL_PREFIXES)
+
+
+def text_value(rec: Mapping[str, Any], key: str) -> Any:
+    """``rec[key]`` of a canonical text key, or its pre-canonical ``src/text/...`` name in an older run."""
+    if key in rec:
+        return rec[key]
+    return rec.get(TEXT_KEY_ALIASES.get(key, key))
 
 
 def phase_time_key(phase: str) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .rewards import distinct2, identical_frac
 
 SAMPLES_PER_STEP = 4  # completions kept per step
 SAMPLE_CHARS = 2000  # characters kept of each prompt and completion
@@ -25,11 +28,11 @@ def pick(rewards: Sequence[float | None], count: int) -> list[int]:
         return []
     if n <= count:
         return list(range(n))
-    finite = [i for i in range(n) if isinstance(rewards[i], (int, float)) and math.isfinite(rewards[i])]
+    finite = {i: r for i, r in enumerate(rewards) if isinstance(r, (int, float)) and math.isfinite(r)}
     chosen: list[int] = []
     if finite:
-        chosen.append(max(finite, key=lambda i: rewards[i]))
-        low = min(finite, key=lambda i: rewards[i])
+        chosen.append(max(finite, key=finite.__getitem__))
+        low = min(finite, key=finite.__getitem__)
         if low not in chosen and count > 1:
             chosen.append(low)
     rest = [i for i in range(n) if i not in chosen]
@@ -115,6 +118,13 @@ def repeated_ngram_frac(texts: Iterable[str], n: int = 3) -> float:
                 repeats += 1
             seen.add(gram)
     return repeats / total if total else 0.0
+
+
+def text_stats(texts: Sequence[str]) -> dict[str, float]:
+    """The batch's text-level signals under their canonical keys: pattern collapse and reward hacking show as
+    repeated phrases and identical completions before the scalars move."""
+    return {"text/distinct2": distinct2(texts), "text/identical_frac": identical_frac(texts),
+            "text/repeated_ngram_frac": repeated_ngram_frac(texts)}
 
 
 def format_samples(records: Sequence[Mapping[str, Any]], width: int = 100) -> str:

@@ -93,7 +93,7 @@ def test_text_collapse_on_identical_or_repetitive_batches():
     assert L.text_outcome(recs(7, src__text__identical_frac=same, src__text__distinct2=0.9)).step == 7
     d2 = [0.95, 0.9, 0.3, 0.2]
     o = L.text_outcome(recs(4, src__text__identical_frac=0.125, src__text__distinct2=d2))
-    assert o.step == 4 and o.detail == L.DISTINCT2_KEY
+    assert o.step == 4 and o.detail == "src/" + L.DISTINCT2_KEY  # the name the (older) run holds
 
 
 def test_run_outcome_step_is_the_earliest_kind():

@@ -12,7 +12,7 @@ from dash import no_update
 from dashboard import figures as F
 from dashboard.app import create_app
 from dashboard.callbacks import Builder
-from dashboard.data import ALL, MAX_POINTS, RunCache, View
+from dashboard.data import ALL, MAX_POINTS, RunCache, View, timeline_view
 from rlhf_core.run_writer import RunWriter
 from test_dashboard_data import _wait_alerts, metrics, write_run
 
@@ -250,9 +250,21 @@ def test_every_trace_type_the_dashboard_draws_is_in_its_plotly_bundle(tmp_path):
                 F.system_figure([{"time": float(i), "cpu/process_percent": 1.0} for i in range(3)]),
                 F.memory_figure({"prediction": {"phases": {"update": {"weights": 1}}},
                                  "measured": {"phases": {"update": 2}}})]
+    # the Timeline tab's Gantt (bars) and its binned raster (one heatmap) for a wide view, on a real 2-rank run
+    ddp2 = timeline_view(Path(__file__).parent / "fixtures" / "timeline_ddp2", None)
+    figures += [F.timeline_figure(ddp2), _binned_timeline(ddp2)]
     used = set()
     for fig in figures:
         traces = fig["data"] if isinstance(fig, dict) else fig.data
         used |= {t["type"] if isinstance(t, dict) else t.type for t in traces}
     assert {"scatter", "scattergl", "heatmap", "bar", "icicle"} <= used
     assert used <= bundled, f"trace types missing from the plotly bundle: {used - bundled}"
+
+
+def _binned_timeline(view):
+    """The Gantt forced into its binned form (as drawn above :data:`F.MAX_TIMELINE_BARS` bars)."""
+    saved, F.MAX_TIMELINE_BARS = F.MAX_TIMELINE_BARS, 0
+    try:
+        return F.timeline_figure(view)
+    finally:
+        F.MAX_TIMELINE_BARS = saved

@@ -70,7 +70,7 @@ def test_runner_writes_samples_and_the_text_signal(smoke_run_dir):
         assert isinstance(rec["prompt"], str) and rec["prompt"] and isinstance(rec["completion"], str)
         assert math.isfinite(rec["reward"]) and math.isfinite(rec["kl"]) and 0 < rec["length"] <= 6
     assert len(run.samples(steps[0])) == 2  # batch 2 < 4 kept per step
-    assert all(0.0 <= r["src/text/repeated_ngram_frac"] <= 1.0 for r in run.metrics())
+    assert all(0.0 <= r["text/repeated_ngram_frac"] <= 1.0 for r in run.metrics())
 
 
 def test_samples_cli_prints_a_step_and_fails_in_one_line(smoke_run_dir, tmp_path, capsys):

@@ -25,6 +25,12 @@ def test_trl_grpo_run_keeps_prompts_completions_and_reward_components(grpo_run):
         assert rec["reward"] == pytest.approx(len(rec["completion"]) / 10.0)  # the reward function's own value
         assert isinstance(rec["length"], int) and "advantage" in rec
     assert max(len(Run(run_dir).samples(s)) for s in steps) <= 4
+    # the canonical text signals of each generation batch, logged at the step its samples were kept (issue 15)
+    rows = {r["step"]: r for r in Run(run_dir).metrics()}
+    for step in steps:
+        for key in ("text/distinct2", "text/identical_frac", "text/repeated_ngram_frac"):
+            assert 0.0 <= rows[step][key] <= 1.0, (step, key)
+        assert not any(k.startswith("src/text/") for k in rows[step])
 
 
 def test_samples_tab_shows_the_runner_and_grpo_completions(smoke_run_dir, grpo_run, tmp_path):  # noqa: F811

@@ -1,5 +1,5 @@
 """``--heldout_reward``: a second reward the runner logs (``reward/heldout``) but never optimises, and the text
-statistics it logs every step (``src/text/distinct2``, ``src/text/identical_frac``)."""
+statistics it logs every step (``text/distinct2``, ``text/identical_frac``)."""
 from __future__ import annotations
 
 import pytest
@@ -28,10 +28,10 @@ def test_heldout_reward_is_logged_not_optimised(tmp_path):
     assert all("reward/heldout" not in r for r in plain)
     for a, b in zip(plain, held):
         # same seed: the held-out reward changes nothing that is trained on
-        for key in ("reward/mean", "loss/total", "kl/ref_k3", "policy/entropy", "src/text/distinct2"):
+        for key in ("reward/mean", "loss/total", "kl/ref_k3", "policy/entropy", "text/distinct2"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
         assert -1.0 <= b["reward/heldout"] <= 1.0
-        assert 0.0 <= b["src/text/distinct2"] <= 1.0 and 0.0 < b["src/text/identical_frac"] <= 1.0
+        assert 0.0 <= b["text/distinct2"] <= 1.0 and 0.0 < b["text/identical_frac"] <= 1.0
     assert Run(tmp_path / "held").meta["config"]["heldout_reward"] == "length"
 
 

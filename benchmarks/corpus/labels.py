@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+
+from rlhf_core.keys import TEXT_KEY_ALIASES
 
 # --- the criteria (docs/corpus.md explains each number)
 KL_LIMIT = 1.0             # nats per token: KL(π‖π_ref) estimate above this
@@ -24,7 +27,7 @@ HACK_HELDOUT_DROP = 0.15   # ...while the held-out reward (in [0, 1]) is down by
 HELDOUT_KEYS = ("reward/heldout", "reward/heldout/mean")
 IDENTICAL_LIMIT = 0.5      # at least half the batch is one and the same response...
 DISTINCT2_LIMIT = 0.25     # ...or at most a quarter of the batch's word bigrams are distinct
-IDENTICAL_KEY, DISTINCT2_KEY = "src/text/identical_frac", "src/text/distinct2"
+IDENTICAL_KEY, DISTINCT2_KEY = "text/identical_frac", "text/distinct2"  # or their old src/text/ names
 NONFINITE_SKIP = ("time/", "mem/", "sys/", "throughput/")  # clocks and memory are not training values
 
 KINDS = ("nonfinite", "kl", "entropy", "reward_hacking", "text_collapse")
@@ -118,14 +121,21 @@ def hacking_outcome(records: Sequence[Mapping[str, Any]], window: int = HACK_WIN
     return None
 
 
+def _text_key(rec: Mapping[str, Any], key: str) -> str:
+    """The name ``rec`` holds a text statistic under: canonical, or ``src/text/...`` in a run written before
+    the key was canonical (the committed corpus), so both label the same."""
+    return key if key in rec else TEXT_KEY_ALIASES.get(key, key)
+
+
 def text_outcome(records: Sequence[Mapping[str, Any]]) -> Outcome | None:
     """First step where the batch's completions are near-identical (see the two limits above)."""
     for rec in records:
-        same, d2 = _num(rec, IDENTICAL_KEY), _num(rec, DISTINCT2_KEY)
+        same_key, d2_key = _text_key(rec, IDENTICAL_KEY), _text_key(rec, DISTINCT2_KEY)
+        same, d2 = _num(rec, same_key), _num(rec, d2_key)
         if same is not None and same >= IDENTICAL_LIMIT:
-            return Outcome("text_collapse", int(rec["step"]), same, IDENTICAL_LIMIT, IDENTICAL_KEY)
+            return Outcome("text_collapse", int(rec["step"]), same, IDENTICAL_LIMIT, same_key)
         if d2 is not None and d2 <= DISTINCT2_LIMIT:
-            return Outcome("text_collapse", int(rec["step"]), d2, DISTINCT2_LIMIT, DISTINCT2_KEY)
+            return Outcome("text_collapse", int(rec["step"]), d2, DISTINCT2_LIMIT, d2_key)
     return None
 
 

@@ -1,16 +1,16 @@
 """Per-step text statistics and the held-out reward the corpus producers log next to the optimised one.
 
 Torch-free and tiny on purpose: every producer (the runner, TRL reward functions, the REINFORCE loop) calls
-the same functions, so a run's ``src/text/*`` and held-out reward mean the same thing whichever trainer wrote it.
+the same functions, so a run's ``text/*`` and held-out reward mean the same thing whichever trainer wrote it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlhf_core.rewards import BUILTIN, RewardFn, _words, distinct2, identical_frac
 
-DISTINCT2_KEY = "text/distinct2"        # logged as src/text/distinct2
-IDENTICAL_KEY = "text/identical_frac"   # logged as src/text/identical_frac
+DISTINCT2_KEY = "text/distinct2"        # canonical (rlhf_core.keys); src/text/distinct2 in older runs
+IDENTICAL_KEY = "text/identical_frac"   # canonical; src/text/identical_frac in older runs
 
 
 def text_stats(texts: Sequence[str]) -> dict[str, float]:

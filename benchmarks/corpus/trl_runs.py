@@ -3,7 +3,7 @@
 GRPO/RLOO get the optimised reward plus a held-out reward function of weight 0 (``reward_weights``), which
 TRL logs per function as ``rewards/heldout/mean`` (→ ``reward/heldout/mean``) without optimising it; the
 optimised reward function also logs the batch's text statistics through TRL's ``log_metric`` hook
-(→ ``src/text/distinct2``, ``src/text/identical_frac``). DPO learns from a small preference set built here and
+(→ ``text/distinct2``, ``text/identical_frac``). DPO learns from a small preference set built here and
 gets a probe (:class:`DPOProbe`) that measures what DPO itself does not log: the policy's per-token entropy
 and its exact per-token KL to the reference on a fixed batch of chosen responses.
 """
