@@ -458,7 +458,9 @@ class RunData:
             view = self.views[ALL]
             status = str(self.meta.get("status", "unknown"))
             written = view.last("time")
-            if status == "running" and isinstance(written, (int, float)) and time.time() - written > STALE_S:
+            if status == "running" and self.run.process_gone():
+                status = "running? (its process has ended: killed?)"
+            elif status == "running" and isinstance(written, (int, float)) and time.time() - written > STALE_S:
                 status = f"running? (silent {int((time.time() - written) // 60)} min)"
             return {"id": self.key, "run_id": self.run.run_id, "source": self.meta.get("source"),
                     "status": status, "steps": len(view), "last_step": view.last("step"),

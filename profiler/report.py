@@ -268,7 +268,7 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     alerts = [{k: v for k, v in a.as_dict().items() if k != "evidence"} for a in analysis.alerts()]
     problems += analysis.problems()
     return {
-        "run": {"id": run.run_id, "path": str(run.path), "status": run.status, "source": run.meta.get("source"),
+        "run": {"id": run.run_id, "path": str(run.path), "status": run.status, "process_gone": run.process_gone(), "source": run.meta.get("source"),
                 "world_size": run.world_size, "steps": len(records)},
         "step": {"mean_ms": None if mean_step is None else 1000 * mean_step,
                  "median_ms": None if not steps else 1000 * statistics.median(steps),
@@ -312,7 +312,9 @@ def render(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     run, step = report["run"], report["step"]
-    console.print(f"[bold]{run['id']}[/bold] ({run['source']}, {run['status']}, world size {run['world_size']}): "
+    status = run["status"] + (", its process has ended without closing the run (killed?)"
+                              if run.get("process_gone") else "")
+    console.print(f"[bold]{run['id']}[/bold] ({run['source']}, {status}, world size {run['world_size']}): "
                   f"{run['steps']} steps, {_ms(step['mean_ms'])} ms/step mean, {_ms(step['median_ms'])} median, "
                   f"peak memory {_bytes(step['peak_bytes'])}", soft_wrap=True)
     t = Table(title="Phases (per step)", title_justify="left")

@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         analysis = RunAnalysis(run, overrides)
         alerts = analysis.alerts()
         problems = analysis.problems()
-        status = run.status
+        status = run.status_line()
     except (ValueError, RunError, OSError) as err:
         print(f"rlhfkit diagnose: {err}", file=sys.stderr)
         return 2

@@ -18,10 +18,12 @@ import errno
 import json
 import math
 import os
+import socket
 import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .keys import unknown_keys
 
@@ -67,7 +69,7 @@ def loads_checked(raw: bytes | str) -> tuple[Any, int]:
 try:  # orjson parses ~3x faster; it is strict (no bare NaN, 64-bit ints, depth 1024), so json stays the fallback
     import orjson
 
-    _fast_loads = orjson.loads
+    _fast_loads: Callable[[bytes], Any] = orjson.loads
     _HAVE_ORJSON = True
 except ImportError:  # pragma: no cover - orjson is a core dependency (pyproject.toml)
     _fast_loads = json.loads
@@ -417,7 +419,7 @@ def _meta_field_ok(name: str, value: Any) -> bool:
         return False
     if isinstance(value, float) and not math.isfinite(value):
         return False
-    return not (name == "world_size" and not 1 <= value <= 1_000_000)
+    return not (name == "world_size" and isinstance(value, int) and not 1 <= value <= 1_000_000)
 
 
 class Run:
@@ -484,6 +486,35 @@ class Run:
                 raise
             meta = self._meta
         return str(meta.get("status", "unknown"))
+
+    def process_gone(self) -> bool:
+        """True for a run that says ``running`` although the process that wrote it, on this host, has ended.
+
+        A SIGKILL (or the machine going down) leaves no chance to write ``failed``/``interrupted``; the writer
+        records its pid and host, so a reader on the same host can still tell. False whenever it cannot know
+        (another host, no pid recorded, a pid that now belongs to another process)."""
+        meta = self._meta if self._meta is not None else {}
+        process = meta.get("process")
+        if meta.get("status") != "running" or not isinstance(process, dict):
+            return False
+        pid, host = process.get("pid"), process.get("host")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            return False
+        return False
+
+    def status_line(self) -> str:
+        """The status for people: ``running`` is qualified when the writing process is known to be gone."""
+        status = self.status
+        if status == "running" and self.process_gone():
+            pid = self.meta["process"]["pid"]
+            return f"running, but its process {pid} has ended without closing the run (killed?)"
+        return status
 
     def _ranks_on_disk(self) -> int:
         return max(1, len(self.rank_files()))
@@ -605,7 +636,7 @@ class Run:
         out = list(self._meta_problems) + list(self._path_problems.values())
         out += [p for c in self._cursors.values() for p in c.report()]
         if self.status != "running":
-            for name, cursor in self._cursors.items():
+            for cursor in self._cursors.values():
                 if cursor.pending_bytes():
                     out.append(Problem(str(cursor.path), cursor.line_no + 1,
                                        "torn last line (the writer stopped mid-record); skipped"))
@@ -698,7 +729,7 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
     for d in iter_run_dirs(root):
         try:
             run = Run(d)
-            run.meta
+            _ = run.meta  # reads meta.json: a folder without a readable one is not a run
         except RunError:
             continue
         runs.append(run)

@@ -209,6 +209,8 @@ class RunWriter:
                 }
             if extra_meta:
                 self.meta.update(extra_meta)
+            # who is writing now: a reader on this host can tell a "running" run whose process was killed
+            self.meta["process"] = {"pid": os.getpid(), "host": socket.gethostname()}
             write_json_atomic(self.meta_path, self.meta)
         else:
             self.meta = {}

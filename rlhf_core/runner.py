@@ -152,7 +152,7 @@ class PPORunner:
             cfg.run_dir, source="rlhf_core", config=cfg.to_dict(), rank=self.info.rank,
             world_size=self.info.world_size, device=str(self.device), tensorboard=not cfg.no_tensorboard,
             resume=bool(cfg.resume), overwrite=cfg.overwrite,
-            extra_meta={"torch_threads": self.threads, "pid": os.getpid()},
+            extra_meta={"torch_threads": self.threads},
             tb_purge_step=self.start_step + 1 if cfg.resume else None,
         )
         if cfg.resume:
