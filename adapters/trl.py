@@ -32,9 +32,9 @@ from rlhf_core.analysis import LiveAlerts
 from rlhf_core.keys import CumulativeRate, sanitize, to_number
 from rlhf_core.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
 from rlhf_core.run_writer import RunWriter
-from rlhf_core.samples import SAMPLE_CHARS, SAMPLES_PER_STEP, text_of
+from rlhf_core.samples import SAMPLE_CHARS, SAMPLES_PER_STEP, text_of, text_stats
 
-from . import trl_profiling
+from . import trl_memory, trl_profiling
 from .extras import Extras, TraceSpec, trace_schedule
 from .mapping import TRL_SUMMARY_MARKERS, map_trl
 
@@ -99,6 +99,9 @@ class RLHFKitCallback(TrainerCallback):
         tensorboard: bool = False,
         samples_per_step: int = SAMPLES_PER_STEP,
         sample_chars: int = SAMPLE_CHARS,
+        memory: bool = True,
+        device_memory: int | str | None = None,
+        memory_prompt_len: int | None = None,
     ):
         if probe_every < 1:
             raise ValueError("probe_every must be >= 1")
@@ -112,6 +115,7 @@ class RLHFKitCallback(TrainerCallback):
         self.alerts, self.diagnoser_config, self.kl_budget = alerts, diagnoser_config, kl_budget
         self.show_nan, self.tensorboard = show_nan, tensorboard
         self.samples_per_step, self.sample_chars = samples_per_step, sample_chars
+        self.memory, self.device_memory, self.memory_prompt_len = memory, device_memory, memory_prompt_len
         self.writer: RunWriter | None = None
         self._model = None
         self._reset_state()
@@ -131,9 +135,12 @@ class RLHFKitCallback(TrainerCallback):
         self._live: LiveAlerts | None = None
         self._clip_patched = None
         self._samples_seen: tuple | None = None
+        self._last_completions: list[Any] = []
         self._pairs: dict[str, Any] | None = None
         self._pairs_patched = None
         self._tokens = CumulativeRate()
+        self._mem_report: dict[str, Any] | None = None
+        self._mem_peaks: trl_memory.PhasePeaks | None = None
 
     # ------------------------------------------------------------------ setup and teardown
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -189,6 +196,40 @@ class RLHFKitCallback(TrainerCallback):
         self._extras = Extras(self.writer, interval_s=self.system_interval_s, schedule=self.trace,
                               device=str(args.device), step_offset=int(state.global_step) + 1,
                               trace_options=self.trace_options)
+        if self.memory:
+            self._predict_memory(args)
+
+    def _predict_memory(self, args) -> None:
+        """Predicted per-GPU memory to ``memory.json`` and one warning when it exceeds the device (rank 0);
+        on CUDA, per-phase peaks are recorded for the end of training. Any failure is one warning line."""
+        device = str(args.device)
+        try:
+            name = type(self.trainer).__name__ if self.trainer is not None else type(args).__name__
+            report = trl_memory.predict_trainer(args, self._model, name, device, self.device_memory,
+                                                self.memory_prompt_len)
+        except Exception as err:  # noqa: BLE001 - a prediction must never stop training
+            if self.writer is not None and self.writer.is_main:
+                log.warning("rlhfkit: memory prediction skipped (%s: %s)", type(err).__name__, str(err)[:200])
+            return
+        self._mem_report = report
+        if device.startswith("cuda"):
+            self._mem_peaks = trl_memory.PhasePeaks.cuda(device)
+        if self.writer is None or not self.writer.is_main:
+            return
+        self.writer.write_memory(report)
+        if not report["fits_device"]:
+            from memory.planner import human
+
+            log.warning("rlhfkit: predicted peak %s per GPU (%s) exceeds the device's %s (%s); see %s",
+                        human(report["prediction"]["peak_bytes"]), report["prediction"]["peak_phase"],
+                        human(report["device_memory_bytes"]), report["device_memory_source"],
+                        self.writer.memory_path)
+
+    def _phase_peak(self, phase: str) -> None:
+        """CUDA: this phase's peak since the previous mark (the spans marked so far attributed first)."""
+        if self._mem_peaks is not None:
+            self._mem_peaks.fold()
+            self._mem_peaks.add(phase, self._mem_peaks.mark())
 
     def _patch_clip(self) -> None:
         """Per-block norms before clipping: wrap the trainer's ``accelerator.clip_grad_norm_`` (read-only)."""
@@ -222,6 +263,8 @@ class RLHFKitCallback(TrainerCallback):
             return
         try:
             self._flush()
+            if self._mem_report is not None and self._mem_peaks is not None:
+                self.writer.write_memory(trl_memory.with_measured(self._mem_report, self._mem_peaks))
         finally:
             trl_profiling.remove_listener(self._on_span)
             self._unpatch_clip()
@@ -240,6 +283,8 @@ class RLHFKitCallback(TrainerCallback):
     def _on_span(self, name: str, start: float, end: float) -> None:
         if self._t_begin is not None:
             self._spans.append(trl_profiling.Span(name, start, end))
+            if self._mem_peaks is not None:
+                self._mem_peaks.span_ended(self._spans[-1])
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._flush()
@@ -248,10 +293,13 @@ class RLHFKitCallback(TrainerCallback):
         self._grad_post_clip = False
         self._due = (state.global_step + 1) % self.probe_every == 0
         self._timer.start_step(int(state.global_step) + 1)
+        if self._mem_peaks is not None:
+            self._mem_peaks.mark()
         self._t_begin = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._t_pre = time.perf_counter()
+        self._phase_peak("update")
         if self.grad_norms and self._grad_stash is None and self._model is not None and self._due:
             self._grad_stash = block_grad_norms(self._model)  # no clip hook reached: these are post-clip
             self._grad_post_clip = args.max_grad_norm > 0
@@ -262,6 +310,7 @@ class RLHFKitCallback(TrainerCallback):
         if self._optim_phase is not None:
             self._optim_phase.close()
             self._optim_phase = None
+        self._phase_peak("optimizer")
 
     def _timeline_spans(self) -> None:
         """TRL's own phase spans (outermost ones; a log-prob pass inside ``compute_loss`` is part of the update)
@@ -320,7 +369,8 @@ class RLHFKitCallback(TrainerCallback):
         mapped = map_trl(logs, trainer=type(self.trainer).__name__ if self.trainer is not None else None)
         self._throughput(logs, mapped)
         if not any(k.startswith("eval_") for k in logs):
-            self._log_samples(int(state.global_step))
+            for key, value in self._log_samples(int(state.global_step)).items():
+                mapped.setdefault(key, value)  # a reward function's own log_metric of the key wins
         if self._pending is not None and self._pending_step == state.global_step:
             # TRL's pre-clip norm is the same number as ours; keep TRL's when both exist
             self._pending.update(mapped)
@@ -342,13 +392,20 @@ class RLHFKitCallback(TrainerCallback):
         if rate is not None:
             mapped["throughput/tokens_per_s"] = rate
 
-    def _log_samples(self, step: int) -> None:
-        """A bounded sample of this step's text to ``samples.jsonl``: GRPO/RLOO's completions, or DPO's pairs."""
+    def _log_samples(self, step: int) -> dict[str, float]:
+        """A bounded sample of this step's text to ``samples.jsonl``: GRPO/RLOO's completions, or DPO's pairs.
+        Returns the canonical ``text/*`` signals of a new generation batch (all its completions, not only the
+        sample kept), so the collapse rules see the same keys as on a runner run; {} for DPO pairs (data, not
+        generations) or when nothing new was generated."""
         if self.writer is None:
-            return
-        samples = self._generation_samples() or self._pair_samples()
+            return {}
+        generated = self._generation_samples()
+        samples = generated or self._pair_samples()
         if samples:
             self.writer.log_samples(step, samples)
+        if not generated:
+            return {}
+        return text_stats([text_of(c) for c in self._last_completions])
 
     def _generation_samples(self) -> list[dict[str, Any]]:
         """GRPO/RLOO keep the latest generation batch's prompts, completions and per-function rewards in
@@ -361,6 +418,7 @@ class RLHFKitCallback(TrainerCallback):
         if seen == self._samples_seen:
             return []  # no new generation since the last log
         self._samples_seen = seen
+        self._last_completions = completions
         components = {str(name): list(values) for name, values in (logs.get("rewards") or {}).items()}
         names = list(components)
         weights = getattr(self.trainer, "reward_weights", None)

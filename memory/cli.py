@@ -87,7 +87,8 @@ def spec_from_args(a: argparse.Namespace) -> StepSpec:
         return StepSpec(
             model=shape_from_config(cfg), batch_size=a.batch_size, rollout_batch_size=a.rollout_batch_size,
             train_batch_size=a.mini_batch_size, prompt_len=a.prompt_len, gen_len=a.max_new_tokens,
-            dtype=a.dtype or "fp32", master_weights=a.mixed_precision, optimizer=a.optimizer, value=a.value, reference=not a.no_reference,
+            dtype=a.dtype or "fp32", master_weights=a.mixed_precision, optimizer=a.optimizer, value=a.value,
+            reference=not a.no_reference,
             ref_device=a.ref_device, reward_model=a.reward_model, policy_training="lora" if a.lora else "full",
             lora_rank=a.lora or 8, share_reference=a.share_reference,
             gradient_checkpointing=a.gradient_checkpointing, logprob_impl=a.logprob_impl, device=a.device)
@@ -154,8 +155,8 @@ def _plan_deployment(a: argparse.Namespace) -> int:
 def _measure(argv: list[str]) -> int:
     from rlhf_core.run_reader import Run, RunError, file_problem, summarize
 
-    from .planner import table
     from .estimator import Prediction
+    from .planner import table
     from .run_memory import write_run_memory
 
     p = argparse.ArgumentParser(prog="rlhfkit memory measure",
@@ -178,6 +179,10 @@ def _measure(argv: list[str]) -> int:
     why = file_problem(target)
     if why is not None and why not in ("missing", "a symlink loop"):  # a loop is only a name: it is replaced
         raise CliError(f"{target}: is {why}; not overwritten")
+    kept = _deployment_memory(target)
+    if kept is not None:  # the TRL adapter's prediction for the trainer's own settings: never replaced
+        print(kept)
+        return 0
     if a.prompt_len:
         config["prompt_len"] = a.prompt_len
     model = str(config.get("model") or "tiny")
@@ -209,6 +214,37 @@ def _measure(argv: list[str]) -> int:
             f"{ph} {human(v)}" for ph, v in report["measured_probe"]["phases"].items()))
     print(f"wrote {target}")
     return 0
+
+
+def _deployment_memory(path: Path) -> str | None:
+    """What to print for a memory.json the TRL adapter wrote (``kind: deployment``), or None for any other.
+
+    Its prediction was made from the trainer's live arguments and model, which the run's config only partly
+    records, so ``measure`` shows it (and the CUDA peaks the adapter measured next to it) instead of
+    re-predicting the run as if the kit's runner had made it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("kind") != "deployment":
+        return None
+    from .planner import human
+
+    pred = report.get("prediction") or {}
+    phases = pred.get("phases") or {}
+    lines = [f"{path}: the TRL adapter's prediction (per GPU), kept as written at train start"]
+    for ph, comps in phases.items():
+        lines.append(f"  {ph:<15} {human(comps.get('total', 0)):>11}  " + ", ".join(
+            f"{c} {human(v)}" for c, v in comps.items() if c != "total"))
+    lines.append(f"  peak {human(pred.get('peak_bytes', 0))} in {pred.get('peak_phase')}; device "
+                 f"{human(report.get('device_memory_bytes', 0))} ({report.get('device_memory_source')})")
+    meas = report.get("measured")
+    if isinstance(meas, dict) and meas.get("phases"):
+        lines.append("  measured: " + ", ".join(f"{ph} {human(v)}" for ph, v in meas["phases"].items())
+                     + f"  [{str(meas.get('method', '')).split(' ')[0]}]")
+    else:
+        lines.append("  measured: none (the adapter measures per-phase peaks on CUDA only)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

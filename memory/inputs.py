@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .arch import load_arch
+from .arch import Arch, load_arch
 from .deploy import Deployment, Engine, Role, Sharding
 
 GiB = 2**30
@@ -98,36 +98,74 @@ def from_trl(config_path: str, model: str | None = None, accelerate: str | None 
         f = Path(ds_file)
         sharding = sharding_from_deepspeed(_load_mapping(str(f if f.is_absolute() or f.exists() else base / f)))
     gpus = n_proc * machines if accelerate else int(cfg.get("num_processes", n_proc))
+    return trl_deployment(cfg, arch, gpus=gpus, sharding=sharding, gpu_memory=gpu_memory,
+                          gpus_per_node=gpus_per_node)
+
+
+def sharding_from_trl_args(cfg: dict[str, Any], base_dir: Path | None = None) -> Sharding:
+    """Sharding from a ``TrainingArguments`` dict: its ``deepspeed`` (a dict or a JSON path) or ``fsdp``
+    (``"full_shard auto_wrap"`` or a list of such options; ``offload`` moves parameters and optimizer)."""
+    ds = cfg.get("deepspeed")
+    if isinstance(ds, dict):
+        return sharding_from_deepspeed(ds)
+    if ds:
+        f = Path(str(ds))
+        if not f.is_absolute() and not f.exists() and base_dir is not None:
+            f = base_dir / f
+        return sharding_from_deepspeed(_load_mapping(str(f)))
+    fsdp = cfg.get("fsdp")
+    opts = " ".join(str(o) for o in fsdp).lower() if isinstance(fsdp, (list, tuple)) else str(fsdp or "").lower()
+    if "full_shard" in opts or "shard_grad_op" in opts:
+        off = "offload" in opts
+        return Sharding("fsdp_grad_op" if "shard_grad_op" in opts else "fsdp_full", offload_optimizer=off,
+                        offload_params=off)
+    return Sharding("zero0", mixed_precision=False)
+
+
+def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Sharding, gpu_memory: int = 80 * GiB,
+                   gpus_per_node: int = 8, dtype_bytes: int = 2, lora_rank: int | None = None,
+                   load_in_4bit: bool | None = None, prompt_len: int | None = None) -> Deployment:
+    """The deployment of a TRL GRPO/RLOO run described by its config keys (a YAML file's mapping or
+    ``GRPOConfig.to_dict()``): the one reader behind ``--trl_config`` and the TRL adapter's prediction.
+
+    ``generation_batch_size`` is TRL's global count (``per_device_train_batch_size x num_processes x
+    steps_per_generation``), so each GPU generates its share of it. ``lora_rank``/``load_in_4bit`` override
+    the config's ``use_peft``/``lora_r`` (the adapter reads them from the live model's PEFT config).
+    """
     use_vllm = bool(cfg.get("use_vllm", False))
-    mode = str(cfg.get("vllm_mode", "colocate"))
-    lora = int(cfg.get("lora_r", 0) or 0) if cfg.get("use_peft") else 0
-    actor = Role("actor", arch, trained=True, group="train", lora_rank=lora,
-                 load_in_4bit=bool(cfg.get("load_in_4bit")))
-    beta = float(cfg.get("beta", 0.0))
+    mode = str(cfg.get("vllm_mode") or "colocate")
+    lora = lora_rank if lora_rank is not None else (int(cfg.get("lora_r", 0) or 0) if cfg.get("use_peft") else 0)
+    four_bit = bool(cfg.get("load_in_4bit")) if load_in_4bit is None else load_in_4bit
+    actor = Role("actor", arch, trained=True, group="train", dtype_bytes=dtype_bytes, lora_rank=lora,
+                 load_in_4bit=four_bit)
+    beta = float(cfg.get("beta") or 0.0)
     reference = None
     if beta > 0 and not lora:  # with peft the reference is the base with adapters disabled
-        reference = Role("reference", arch, group="train")
+        reference = Role("reference", arch, group="train", dtype_bytes=dtype_bytes)
     groups = {"train": gpus}
     engine = Engine("hf", group="train")
     if use_vllm:
-        tp = int(cfg.get("vllm_tensor_parallel_size", 1))
-        util = float(cfg.get("vllm_gpu_memory_utilization", 0.3))
+        tp = int(cfg.get("vllm_tensor_parallel_size") or 1)
+        util = float(cfg.get("vllm_gpu_memory_utilization") or 0.3)
         if mode == "server":
             groups["vllm"] = tp
             engine = Engine("vllm", group="vllm", tp=tp, gpu_memory_utilization=util)
         else:
             engine = Engine("vllm", group="train", tp=tp, gpu_memory_utilization=util,
                             sleep=bool(cfg.get("vllm_enable_sleep_mode", False)))
-    per_dev = int(cfg.get("per_device_train_batch_size", 8))
-    gen_batch = int(cfg.get("generation_batch_size") or per_dev * int(cfg.get("steps_per_generation") or
-                                                                      cfg.get("gradient_accumulation_steps", 1)))
+    per_dev = int(cfg.get("per_device_train_batch_size") or 8)
+    accum = int(cfg.get("gradient_accumulation_steps") or 1)
+    steps_per_gen = int(cfg.get("steps_per_generation") or accum)
+    gen_global = cfg.get("generation_batch_size")
+    gen_batch = max(1, int(gen_global) // max(gpus, 1)) if gen_global else per_dev * steps_per_gen
+    gc = cfg.get("gradient_checkpointing")
     return Deployment(actor=actor, reference=reference, groups=groups, gpus_per_node=gpus_per_node,
                       gpu_memory=gpu_memory, sharding=sharding, engine=engine,
                       optimizer="adamw8bit" if "8bit" in str(cfg.get("optim", "")) else "adamw",
-                      micro_batch=per_dev, grad_accum=int(cfg.get("gradient_accumulation_steps", 1)),
-                      prompt_len=int(cfg.get("max_prompt_length") or 512),
-                      response_len=int(cfg.get("max_completion_length", 256)), rollout_per_gpu=gen_batch,
-                      gradient_checkpointing=bool(cfg.get("gradient_checkpointing", True)),
+                      micro_batch=per_dev, grad_accum=accum,
+                      prompt_len=int(prompt_len or cfg.get("max_prompt_length") or 512),
+                      response_len=int(cfg.get("max_completion_length") or 256), rollout_per_gpu=gen_batch,
+                      gradient_checkpointing=True if gc is None else bool(gc),
                       attn=_attn(cfg.get("attn_implementation") or (cfg.get("model_init_kwargs") or {}).get(
                           "attn_implementation")), framework="trl")
 
