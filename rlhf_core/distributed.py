@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .keys import REDUCTIONS, reduction
 
 if TYPE_CHECKING:
     from .clock import ClockOffset
@@ -51,7 +54,7 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
-def measure_clock_offset(info: DistInfo) -> "ClockOffset":
+def measure_clock_offset(info: DistInfo) -> ClockOffset:
     """This rank's wall-clock offset to rank 0 (:mod:`rlhf_core.clock`); a collective, called once at start-up.
 
     NCCL moves only CUDA tensors, asynchronously, so host time stamps around it would measure the launch; the
@@ -92,18 +95,39 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(metrics: Mapping[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Mean over ranks of every numeric metric; keys must match on all ranks (the runner logs the same set).
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
-    Non-finite values stay non-finite (NaN propagates), so a NaN on one rank is not hidden by the mean.
+
+def all_reduce_metrics(metrics: Mapping[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Every numeric metric combined over ranks by its declared reduction (:func:`rlhf_core.keys.reduction`):
+    means stay means, extremes stay extremes, throughput adds up. Keys must match on all ranks (the runner logs
+    the same set). One collective per reduction kind present.
+
+    Non-finite values stay non-finite (NaN propagates), so a NaN on one rank is not hidden.
     """
     if not info.enabled:
         return dict(metrics)
-    keys = sorted(metrics)
-    buf = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    buf /= info.world_size
-    return {k: v for k, v in zip(keys, buf.tolist())}
+    groups: dict[str, list[str]] = {}
+    for key in sorted(metrics):
+        groups.setdefault(reduction(key), []).append(key)
+    out: dict[str, float] = {}
+    for how in REDUCTIONS:  # the same order on every rank
+        keys = groups.get(how)
+        if not keys:
+            continue
+        buf = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+        nan = None
+        if how in ("max", "min"):  # a backend's max/min may drop a NaN: count them and put them back
+            nan = torch.isnan(buf).to(torch.float64)
+            buf = torch.nan_to_num(buf, nan=-math.inf if how == "max" else math.inf)
+            dist.all_reduce(nan, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=_OPS[how])
+        if how == "mean":
+            buf /= info.world_size
+        if nan is not None:
+            buf[nan > 0] = math.nan
+        out.update(zip(keys, buf.tolist()))
+    return out
 
 
 def all_gather_object(obj: T, info: DistInfo) -> list[T]:

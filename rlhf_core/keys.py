@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 FORMAT_VERSION = 1
 
@@ -65,6 +65,35 @@ CANONICAL_PREFIXES = ("grad/layer/", "drift/layer/", "time/", "mem/", "reward/",
 RECORD_FIELDS = ("step", "time", "rank", "nonfinite")
 
 _PHASE_MEM = re.compile(r"^mem/(\w+)_peak_bytes$")
+
+
+REDUCTIONS = ("mean", "max", "min", "sum")
+# How a key's values combine, over a step's minibatches and over ranks. Extremes stay extremes (the run-level
+# ratio_max of a DDP run is the largest of its ranks', not their mean); throughput adds up over ranks;
+# "skipped" is 1 when any part skipped; everything else is a mean.
+_REDUCE_EXACT = {"throughput/tokens_per_s": "sum", "skipped": "max", "mem/peak_bytes": "max"}
+
+
+def reduction(key: str) -> str:
+    """The reduction declared for ``key``: one of :data:`REDUCTIONS`."""
+    if key in _REDUCE_EXACT:
+        return _REDUCE_EXACT[key]
+    if key.endswith(("_max", "/max")) or (key.startswith("mem/") and key.endswith("_peak_bytes")):
+        return "max"
+    if key.endswith(("_min", "/min")):
+        return "min"
+    return "mean"
+
+
+def reduce_values(key: str, values: Sequence[float]) -> float:
+    """``values`` of one key combined by its declared reduction (non-empty; NaN propagates)."""
+    how = reduction(key)
+    if how == "max":
+        return max(values, key=lambda v: math.inf if v != v else v)
+    if how == "min":
+        return min(values, key=lambda v: -math.inf if v != v else v)
+    total = math.fsum(values)
+    return total if how == "sum" else total / len(values)
 
 
 def is_canonical(key: str) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .keys import unknown_keys
+from .keys import reduce_values, unknown_keys
 
 MAX_LINE_BYTES = 16 << 20  # a step record is a few KiB; a longer line is skipped, not parsed
 MAX_META_BYTES = 16 << 20  # meta.json / memory.json: read at most this much
@@ -369,7 +369,8 @@ def _is_number(v: Any) -> bool:
 
 
 def merge_ranks(per_rank: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Run-level records from per-rank ones: the mean over ranks of each numeric key at each step
+    """Run-level records from per-rank ones: each numeric key combined over ranks at each step by its declared
+    reduction (a mean, or the max/min/sum of :func:`rlhf_core.keys.reduction`), as the runner's DDP reduce does
     (records without an integer step cannot be placed and are left out; the reader already counted them)."""
     by_step: dict[int, list[dict[str, Any]]] = {}
     for recs in per_rank.values():
@@ -388,9 +389,9 @@ def merge_ranks(per_rank: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any
             vals = [r[key] for r in recs if _is_number(r.get(key))]
             if not vals:
                 continue
-            mean = sum(vals) / len(vals)
-            out[key] = mean
-            if not math.isfinite(mean):
+            value = reduce_values(key, [float(v) for v in vals])
+            out[key] = value
+            if not math.isfinite(value):
                 nonfinite.append(key)
         if nonfinite:
             out["nonfinite"] = nonfinite

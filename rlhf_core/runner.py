@@ -38,6 +38,7 @@ from .analysis import LiveAlerts
 from .rules.base import is_alerting
 from .finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from .flat_params import FlatParams
+from .keys import reduce_values
 from .probes import kl_estimates, layer_metrics, rollout_mismatch
 from .prompts import batch_for_step, get_prompts
 from .rewards import RewardError, RewardFn, get_reward, score
@@ -376,7 +377,7 @@ class PPORunner:
             self._log_samples(step, prompts, texts, scores, kl_tok, mask)
             seq_kl = (kl_tok.sum(-1).mean().item())
             if cfg.adaptive_kl:  # every rank must move the coefficient by the same, global KL
-                seq_kl = dist_utils.all_reduce_mean({"kl": seq_kl}, self.info, self.device)["kl"]
+                seq_kl = dist_utils.all_reduce_metrics({"kl": seq_kl}, self.info, self.device)["kl"]
             self.kl_ctl.update(seq_kl, cfg.batch_size * self.info.world_size)
             tokens = float(mask.sum().item())
         record.update(timer.end_step())
@@ -482,13 +483,8 @@ class PPORunner:
                       adv_mean, adv_std, stats, layer_norms, skipped) -> dict[str, Any]:
         cfg = self.cfg
         record: dict[str, Any] = {"epoch": (step - 1) // cfg.steps_per_epoch + 1}
-        for key, values in stats.items():
-            if key == "policy/ratio_min":
-                record[key] = min(values)
-            elif key == "policy/ratio_max":
-                record[key] = max(values)
-            else:
-                record[key] = sum(values) / len(values)
+        for key, values in stats.items():  # over the step's minibatches, as the key declares (keys.reduction)
+            record[key] = reduce_values(key, values)
         record.update(layer_metrics("grad", {b: v[-1] for b, v in layer_norms.items()}))  # the step's last update
         record.update(_finite_stats(scores))
         record.update(kl_estimates(old_logp, ref_logp, mask))
@@ -518,7 +514,7 @@ class PPORunner:
         written = self.writer.log(step, record)
         if not self.info.enabled:
             return written, record
-        reduced = dist_utils.all_reduce_mean(record, self.info, self.device)
+        reduced = dist_utils.all_reduce_metrics(record, self.info, self.device)
         per_rank = dist_utils.all_gather_object(written, self.info)
         if not self.info.is_main:
             return None, reduced

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_core.keys import reduction
+
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_FIELDS = {"step", "time", "rank", "nonfinite"}
 # The adaptive KL target is of the order of this seeded run's per-rank sequence KLs, so on some step the two
@@ -87,16 +89,24 @@ def test_ranks_see_different_prompts(ddp_run: Path) -> None:
     assert any(a[k] != b[k] for a, b in zip(r0, r1) for k in keys)
 
 
-def test_reduced_record_is_mean_of_ranks(ddp_run: Path) -> None:
+def test_reduced_record_combines_ranks_by_each_keys_reduction(ddp_run: Path) -> None:
+    """Means stay means, but the run-level ratio_max / reward/max of a DDP run is the largest of its ranks',
+    ratio_min / reward/min the smallest, and throughput the sum (keys.reduction)."""
     r0, r1 = read_jsonl(ddp_run / "metrics.rank0.jsonl"), read_jsonl(ddp_run / "metrics.rank1.jsonl")
     reduced = read_jsonl(ddp_run / "metrics.jsonl")
+    combine = {"mean": lambda x, y: (x + y) / 2, "max": max, "min": min, "sum": lambda x, y: x + y}
+    seen = set()
     for a, b, red in zip(r0, r1, reduced):
         keys = set(red) - RECORD_FIELDS
         assert keys == set(a) - RECORD_FIELDS == set(b) - RECORD_FIELDS, f"step {red['step']}: key sets differ"
         assert len(keys) > 30
         for key in sorted(keys):
-            expected = (a[key] + b[key]) / 2
+            how = reduction(key)
+            seen.add(how)
+            expected = combine[how](a[key], b[key])
             assert math.isclose(red[key], expected, rel_tol=1e-9, abs_tol=1e-12), (red["step"], key, red[key], expected)
+    assert seen == {"mean", "max", "min", "sum"}
+    assert reduction("policy/ratio_max") == "max" and reduction("reward/min") == "min"
 
 
 def test_replicas_identical_and_match_checkpoint(ddp_run: Path) -> None:

@@ -107,7 +107,7 @@ def test_not_a_run(tmp_path):
         Run(tmp_path)
     (tmp_path / "meta.json").write_text("{broken")
     with pytest.raises(RunError, match="unreadable meta.json"):
-        Run(tmp_path).meta
+        _ = Run(tmp_path).meta
     assert list_runs(tmp_path) == [] and len(list_run_problems(tmp_path)) == 1
 
 
@@ -126,10 +126,9 @@ def test_writer_refuses_to_clobber_and_overwrite_clears(tmp_path):
 
 
 def test_crash_marks_the_run_failed(tmp_path):
-    with pytest.raises(RuntimeError):
-        with make_run(tmp_path / "r") as w:
-            w.log(1, {"loss/total": 1.0})
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), make_run(tmp_path / "r") as w:
+        w.log(1, {"loss/total": 1.0})
+        raise RuntimeError("boom")
     assert Run(tmp_path / "r").status == "failed"
 
 
@@ -207,3 +206,17 @@ def test_no_empty_traces_or_checkpoints_folders(tmp_path):
         w.log(1, {"loss/total": 0.5})
     assert not (tmp_path / "r" / "traces").exists() and not (tmp_path / "r" / "checkpoints").exists()
     assert Run(tmp_path / "r").traces() == [] and Run(tmp_path / "r").checkpoints() == []
+
+
+def test_each_key_declares_how_it_combines():
+    from rlhf_core.keys import reduce_values, reduction
+
+    assert [reduction(k) for k in ("policy/ratio_max", "reward/min", "throughput/tokens_per_s", "loss/total",
+                                   "mem/update_peak_bytes", "skipped", "rollout/logprob_diff_max")] == \
+        ["max", "min", "sum", "mean", "max", "max", "max"]
+    assert reduce_values("policy/ratio_max", [1.0, 3.0, 2.0]) == 3.0
+    assert reduce_values("reward/min", [1.0, -3.0]) == -3.0
+    assert reduce_values("loss/total", [1.0, 2.0]) == 1.5
+    assert reduce_values("throughput/tokens_per_s", [10.0, 5.0]) == 15.0
+    assert math.isnan(reduce_values("policy/ratio_max", [1.0, float("nan")]))  # NaN is never hidden
+    assert math.isnan(reduce_values("reward/min", [float("nan"), 1.0]))
