@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         "tensorboard": "any TensorBoard event folder (scalars; canonical tags kept, others as src/<tag>)",
         "verl": "veRL file-logger JSONL ({\"step\": N, \"data\": {...}} per line)",
     }
+    sub.add_parser("ray-timeline", help="a ray.timeline() trace of an OpenRLHF/veRL job (own options: "
+                   "rlhfkit import ray-timeline --help)", add_help=False)
     for kind, help_ in helps.items():
         s = sub.add_parser(kind, help=help_, description=help_)
         s.add_argument("source", help="folder or file to read")
@@ -49,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "ray-timeline":  # a different kind of source (one trace file, no follow/resume)
+        from .ray_timeline import main as ray_timeline_main
+
+        return ray_timeline_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.poll <= 0 or args.max_idle < 0:
         print("rlhfkit import: --poll must be > 0 and --max-idle >= 0", file=sys.stderr)
