@@ -5,9 +5,10 @@
 DeepSpeed's numbers come from its functions (``deepspeed.runtime.zero.stage_1_and_2.
 estimate_zero2_model_states_mem_needs`` and ``stage3.estimate_zero3_model_states_mem_needs``, the functions
 its ``*_all_live`` estimators print from), fed with total and largest-layer parameters counted by DeepSpeed's
-``model_to_params`` rule on the model built on the meta device (see ``ds_counts``). The planner's number is weights + gradients
-+ optimizer state + the step's fp32 gradient partition (+ ZeRO-3's gathered layer) for a bf16 mixed-precision
-AdamW actor (memory.deploy.deepspeed_model_states). Needs ``pip install deepspeed`` (not a test dependency).
+``model_to_params`` rule on the model built on the meta device (see ``ds_counts``). The planner's number is
+weights + gradients + optimizer state + the step's fp32 gradient partition (+ ZeRO-3's gathered layer) for a
+bf16 mixed-precision AdamW actor (memory.deploy.deepspeed_model_states). Needs ``pip install deepspeed`` (not a
+test dependency).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import row, write_result  # noqa: E402
 MODELS = ["Qwen2.5-0.5B", "Qwen2.5-7B", "Llama-3-8B", "Mistral-7B", "Gemma-2-9B", "Llama-3-70B", "Qwen2.5-72B"]
 LAYOUTS = [(1, 8), (8, 8)]  # (nodes, GPUs per node): 8 and 64 GPUs
 
@@ -48,8 +51,8 @@ def main() -> int:
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.disable(logging.WARNING)
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from memory.arch import load_arch
     from memory.deploy import Role, Sharding, deepspeed_model_states
@@ -63,7 +66,8 @@ def main() -> int:
             n = nodes * gpn
             cases = [("zero2", False, False, estimate_zero2_model_states_mem_needs(
                           total, gpn, nodes, cpu_offload=False)[1]),
-                     ("zero2", True, False, estimate_zero2_model_states_mem_needs(total, gpn, nodes, cpu_offload=True)[1]),
+                     ("zero2", True, False, estimate_zero2_model_states_mem_needs(
+                         total, gpn, nodes, cpu_offload=True)[1]),
                      ("zero3", False, False, estimate_zero3_model_states_mem_needs(
                          total, largest_layer, gpn, nodes, cpu_offload=False, cpu_offload_params=False)[1]),
                      ("zero3", True, False, estimate_zero3_model_states_mem_needs(
@@ -71,15 +75,17 @@ def main() -> int:
                      ("zero3", True, True, estimate_zero3_model_states_mem_needs(
                          total, largest_layer, gpn, nodes, cpu_offload=True, cpu_offload_params=True)[1])]
             for kind, off_opt, off_par, ds in cases:
-                ours = deepspeed_model_states(role, Sharding(kind, offload_optimizer=off_opt, offload_params=off_par), n)
+                sharding = Sharding(kind, offload_optimizer=off_opt, offload_params=off_par)
+                ours = deepspeed_model_states(role, sharding, n)
                 explained = ds
                 if kind == "zero3" and not off_opt:
                     # DeepSpeed's ZeRO-3 formula lists the same 18 B/param as ZeRO-2's sharded part; stage3.py
                     # also keeps the 16-bit parameter partition (2 B/param/N) and makes the fp32 gradient one
                     # optimizer sub-group (sub_group_size, 1e9 elements) at a time
                     explained = ds + 2 * total // n - 4 * max(0, total // n - 1_000_000_000)
-                rows.append({"explained_bytes": int(explained), "model": name, "params": arch.params, "ds_total_params": total,
-                             "ds_largest_layer_params": largest_layer, "gpus": n, "stage": kind,
+                rows.append({"explained_bytes": int(explained), "model": name, "params": arch.params,
+                             "ds_total_params": total, "ds_largest_layer_params": largest_layer, "gpus": n,
+                             "stage": kind,
                              "offload_optimizer": off_opt, "offload_params": off_par, "deepspeed_bytes": int(ds),
                              "planner_bytes": int(ours), "error": ours / ds - 1})
                 r = rows[-1]
@@ -90,10 +96,20 @@ def main() -> int:
     unexplained = max(abs(r["planner_bytes"] / r["explained_bytes"] - 1) for r in rows)
     print(f"worst |error| {worst:.3%} over {len(rows)} rows; within 5%: {within}/{len(rows)}; after the two "
           f"documented ZeRO-3 differences: worst {unexplained:.3%}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"rows": rows, "worst_abs_error": worst, "within_5pct": within,
-                                         "worst_after_documented_differences": unexplained}, indent=1))
+    details = {"rows": rows, "worst_abs_error": worst, "within_5pct": within,
+               "worst_after_documented_differences": unexplained}
+    write_result("memory_deepspeed", summary(details), details, path=Path(a.out))
     return 0
+
+
+def summary(details: dict) -> list[dict]:
+    """README rows: how many ZeRO-2/3 rows sit within 5% of DeepSpeed's estimators, and what explains the rest."""
+    n, within = len(details["rows"]), details["within_5pct"]
+    return [row("planner vs DeepSpeed's ZeRO-2/3 model-state estimators, rows within ±5%", f"{within}/{n}", "",
+                "all within ±5%", within == n,
+                f"worst {100 * details['worst_abs_error']:.1f}%: ZeRO-3 without offload, where stage3.py keeps a "
+                "16-bit parameter partition and builds fp32 gradients per sub-group, which the estimator leaves "
+                f"out; with both, worst {100 * details['worst_after_documented_differences']:.1f}%")]
 
 
 if __name__ == "__main__":

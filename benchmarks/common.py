@@ -10,8 +10,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,9 +49,11 @@ def pairwise(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], dict[
     return ratios, spread(ratios)
 
 
-def write_result(name: str, rows: Iterable[dict[str, Any]], details: dict[str, Any] | None = None) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, rows: Iterable[dict[str, Any]], details: dict[str, Any] | None = None,
+                 path: Path | None = None) -> Path:
+    """The one result format run_all.py turns into the README table: summary rows, and the details."""
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
                "rows": list(rows), "details": details or {}}
     path.write_text(json.dumps(payload, indent=2, default=str))
