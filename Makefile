@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv check train_smoke train_quick train_full train_ddp test bench corpus tensorboard dashboard plotly_bundle clean distclean
+.PHONY: venv check lint train_smoke train_quick train_full train_ddp test bench corpus tensorboard dashboard plotly_bundle clean distclean
 
 venv: $(STAMP)
 
@@ -33,10 +33,16 @@ train_full: $(STAMP)
 train_ddp: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --epochs 2 --steps_per_epoch 6 --batch_size 2 --max_new_tokens 10 --run_dir $(RUNS)/ddp --overwrite
 
+# Style and types, configured in pyproject.toml ([tool.ruff], [tool.mypy]); CI runs this before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) benchmarks/run_all.py
 
 # The corpus of real runs (docs/corpus.md): ~25-40 min on a shared 2-core CPU; runs go to benchmarks/corpus/runs/

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from rlhf_core.analysis import LiveAlerts
 from rlhf_core.run_reader import Run, RunError, file_problem, summarize
@@ -30,7 +31,6 @@ def _resumable(out: Path) -> int | None:
     halfway), what it could not use is a warning."""
     try:
         run = Run(out)
-        run.meta
         if "resumed_at" in run.meta and not isinstance(run.meta["resumed_at"], list):
             raise RunError(f"{run.meta_path}: resumed_at is not a list")
         recs = run.metrics()

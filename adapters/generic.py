@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
 from rlhf_core.analysis import LiveAlerts
-from rlhf_core.probes import block_drift, block_grad_norms, kl_estimates, layer_metrics, param_snapshot
 from rlhf_core.detectors import Alert
+from rlhf_core.probes import block_drift, block_grad_norms, kl_estimates, layer_metrics, param_snapshot
 from rlhf_core.run_writer import RunWriter
 
-from .extras import Extras, trace_schedule
+from .extras import Extras, TraceSpec, trace_schedule
 from .mapping import MAPPERS
 
 __all__ = ["run", "KitRun", "kl_estimates"]
@@ -137,7 +138,7 @@ def run(
     device: str = "cpu",
     mapping: str = "none",
     system_interval_s: float | None = 1.0,
-    trace_steps: int | tuple[int, ...] | None = None,
+    trace_steps: int | TraceSpec | None = None,
     trace_options: Mapping[str, Any] | None = None,
     alerts: bool = True,
     diagnoser_config: Mapping[str, Any] | None = None,

@@ -31,9 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .convert import SourceError
 
@@ -136,7 +137,7 @@ def step_bounds(spans: list[RaySpan]) -> list[int]:
         else:
             waves.append([s.start, s.end])
     rollouts = sorted(s.start for s in spans if s.phase == ROLLOUT)
-    bounds = []
+    bounds: list[int] = []
     for _, end in waves:
         nxt = next((t for t in rollouts if t >= end), None)
         if nxt is not None and (not bounds or nxt > bounds[-1]):

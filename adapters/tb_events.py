@@ -18,9 +18,10 @@ import functools
 import os
 import struct
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from rlhf_core.run_reader import file_problem, summarize
 
@@ -217,7 +218,8 @@ class ScalarReader:
             else:
                 lost = f.bad_records + (1 if self.final and f.tail_bytes else 0)
                 if lost:
-                    tail = f" (a truncated record of {f.tail_bytes} bytes at the end)" if self.final and f.tail_bytes else ""
+                    tail = (f" (a truncated record of {f.tail_bytes} bytes at the end)"
+                            if self.final and f.tail_bytes else "")
                     out.append(f"{f.path}: {lost} record(s) could not be read{tail}; {f.records} read")
         return out
 

@@ -21,8 +21,9 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -117,7 +118,7 @@ class RLHFKitCallback(TrainerCallback):
         self.samples_per_step, self.sample_chars = samples_per_step, sample_chars
         self.memory, self.device_memory, self.memory_prompt_len = memory, device_memory, memory_prompt_len
         self.writer: RunWriter | None = None
-        self._model = None
+        self._model: Any = None  # the trainer's model: a transformers or peft module
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -125,7 +126,8 @@ class RLHFKitCallback(TrainerCallback):
         self._timer: PhaseTimer | None = None
         self._spans: list[trl_profiling.Span] = []
         self._optim_phase: contextlib.ExitStack | None = None
-        self._t_begin = self._t_pre = None
+        self._t_begin: float | None = None
+        self._t_pre: float | None = None
         self._grad_stash: tuple[float, dict[str, float]] | None = None
         self._grad_post_clip = False
         self._due = True
@@ -133,11 +135,11 @@ class RLHFKitCallback(TrainerCallback):
         self._pending_step: int | None = None
         self._extras: Extras | None = None
         self._live: LiveAlerts | None = None
-        self._clip_patched = None
+        self._clip_patched: tuple[Any, Any] | None = None
         self._samples_seen: tuple | None = None
         self._last_completions: list[Any] = []
         self._pairs: dict[str, Any] | None = None
-        self._pairs_patched = None
+        self._pairs_patched: tuple[Any, Any] | None = None
         self._tokens = CumulativeRate()
         self._mem_report: dict[str, Any] | None = None
         self._mem_peaks: trl_memory.PhasePeaks | None = None
@@ -286,13 +288,19 @@ class RLHFKitCallback(TrainerCallback):
             if self._mem_peaks is not None:
                 self._mem_peaks.span_ended(self._spans[-1])
 
+    def _step_timer(self) -> PhaseTimer:
+        """The phase timer; ``on_train_begin`` makes it before any step hook runs."""
+        if self._timer is None:
+            raise RuntimeError("a training step began before on_train_begin set up the run")
+        return self._timer
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._flush()
         self._spans = []
         self._grad_stash = None
         self._grad_post_clip = False
         self._due = (state.global_step + 1) % self.probe_every == 0
-        self._timer.start_step(int(state.global_step) + 1)
+        self._step_timer().start_step(int(state.global_step) + 1)
         if self._mem_peaks is not None:
             self._mem_peaks.mark()
         self._t_begin = time.perf_counter()
@@ -304,7 +312,7 @@ class RLHFKitCallback(TrainerCallback):
             self._grad_stash = block_grad_norms(self._model)  # no clip hook reached: these are post-clip
             self._grad_post_clip = args.max_grad_norm > 0
         self._optim_phase = contextlib.ExitStack()
-        self._optim_phase.enter_context(self._timer.phase("optimizer"))
+        self._optim_phase.enter_context(self._step_timer().phase("optimizer"))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._optim_phase is not None:
@@ -318,6 +326,9 @@ class RLHFKitCallback(TrainerCallback):
         kept: list[trl_profiling.Span] = []
         losses = [s for s in self._spans if s.short == "compute_loss"]
         prepared = self._t_begin
+        if prepared is None:  # on_step_end returns before this when no step began
+            return
+        timer = self._step_timer()
         for span in sorted(self._spans, key=lambda s: (s.start, -s.end)):
             if span.short == "_prepare_inputs":
                 prepared = max(prepared, span.end)
@@ -326,15 +337,15 @@ class RLHFKitCallback(TrainerCallback):
             if phase is None or any(span.inside(k) for k in kept) or any(span.inside(k) for k in losses):
                 continue
             kept.append(span)
-            self._timer.add_span(phase, span.start, span.end)
+            timer.add_span(phase, span.start, span.end)
         if self._t_pre is not None and self._t_pre > prepared:
-            self._timer.add_span("update", prepared, self._t_pre)
+            timer.add_span("update", prepared, self._t_pre)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t_begin is None:
             return
         self._timeline_spans()
-        record = self._timer.end_step(int(state.global_step))
+        record = self._step_timer().end_step(int(state.global_step))
         phases, prepare, raw = trl_profiling.phase_times(self._spans)
         if self._t_pre is not None:
             record["time/update"] = max(0.0, self._t_pre - self._t_begin - prepare)
@@ -355,7 +366,8 @@ class RLHFKitCallback(TrainerCallback):
             record["drift/rel"] = rel
             record.update(layer_metrics("drift", per_block))
         self._tokens.add_time(float(record.get("time/step", 0.0)))
-        self._extras.step()
+        if self._extras is not None:  # made by on_train_begin
+            self._extras.step()
         self._pending, self._pending_step = record, int(state.global_step)
         self._t_begin = self._t_pre = None
 
@@ -421,7 +433,7 @@ class RLHFKitCallback(TrainerCallback):
         self._last_completions = completions
         components = {str(name): list(values) for name, values in (logs.get("rewards") or {}).items()}
         names = list(components)
-        weights = getattr(self.trainer, "reward_weights", None)
+        weights: Any = getattr(self.trainer, "reward_weights", None)
         weights = [float(w) for w in weights.tolist()] if hasattr(weights, "tolist") and len(weights) == len(names) \
             else [1.0] * len(names)
         advantages = list(logs.get("advantages", []))
@@ -490,11 +502,13 @@ class RLHFKitCallback(TrainerCallback):
         return samples
 
     def _flush(self) -> None:
-        if self._pending is not None and self.writer is not None:
+        if self._pending is not None and self._pending_step is not None and self.writer is not None:
             self._write(self._pending_step, self._pending)
         self._pending, self._pending_step = None, None
 
     def _write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self.writer is None:  # both callers check; kept for the type checker
+            return
         record = self.writer.log(step, metrics)
         if self._live is not None:
             self._live.update([record])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .mapping import trl_profile_phase
 
@@ -75,7 +75,7 @@ class Span:
         """Name without the trainer class: ``transformers.generate`` for ``GRPOTrainer.transformers.generate``."""
         return self.name.partition(".")[2] or self.name
 
-    def inside(self, other: "Span") -> bool:
+    def inside(self, other: Span) -> bool:
         return other.start <= self.start and self.end <= other.end and self is not other
 
 

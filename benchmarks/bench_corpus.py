@@ -15,12 +15,13 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import row, write_result
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 GRACE = 3  # steps after the outcome step an alert may still come

@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
-from rlhf_core.analysis import diagnose_run  # noqa: E402
-from rlhf_core.detectors import Diagnoser, diagnose  # noqa: E402
-from rlhf_core.rules.synthetic import FAULTS, healthy_series, planted_series  # noqa: E402
-from rlhf_core.run_reader import Run  # noqa: E402
-from rlhf_core.run_writer import RunWriter  # noqa: E402
+from benchmarks.common import row, spread, write_result
+from rlhf_core.analysis import diagnose_run
+from rlhf_core.detectors import Diagnoser, diagnose
+from rlhf_core.rules.synthetic import FAULTS, healthy_series, planted_series
+from rlhf_core.run_reader import Run
+from rlhf_core.run_writer import RunWriter
 
 CFG = {"max_grad_norm": 1.0}
 LONG = 100_000

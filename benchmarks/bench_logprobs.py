@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
+from benchmarks.common import row, spread, write_result
 
 B, S, H, V = 4, 128, 256, 50257
 REPEATS = 5
@@ -46,7 +47,7 @@ def main() -> int:
     results, outputs = {}, {}
     for impl in impls:
         hidden.grad = weight.grad = None
-        outputs[impl], peak = measure_peak(lambda: step(impl), device)
+        outputs[impl], peak = measure_peak(partial(step, impl), device)
         grads = (hidden.grad.clone(), weight.grad.clone())
         times = []
         for _ in range(REPEATS):
@@ -65,8 +66,10 @@ def main() -> int:
     for impl in impls:
         r = results[impl]
         logp, ent = outputs[impl]
-        same = (torch.allclose(logp, ref_logp, rtol=1e-5, atol=1e-5) and torch.allclose(ent, ref_ent, rtol=1e-5, atol=1e-4)
-                and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(r["grads"], results["torch"]["grads"])))
+        same = (torch.allclose(logp, ref_logp, rtol=1e-5, atol=1e-5)
+                and torch.allclose(ent, ref_ent, rtol=1e-5, atol=1e-4)
+                and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                        for a, b in zip(r["grads"], results["torch"]["grads"])))
         details[impl] = {"delta_peak_bytes": r["delta_peak_bytes"], "seconds": r["seconds"], "equal_to_plain": same,
                          "method": r["method"]}
         rows.append(row(f"{impl}: peak memory of the log-prob step", round(r["delta_peak_bytes"] / 2**20, 1), "MiB",

@@ -13,7 +13,6 @@ test dependency).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import row, write_result  # noqa: E402
+
 MODELS = ["Qwen2.5-0.5B", "Qwen2.5-7B", "Llama-3-8B", "Mistral-7B", "Gemma-2-9B", "Llama-3-70B", "Qwen2.5-72B"]
 LAYOUTS = [(1, 8), (8, 8)]  # (nodes, GPUs per node): 8 and 64 GPUs
 

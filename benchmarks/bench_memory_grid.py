@@ -16,9 +16,9 @@ from pathlib import Path
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
-from memory.calibrate import measure_rows, shape  # noqa: E402
-from memory.estimator import StepSpec, accelerate_rule, predict  # noqa: E402
+from benchmarks.common import row, spread, write_result
+from memory.calibrate import measure_rows, shape
+from memory.estimator import StepSpec, accelerate_rule, predict
 
 GRID = [
     StepSpec(shape(2, 64, 1024), batch_size=4, prompt_len=16, gen_len=16),

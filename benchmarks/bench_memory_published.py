@@ -82,11 +82,11 @@ def main() -> int:
     a = p.parse_args()
     rows = json.loads(Path(a.rows).read_text())["rows"]
     out = []
-    for row in rows:
-        r = {"id": row["id"], "published": row["published"], **verdict(row)}
-        r["agree"] = None if r["planner"] == "depends on lengths" else r["planner"] == row["published"]
+    for rec in rows:
+        r = {"id": rec["id"], "published": rec["published"], **verdict(rec)}
+        r["agree"] = None if r["planner"] == "depends on lengths" else r["planner"] == rec["published"]
         out.append(r)
-        print(f"{r['id']:44s} published {row['published']:5s} planner {r['planner']:19s} peak at max "
+        print(f"{r['id']:44s} published {rec['published']:5s} planner {r['planner']:19s} peak at max "
               f"{r['peak_at_max_bytes'] / 2**30:7.1f} GiB, at min {r['peak_at_min_bytes'] / 2**30:6.1f} GiB "
               f"({r['peak_group']}/{r['peak_phase_at_max']})")
     decided = [r for r in out if r["agree"] is not None]

@@ -28,15 +28,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
+from benchmarks.common import row, spread, write_result
 
 PAIRS = 400
 STEPS_PER_SIDE = 1  # one step a side, many pairs: the CPU speed here drifts on a ~0.1 s scale
@@ -274,20 +274,22 @@ def main() -> int:
     rows = [
         row("timer+probes+sampler overhead (tracing off)", round(100 * ov["median"], 2), "% of step", "<= 3 %",
             ov["median"] <= 0.03,
-            f"median of {ov['n']} pairs of {STEPS_PER_SIDE} identical steps (same tokens), range {100 * ov['min']:+.1f}..{100 * ov['max']:+.1f}%, "
-            f"stdev {100 * ov['stdev']:.1f} pts; bare step {bare_step * 1000:.0f} ms; CPU shared (load {load[0]:.1f})"),
+            f"median of {ov['n']} pairs of {STEPS_PER_SIDE} identical steps (same tokens), "
+            f"range {100 * ov['min']:+.1f}..{100 * ov['max']:+.1f}%, stdev {100 * ov['stdev']:.1f} pts; "
+            f"bare step {bare_step * 1000:.0f} ms; CPU shared (load {load[0]:.1f})"),
         row("control: bare vs bare, same harness", round(100 * ctl["median"], 2), "% of step", "reported", None,
             f"median of {ctl['n']} pairs, range {100 * ctl['min']:+.1f}..{100 * ctl['max']:+.1f}%, stdev "
             f"{100 * ctl['stdev']:.1f} pts: the harness's own bias and noise"),
         row("same, in process CPU time", round(100 * cov["median"], 2), "% of step", "<= 3 %", cov["median"] <= 0.03,
             f"median of {cov['n']} pairs, range {100 * cov['min']:+.1f}..{100 * cov['max']:+.1f}%, "
             f"stdev {100 * cov['stdev']:.1f} pts (CPU seconds of all threads: less sensitive to other load)"),
-        row("attributed instrumentation cost (tracing off)", round(100 * sum(shares.values()), 2), "% of step", "<= 3 %",
-            sum(shares.values()) <= 0.03,
+        row("attributed instrumentation cost (tracing off)", round(100 * sum(shares.values()), 2), "% of step",
+            "<= 3 %", sum(shares.values()) <= 0.03,
             "; ".join(f"{k} {100 * v:.2f}%" for k, v in shares.items())
             + f" (probe time measured inside {6} real steps; timer = {attr['phases_per_step']:.0f} phases x "
               f"{micro['phase_us']:.0f} µs)"),
-        row("profiler's own part: phase timer + sampler", round(100 * (shares["phase timer"] + shares["sampler (1 reading/s)"]), 3),
+        row("profiler's own part: phase timer + sampler",
+            round(100 * (shares["phase timer"] + shares["sampler (1 reading/s)"]), 3),
             "% of step", "<= 3 %", shares["phase timer"] + shares["sampler (1 reading/s)"] <= 0.03,
             "the rest of the instrumentation cost is the stability probes (rlhf_core.probes)"),
         row("step time inside an active trace window", round(100 * (fa["median"] / bare_step - 1), 0), "% over bare",
@@ -302,7 +304,8 @@ def main() -> int:
     details = {
         "harness": "PPORunner.train_step with instrumentation swapped out (the runner has no switch); see docstring",
         "args": ARGS, "pairs": PAIRS, "identical_work": same_work,
-        "overhead_ratio_per_pair": ratios, "control_ratio_per_pair": control["ratios"], "spread_control": ctl, "cpu_overhead_ratio_per_pair": cpu_ratios, "spread_cpu_overhead": cov,
+        "overhead_ratio_per_pair": ratios, "control_ratio_per_pair": control["ratios"], "spread_control": ctl,
+        "cpu_overhead_ratio_per_pair": cpu_ratios, "spread_cpu_overhead": cov,
         "torch_threads": torch.get_num_threads(), "bare_step_s": bare_s, "instrumented_step_s": inst_s,
         "spread_overhead": ov, "spread_bare": b, "spread_instrumented": i,
         "attribution": {"parts_s_per_step": parts, "shares": shares, **attr},

@@ -80,11 +80,13 @@ def main() -> int:
               f"[{sr['min']:.2f}-{sr['max']:.2f}]")
         rows += [
             row(f"KV-cache loop ({clock})", round(so["median"], 1), unit,
-                notes=f"median of {REPEATS}, range {so['min']:.0f}-{so['max']:.0f}; batch {BATCH} x {NEW_TOKENS} tokens"),
+                notes=f"median of {REPEATS}, range {so['min']:.0f}-{so['max']:.0f}; "
+                      f"batch {BATCH} x {NEW_TOKENS} tokens"),
             row(f"generate() ({clock})", round(sh["median"], 1), unit,
                 notes=f"median of {REPEATS}, range {sh['min']:.0f}-{sh['max']:.0f}"),
             row(f"loop / generate() speed-up ({clock})", round(sr["median"], 2), "x",
-                f">= {TARGET_RATIO}" if clock == "CPU" else "", sr["median"] >= TARGET_RATIO if clock == "CPU" else None,
+                f">= {TARGET_RATIO}" if clock == "CPU" else "",
+                sr["median"] >= TARGET_RATIO if clock == "CPU" else None,
                 notes=f"pairwise, range {sr['min']:.2f}-{sr['max']:.2f}"),
         ]
         details[clock] = {"ours": so, "generate": sh, "ratio": sr}

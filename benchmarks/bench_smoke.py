@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, spread, write_result  # noqa: E402
+from benchmarks.common import row, spread, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 5

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import pairwise, row, spread, write_result  # noqa: E402
+from benchmarks.common import pairwise, row, spread, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = [("rollout", 0.40), ("reward", 0.02), ("ref_logprobs", 0.05), ("old_logprobs", 0.05), ("values", 0.005),

@@ -6,9 +6,9 @@ alternating order. Step time = interval between consecutive ``on_step_begin`` ca
 registered first, so everything the adapter does between steps (its step end, TRL's log, the record written)
 is inside the interval; the first ``WARMUP`` intervals are dropped, and one unmeasured pair of runs goes first.
 A row is marked met/missed only when median ± 2 standard errors lies on one side of the 5% target; otherwise
-the noise of a shared machine is larger than the effect and the row says so (met left empty). The adapter's own time (its hooks plus
-the pre-clip gradient probe it runs inside the trainer's clip call) is also summed directly, which is far
-less sensitive to a busy machine than the difference of two step times. Torch runs on one thread so that
+the noise of a shared machine is larger than the effect and the row says so (met left empty). The adapter's own
+time (its hooks plus the pre-clip gradient probe it runs inside the trainer's clip call) is also summed directly,
+which is far less sensitive to a busy machine than the difference of two step times. Torch runs on one thread so that
 other processes on a shared CPU do not turn thread oversubscription into noise.
 """
 from __future__ import annotations
@@ -74,9 +74,8 @@ def _trainer(model_dir: str, tok, out: str):
 
 
 def _one(model_dir: str, tok, with_adapter: bool, tmp: Path, i: int) -> tuple[list[float], float, list[float]]:
-    from adapters.trl import profile_trainer
-
     import adapters.trl as adapter_trl
+    from adapters.trl import profile_trainer
 
     trainer, clock = _trainer(model_dir, tok, str(tmp / f"out{i}"))
     self_time = [0.0]
@@ -137,7 +136,8 @@ def main() -> int:
             kit_all += got[True]
             overheads.append(k / b - 1.0)
             print(f"repeat {r}: plain {b * 1e3:.1f} ms/step, with adapter {k * 1e3:.1f} ms/step, "
-                  f"overhead {100 * (k / b - 1):+.1f}% (CPU time {100 * cpu_overheads[-1]:+.1f}%), adapter self time {self_times[-1] * 1e3:.2f} ms/step",
+                  f"overhead {100 * (k / b - 1):+.1f}% (CPU time {100 * cpu_overheads[-1]:+.1f}%), "
+                  f"adapter self time {self_times[-1] * 1e3:.2f} ms/step",
                   flush=True)
     ov = spread(overheads)
     own = spread([t / b for t, b in zip(self_times, base_medians)])
@@ -166,7 +166,8 @@ def main() -> int:
     details = {"steps": STEPS, "warmup_intervals_dropped": WARMUP, "repeats": REPEATS,
                "overhead_fraction": ov, "plain_step_s": spread(base_all), "adapter_step_s": spread(kit_all),
                "plain_run_medians_s": base_medians, "adapter_run_medians_s": kit_medians,
-               "adapter_self_time_s_per_step": spread(self_times), "cpu_time_overhead_fraction": cpu_ov, "self_time_fraction": own,
+               "adapter_self_time_s_per_step": spread(self_times), "cpu_time_overhead_fraction": cpu_ov,
+               "self_time_fraction": own,
                "torch_threads": 1,
                "load_avg_1min_end": load, "cpu_count": os.cpu_count()}
     write_result("trl_adapter", rows, details)

@@ -21,7 +21,6 @@ from .data import ALL, RunCache, metrics_csv
 from .figures import PANELS, key_panel
 from .layout import build_layout
 
-
 TRACE_TYPES = {"auto": "auto", "webgl": "scattergl", "svg": "scatter"}
 
 
@@ -35,7 +34,9 @@ def create_app(runs_root: str | Path, render: str = "auto") -> Dash:
     if render not in TRACE_TYPES:
         raise ValueError(f"render must be one of {', '.join(TRACE_TYPES)}, not {render!r}")
     cache = RunCache(runs_root)
-    app = Dash(__name__, title="RLHF Systems Kit", update_title=None, suppress_callback_exceptions=False)
+    # dash documents update_title=None (no "Updating..." tab title while callbacks run) but annotates it str
+    app = Dash(__name__, title="RLHF Systems Kit", update_title=None,  # type: ignore[arg-type]
+               suppress_callback_exceptions=False)
     app.layout = build_layout(str(cache.root))
     builder = register(app, cache, TRACE_TYPES[render])
     app.server.config["RLHFKIT_CACHE"] = cache

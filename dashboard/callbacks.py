@@ -7,14 +7,14 @@ message in the page, never a traceback or a dead page.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 import numpy as np
@@ -51,7 +51,7 @@ def guarded(name: str, n_outputs: int) -> Callable:
                 raise
             except RunError as err:
                 message = str(err)
-            except Exception as err:  # noqa: BLE001 - the page must survive any bad input
+            except Exception as err:  # the page must survive any bad input (logged with its traceback)
                 log.exception("dashboard callback %s failed", name)
                 message = f"{name} view failed: {type(err).__name__}: {err}"
             return [no_update] * (n_outputs - 1) + [html.Div(f"error: {message}", className="error")]
@@ -114,7 +114,8 @@ class Builder:
         for i, data in enumerate(runs):
             view = data.view(rank)
             label = data.key if rank == ALL or rank not in data.views else f"{data.key}[rank {rank}]"
-            config = data.meta.get("config") if isinstance(data.meta.get("config"), dict) else {}
+            config = data.meta.get("config")
+            config = config if isinstance(config, dict) else {}
             order = data.views[data.rank_ids[0]] if view is data.views[ALL] and data.rank_ids else None
             out.append(F.Series(data.key, label, F.colour_of(i), view, config, order=order,
                                 running=data.meta.get("status", "running") == "running"))
@@ -312,7 +313,7 @@ class Builder:
 def _alert_item(i: int, run_key: str, a: Alert, multi: bool) -> html.Button:
     colour = F.SEVERITY_COLOURS.get(a.severity, "#7f7f7f")
     where = f"step {a.step}" if a.step is not None else "no step"
-    head = [html.B(a.rule, style={"color": colour}), f" {a.severity} · {where}"]
+    head: list[Any] = [html.B(a.rule, style={"color": colour}), f" {a.severity} · {where}"]
     if a.rank is not None:
         head.append(f" · rank {a.rank}")
     if multi:
@@ -426,7 +427,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         sel_out = selected if selected != (old_selected or []) or data_out is not no_update else no_update
         # An empty selection never changes the table's selected rows, so nothing would render: set it here,
         # and the panels say "no runs selected" instead of staying "loading...".
-        store_out = [] if first and not selection else no_update
+        store_out: Any = [] if first and not selection else no_update
         if not rows:
             problems.append(f"no runs under {cache.root} yet (a run is a folder with meta.json)")
         return data_out, sel_out, _problem_list(problems), store_out, ""
@@ -541,7 +542,8 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         multi = len(runs) > 1
         items = [_alert_item(i, a["run"], Alert(**{k: v for k, v in a.items() if k != "run"}), multi)
                  for i, a in enumerate(flat)]
-        panel = [html.Div(n, className="alert-progress", style={"color": "#666"}) for n in notes]
+        panel: list[html.Div | html.Button] = [html.Div(n, className="alert-progress", style={"color": "#666"})
+                                               for n in notes]
         panel += items or [html.Div("no alerts" + (" so far" if notes else ""), style={"color": "#2ca02c"})]
         # Redraw the alert lines once the detectors have caught up (every patch redraws every chart).
         drawn = (store or {}).get("drawn")
@@ -562,7 +564,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
                 logged = any(k in s.view.keys for s in series for k in panel_spec.keys)
                 p["layout"]["shapes"] = F.panel_shapes(panel_spec, series, by_run, opts.x) if logged else []
                 patches.append(p)
-        for heat in F.HEATMAPS:
+        for _ in F.HEATMAPS:
             p = Patch()
             p["layout"]["shapes"] = F.alert_shapes(series[:1], by_run)
             patches.append(p)
@@ -640,9 +642,10 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         sig = [matched, pattern or ""]
         if sig == shown:
             raise PreventUpdate
-        children = key_groups(matched[:MAX_BROWSER_KEYS], set(pinned or []), bool(pattern))
+        children: Any = key_groups(matched[:MAX_BROWSER_KEYS], set(pinned or []), bool(pattern))
         if len(matched) > MAX_BROWSER_KEYS:
-            note = (note + " " if note else "") + f"showing {MAX_BROWSER_KEYS} of {len(matched)} keys: filter to narrow"
+            note = ((note + " " if note else "")
+                    + f"showing {MAX_BROWSER_KEYS} of {len(matched)} keys: filter to narrow")
         if not matched:
             children = html.Div(f"no key matches {pattern!r}" if pattern else "no keys logged yet",
                                 style={"color": "#666"})
@@ -747,7 +750,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         if tab != "samples":
             raise PreventUpdate
         selection = selection or []
-        empty = ([], [], [], [])
+        empty: tuple[list[Any], ...] = ([], [], [], [])
         if not selection:
             return [], None, [], None, [], None, *empty, "select a run to read its samples", ""
         run_key = run_key if run_key in selection else selection[0]
@@ -770,7 +773,8 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
             out += [sample_columns(rows), rows]
         shown = sum(1 for r in records if r.get("step") == left)
         summary = (f"{run_key}: {len(steps)} steps with samples; step {left}: {len(out[1])} of {shown} shown"
-                   + (f" (filter {text!r})" if text else "") + (f"; step {right} beside it" if right is not None else ""))
+                   + (f" (filter {text!r})" if text else "")
+                   + (f"; step {right} beside it" if right is not None else ""))
         return run_options, run_key, step_options, left, step_options, right, *out, summary, ""
 
     @app.callback(

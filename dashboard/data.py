@@ -20,17 +20,18 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
 from rlhf_core.analysis import Analysis
-from rlhf_core.rules.base import is_alerting
 from rlhf_core.metric_columns import MetricColumns
+from rlhf_core.rules.base import is_alerting
 from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
 from rlhf_core.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
 
@@ -398,7 +399,8 @@ class RunData:
             for ev in self.run.events():
                 if ev.get("kind") != "alert":
                     continue
-                data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+                data = ev.get("data")
+                data = data if isinstance(data, dict) else {}
                 step = ev.get("step") if isinstance(ev.get("step"), int) else None
                 found.setdefault((str(ev.get("rule")), step), Alert(
                     rule=str(ev.get("rule") or "event"), severity=str(ev.get("severity") or "info"), step=step,
@@ -495,7 +497,7 @@ class RunCache:
         with self._lock:
             data = self._items.get(run_key)
             created = data is None or not data.path.is_dir()
-            if created:
+            if data is None or created:
                 data = RunData(run_key, path)
                 self._items[run_key] = data
             self._items.move_to_end(run_key)
@@ -623,7 +625,7 @@ def metrics_csv(views: dict[str, View], keys: Sequence[str] | None = None, stops
         n = (stops or {}).get(run, len(view))
         cols = [view.column(k, 0, n) for k in ("step", "time", *keys)]
         for i in range(n):
-            row = [run]
+            row: list[str | int] = [run]
             for j, col in enumerate(cols):
                 v = col[i] if i < len(col) else math.nan
                 row.append("" if not math.isfinite(v) else (int(v) if j == 0 else repr(float(v))))
@@ -706,9 +708,11 @@ def sample_rows(records: Sequence[dict[str, Any]], step: int | None, text: str =
         texts = [str(rec.get(k) or "") for k in ("prompt", "completion", "chosen", "rejected")]
         if needle and not any(needle in t.lower() for t in texts):
             continue
-        row = {k: v for k, v in rec.items() if k not in ("rewards", "time", "rank", "nonfinite", "truncated")
-               and isinstance(v, (str, int, float, type(None)))}
-        parts = rec.get("rewards") if isinstance(rec.get("rewards"), dict) else {}
+        row: dict[str, Any] = {k: v for k, v in rec.items()
+                               if k not in ("rewards", "time", "rank", "nonfinite", "truncated")
+                               and isinstance(v, (str, int, float, type(None)))}
+        parts = rec.get("rewards")
+        parts = parts if isinstance(parts, dict) else {}
         row.update({f"reward:{k}": v for k, v in parts.items()})
         rows.append(row)
     if sort:

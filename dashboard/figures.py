@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -144,12 +145,13 @@ class ChartOptions:
     log: frozenset[str] = frozenset(p.id for p in PANELS if p.log_y)  # chart ids (panel id or "key:<key>")
 
     @classmethod
-    def of(cls, data: dict[str, Any] | None) -> "ChartOptions":
+    def of(cls, data: dict[str, Any] | None) -> ChartOptions:
         """From the page's JSON (unknown or bad values fall back to the defaults)."""
         data = data or {}
         smooth = data.get("smooth", 0.0)
         smooth = float(smooth) if isinstance(smooth, (int, float)) and 0 <= smooth < 1 else 0.0
-        x = data.get("x") if data.get("x") in X_TITLES else "step"
+        x = data.get("x")
+        x = x if isinstance(x, str) and x in X_TITLES else "step"
         log = data.get("log")
         return cls(smooth, x, frozenset(log) if isinstance(log, list) else cls.log)
 
@@ -274,8 +276,9 @@ def threshold_of(series: Series, name: str) -> float | None:
         if len(finite):
             return float(finite[-1])
     value = series.config.get(name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    return float(value) if ok else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
 
 
 def panel_shapes(panel: Panel, series: Sequence[Series], alerts: dict[str, list[Alert]],
@@ -298,12 +301,12 @@ def alert_shapes(series: Sequence[Series], alerts: dict[str, list[Alert]], x_mod
                  ) -> list[dict[str, Any]]:
     """A vertical dash-dot line per alert (a style no data line has), labelled with its rule and, when runs
     are overlaid, its run."""
-    marks = [(s, a) for s in series for a in alerts.get(s.key, []) if a.step is not None]
-    marks.sort(key=lambda sa: (sa[1].severity != "critical", sa[1].step))
+    marks = [(s, a, a.step) for s in series for a in alerts.get(s.key, []) if a.step is not None]
+    marks.sort(key=lambda m: (m[1].severity != "critical", m[2]))
     multi = len(series) > 1
     shapes = []
-    for s, a in marks[:MAX_ALERT_LINES]:
-        x = x_at_step(s.view, a.step, x_mode, s.n)
+    for s, a, step in marks[:MAX_ALERT_LINES]:
+        x = x_at_step(s.view, step, x_mode, s.n)
         if x is None:
             continue
         shapes.append({"type": "line", "xref": "x", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
@@ -437,12 +440,12 @@ def line_patch(panel: Panel, trace_map: Sequence[Sequence[Any]], views: dict[str
         else:
             _, y = line.values(view, start, stop)
         x = view.steps(start, stop) if opts.x == "step" else x_values(view, opts.x, start, stop)
-        x, y = _clean(x, y)
-        if not x:
+        xs, ys = _clean(x, y)
+        if not xs:
             continue
-        patch["data"][i]["x"].extend(x)
-        patch["data"][i]["y"].extend(y)
-        added += len(x)
+        patch["data"][i]["x"].extend(xs)
+        patch["data"][i]["y"].extend(ys)
+        added += len(xs)
     if not added:
         return None, 0
     patch["layout"]["annotations"] = []
@@ -667,10 +670,10 @@ def memory_figure(report: dict[str, Any] | None) -> go.Figure:
     title = "Memory per phase (MiB)"
     if report is None:
         return empty_figure(title, "no data yet: this run has no memory.json (rlhfkit memory ...)", height=380)
-    prediction = report.get("prediction") if isinstance(report.get("prediction"), dict) else {}
-    phases = prediction.get("phases") if isinstance(prediction.get("phases"), dict) else {}
-    measured_block = report.get("measured") if isinstance(report.get("measured"), dict) else {}
-    measured = measured_block.get("phases") if isinstance(measured_block.get("phases"), dict) else {}
+    prediction = _dict(report.get("prediction"))
+    phases = _dict(prediction.get("phases"))
+    measured_block = _dict(report.get("measured"))
+    measured = _dict(measured_block.get("phases"))
     names = list(phases) + [p for p in measured if p not in phases]
     if not names:
         return empty_figure(title, "memory.json holds no phases yet", height=380)
@@ -691,7 +694,7 @@ def memory_figure(report: dict[str, Any] | None) -> go.Figure:
         title = "Memory per phase: prediction and measurement on separate axes (memory.json: not comparable)"
     col = {} if together else {"row": 1, "col": 1}
     for comp in components:
-        y = [_num(phases.get(p, {}).get(comp)) * mib if isinstance(phases.get(p), dict) else 0.0 for p in names]
+        y = [_num(_dict(phases.get(p)).get(comp)) * mib if isinstance(phases.get(p), dict) else 0.0 for p in names]
         fig.add_trace(go.Bar(x=names, y=y, name=comp), **col)
     if meas:
         fig.add_trace(go.Scatter(x=[p for p, _ in meas], y=[v * mib for _, v in meas], mode="markers",
@@ -707,6 +710,11 @@ def memory_figure(report: dict[str, Any] | None) -> go.Figure:
         fig.add_annotation(text=f"predicted peak: {peak} ({_num(prediction.get('peak_bytes')) * mib:.1f} MiB)",
                            showarrow=False, xref="paper", yref="paper", x=1, y=1.08, xanchor="right")
     return fig
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (memory.json is read as it is, never trusted)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _num(value: Any) -> float:

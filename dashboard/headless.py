@@ -4,14 +4,14 @@ Chromium and chromedriver are found on PATH, or through ``DASH_TEST_CHROMEPATH``
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
-
-import logging
+from typing import Any
 
 from werkzeug.serving import make_server
 
@@ -39,7 +39,7 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         return self
 

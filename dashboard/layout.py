@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import dash_table, dcc, html
+from dash import dcc, html
+from dash.dash_table.DataTable import DataTable  # the class itself: dash.dash_table's __init__ is untyped
 
 from .figures import FIGURE_TITLES, HEATMAPS, PANELS, placeholder_figure
 
@@ -18,9 +19,9 @@ CALLBACK_NAMES = ("list", "render", "live", "alerts", "zoom", "profiler", "memor
 
 # Nothing may leave the machine: no "Edit in Chart Studio"/"Share chart" (upload to Plotly's cloud), no
 # plotly.com link or logo, no server URL for plotly.js to send to. PNG download stays (it is local).
-GRAPH_CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False, "showLink": False,
-                "plotlyServerURL": "", "linkText": "", "modeBarButtonsToRemove": ["sendDataToCloud",
-                                                                               "editInChartStudio"]}
+GRAPH_CONFIG: dcc.Graph.Config = {
+    "displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False, "showLink": False,
+    "plotlyServerURL": "", "linkText": "", "modeBarButtonsToRemove": ["sendDataToCloud", "editInChartStudio"]}
 CARD = {"border": "1px solid #e3e3e3", "borderRadius": "6px", "padding": "4px", "background": "white"}
 
 
@@ -31,13 +32,13 @@ def graph(fig_id: str, title: str = "", card: bool = True) -> dcc.Graph:
                      config=GRAPH_CONFIG, style=CARD if card else {})
 
 
-def _run_table() -> dash_table.DataTable:
-    columns = [
+def _run_table() -> DataTable:
+    columns: list[DataTable.Columns] = [
         {"name": "run", "id": "id"}, {"name": "source", "id": "source"}, {"name": "status", "id": "status"},
         {"name": "steps", "id": "steps"}, {"name": "started (UTC)", "id": "started"},
         {"name": "alerts", "id": "alerts"},
     ]
-    return dash_table.DataTable(
+    return DataTable(
         id="run-table", columns=columns, data=[], row_selectable="multi", selected_rows=[], page_size=12,
         sort_action="native", style_as_list_view=True,
         style_cell={"fontFamily": "monospace", "fontSize": "13px", "padding": "3px 8px", "textAlign": "left"},
@@ -158,7 +159,7 @@ def _timeline_tab() -> dcc.Tab:
                   style={"width": "240px"}),
         html.Span(id="timeline-summary", style={**SMALL, "marginLeft": "12px"}),
     ], style={"display": "flex", "alignItems": "center", "gap": "4px"})
-    table = dash_table.DataTable(
+    table = DataTable(
         id="timeline-table", columns=[{"name": n, "id": i} for n, i in (
             ("rank", "rank"), ("role", "role"), ("busy %", "busy"), ("wait %", "wait"), ("idle %", "idle"),
             ("wait s", "wait_s"))],
@@ -185,7 +186,7 @@ def _samples_table(side: str) -> html.Div:
                                                               clearable=side == "right", style={"width": "160px"},
                                                               placeholder="step" if side == "left" else "compare...")],
                  style={"display": "flex", "alignItems": "center", "gap": "6px"}),
-        dash_table.DataTable(
+        DataTable(
             id=f"samples-table-{side}", columns=[], data=[], sort_action="native", page_size=20,
             style_as_list_view=True,
             style_cell={"fontFamily": "monospace", "fontSize": "12px", "padding": "3px 6px", "textAlign": "left",
@@ -215,7 +216,7 @@ def _samples_tab() -> dcc.Tab:
 
 
 def _config_tab() -> dcc.Tab:
-    table = dash_table.DataTable(
+    table = DataTable(
         id="config-table", columns=[], data=[], sort_action="native", filter_action="native", page_size=60,
         style_as_list_view=True,
         style_cell={"fontFamily": "monospace", "fontSize": "12px", "padding": "2px 8px", "textAlign": "left",
@@ -262,7 +263,7 @@ def build_layout(runs_root: str) -> html.Div:
         dcc.Store(id="alert-store", data={"alerts": [], "render": None}),
         dcc.Store(id="pinned", data=[]),
         dcc.Store(id="timeline-sig", data=None),  # what the Timeline tab drew (a refresh with nothing new skips)
-        dcc.Store(id="key-sig", data=None),  # the keys and filter the key browser shows  # keys charted from the key browser, in the order they were ticked
+        dcc.Store(id="key-sig", data=None),  # the keys and filter the key browser shows
         dcc.Store(id="pin-cursor", data={}),  # rows drawn in the pinned charts (as ``cursor`` for the panels)
         dcc.Store(id="log-charts", data=sorted(p.id for p in PANELS if p.log_y)),  # charts with a log y axis
         dcc.Interval(id="live-interval", interval=LIVE_INTERVAL_MS),

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,7 @@ def measure_rows(specs: list[StepSpec], log=print) -> list[dict[str, Any]]:
     for i, spec in enumerate(specs):
         t0 = time.perf_counter()
         peaks = measure_step(spec, seed=i)
-        row = {"spec": spec.to_dict(), "seconds": time.perf_counter() - t0,
+        row: dict[str, Any] = {"spec": spec.to_dict(), "seconds": time.perf_counter() - t0,
                "measured": {ph: r.peak_bytes for ph, r in peaks.items()},
                "baseline": {ph: r.baseline_bytes for ph, r in peaks.items()}}
         rows.append(row)
@@ -143,7 +144,8 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
         coef.update(_fit(rows_s, free))
     plain = [d for d in data if not d[0].gradient_checkpointing]
     for _ in range(4):  # the update peaks at backward start or at the optimizer step: assign rows, refit
-        bwd_rows, step_rows = [], []
+        bwd_rows: list[tuple[Any, ...]] = []
+        step_rows: list[tuple[Any, ...]] = []
         for spec, f, m, base, grads in plain:
             step = base + grads + coef["step_largest"] * f["step"]["activations"]["step_largest"]
             bwd = base + sum(_apply_flat(_flat(f["update"]), coef).values())
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refit", action="store_true", help="refit the rows stored in --out instead of measuring")
     args = ap.parse_args(argv)
     if args.refit:
-        rows = json.loads(open(args.out).read())["rows"]
+        rows = json.loads(Path(args.out).read_text())["rows"]
     else:
         rows = measure_rows(CALIBRATION_GRID)
     coef = fit(rows)

@@ -11,8 +11,17 @@ import time
 from typing import Any
 
 from .advise import suggest
-from .deploy import (PHASES, Deployment, Engine, Role, Sharding, largest_micro_batch, largest_rollout_batch,
-                     min_gpus, plan_deployment)
+from .deploy import (
+    PHASES,
+    Deployment,
+    Engine,
+    Role,
+    Sharding,
+    largest_micro_batch,
+    largest_rollout_batch,
+    min_gpus,
+    plan_deployment,
+)
 
 TRIGGERS = ("nodes", "gpus_per_node", "gpu_memory", "zero", "fsdp", "engine", "algorithm", "trl_config",
             "from_openrlhf", "from_verl")

@@ -63,7 +63,7 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> dict[str, float]:
             data = json.loads(path.read_text())
             coef.update({k: float(v) for k, v in data.get("coefficients", {}).items() if k in coef})
         except (OSError, ValueError, AttributeError) as err:
-            warnings.warn(f"{path}: unreadable calibration ({err}); using built-in defaults")
+            warnings.warn(f"{path}: unreadable calibration ({err}); using built-in defaults", stacklevel=2)
     return coef
 
 
@@ -122,7 +122,7 @@ def shape_from_config(config: Any, count_params: bool = True) -> ModelShape:
         return default
 
     hidden = int(first("n_embd", "hidden_size", "d_model"))
-    shape = dict(
+    shape: dict[str, Any] = dict(
         layers=int(first("n_layer", "num_hidden_layers", "num_layers")),
         hidden=hidden,
         heads=int(first("n_head", "num_attention_heads")),
@@ -201,12 +201,9 @@ class StepSpec:
             raise ValueError("share_reference needs policy_training='lora' (the reference is the frozen base)")
         for name in ("rollout_batch_size", "train_batch_size"):
             v = getattr(self, name)
-            if v is None:
-                object.__setattr__(self, name, self.batch_size)
-            elif int(v) < 1:
+            if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
-        object.__setattr__(self, "rollout_batch_size", min(self.rollout_batch_size, self.batch_size))
-        object.__setattr__(self, "train_batch_size", min(self.train_batch_size, self.batch_size))
+            object.__setattr__(self, name, self.batch_size if v is None else min(v, self.batch_size))
 
     # conveniences used by the probe step
     @property
@@ -231,7 +228,7 @@ class StepSpec:
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                           pad_token_id=0)
 
-    def with_(self, **changes: Any) -> "StepSpec":
+    def with_(self, **changes: Any) -> StepSpec:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,7 +274,7 @@ def _persistent(spec: StepSpec) -> tuple[int, int, int, int]:
     return weights, optimizer, gradients, trained
 
 
-def features(spec: StepSpec) -> dict[str, dict[str, float]]:
+def features(spec: StepSpec) -> dict[str, dict[str, dict[str, float]]]:
     """Bytes of each transient term per unit coefficient: ``{candidate: {component: {feature: bytes}}}``.
 
     Candidates are the moments a phase can peak: ``rollout`` (last decode step) and ``prefill`` (after the
@@ -289,6 +286,7 @@ def features(spec: StepSpec) -> dict[str, dict[str, float]]:
     h, i, L, V, a = m.hidden, m.intermediate, m.layers, m.vocab_size, m.heads
     s, p, g = spec.seq_len, spec.prompt_len, spec.gen_len
     br, bs, bt = spec.rollout_batch_size, spec.batch_size, spec.train_batch_size
+    assert br is not None and bt is not None  # set by StepSpec.__post_init__
     chunked = spec.logprob_impl != "torch"
     chunk = spec.chunk_size or default_chunk_size(V)
     score_tokens, upd_tokens = bs * g, bt * g
@@ -298,8 +296,9 @@ def features(spec: StepSpec) -> dict[str, dict[str, float]]:
     else:
         acts = {"act_lh": L * bt * s * h * wb, "act_li": L * bt * s * i * wb, "act_las": L * bt * a * s * s * wb,
                 "act_h": bt * s * h * wb}
-    upd_logits = ({"upd_chunk": min(upd_tokens, chunk) * V * 4, "vh_fp32": V * h * 4} if chunked
-                  else {"upd_logits": upd_tokens * V * 4})
+    upd_logits: dict[str, float] = (
+        {"upd_chunk": min(upd_tokens, chunk) * V * 4, "vh_fp32": V * h * 4} if chunked
+        else {"upd_logits": upd_tokens * V * 4})
     return {
         # rollout peaks after the prompt's forward (prompt KV + its block buffers) or at the last decode step
         # (full KV cache + the copy one layer's cache update makes); the sampling step's vocab tensors in both
@@ -339,7 +338,9 @@ def predict(spec: StepSpec, calibration: dict[str, float] | None = None) -> Pred
     backward = {**base, **_apply(feats["update"], coef)}
     if spec.gradient_checkpointing:  # the head's backward and the recomputed blocks come one after the other
         m, bt = spec.model, spec.train_batch_size
-        block = bt * spec.seq_len * DTYPE_BYTES[spec.dtype] * (coef["act_lh"] * m.hidden + coef["act_li"] * m.intermediate)
+        assert bt is not None  # set by StepSpec.__post_init__
+        per_token = coef["act_lh"] * m.hidden + coef["act_li"] * m.intermediate
+        block = bt * spec.seq_len * DTYPE_BYTES[spec.dtype] * per_token
         recompute = coef["ckpt_block"] * block  # one block recomputed in backward, with its backward buffers
         if recompute > backward["logits"]:
             backward["activations"] += recompute
@@ -352,11 +353,11 @@ def predict(spec: StepSpec, calibration: dict[str, float] | None = None) -> Pred
     else:
         update = backward
         notes.append("update peaks at the start of backward (saved activations and the log-prob head alive)")
-    phases = {}
+    phases: dict[str, dict[str, int]] = {}
     for name, comp in (("rollout", rollout), ("scoring", scoring), ("update", update)):
-        comp = {k: int(math.ceil(v)) for k, v in comp.items()}
-        comp["total"] = sum(comp.values())
-        phases[name] = comp
+        rounded = {k: int(math.ceil(v)) for k, v in comp.items()}
+        rounded["total"] = sum(rounded.values())
+        phases[name] = rounded
     peak_phase = max(phases, key=lambda ph: phases[ph]["total"])
     inputs = spec.to_dict()
     inputs["params"] = spec.model.params

@@ -9,7 +9,8 @@ same chunking with the softmax/gather/entropy fused in one Triton kernel per chu
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -139,11 +140,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             g = ctx.bwd(logits, targets[sl], lse[sl], entropy[sl], g_logp[sl],
                         None if g_ent is None else g_ent[sl], ctx.inv_temp)
             del logits
-            if need_h:
+            if grad_h is not None:
                 grad_h[sl] = g.to(weight.dtype) @ weight
-            if need_w:
+            if grad_w is not None:
                 grad_w.addmm_(g.t(), hidden[sl].float())
-            if need_b:
+            if grad_b is not None:
                 grad_b += g.sum(0)
             del g
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
@@ -190,7 +191,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
 
 def output_embedding(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight [V, h], bias or None) of a ``transformers`` causal LM's output head."""
-    head = model.get_output_embeddings()
+    hf: Any = model  # a transformers PreTrainedModel; nn.Module types its attributes only as Tensor | Module
+    head = hf.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
     return head.weight, getattr(head, "bias", None)

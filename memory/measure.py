@@ -14,15 +14,17 @@ models, gradients and optimizer state alive at region start. Absolute peak = bas
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from profiler.kineto_log import quiet_kineto
 
-CPU_METHOD = "torch.profiler(profile_memory=True): peak of live CPU tensor bytes allocated in the region + declared baseline"
+CPU_METHOD = ("torch.profiler(profile_memory=True): peak of live CPU tensor bytes allocated in the region "
+              "+ declared baseline")
 CUDA_METHOD = "torch.cuda.max_memory_allocated (absolute, after reset_peak_memory_stats)"
 
 

@@ -7,8 +7,9 @@ against measurement). Suggestions the thin runner can apply carry the flag that 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .estimator import COMPONENTS, PHASES, Prediction, StepSpec, predict
 
@@ -123,6 +124,7 @@ def _candidates(spec: StepSpec, budget: int) -> list[tuple[str, StepSpec, str | 
         out.append(("LoRA policy sharing its base with the reference",
                      spec.with_(policy_training="lora", share_reference=True), None,
                      "trains adapters only; the reference is the base with adapters disabled (TRL/peft)"))
+    assert spec.rollout_batch_size is not None and spec.train_batch_size is not None  # set by __post_init__
     if spec.rollout_batch_size > 1:
         half = max(1, spec.rollout_batch_size // 2)
         fit = largest_rollout_batch(spec, budget)
@@ -172,7 +174,8 @@ def render(p: Plan) -> str:
     lines = [table(p.prediction), "",
              f"budget {human(p.budget_bytes)}: {'fits' if p.fits else 'DOES NOT FIT'} "
              f"(peak {human(p.prediction.peak_bytes)})",
-             f"largest train micro-batch that fits: {p.max_train_batch or 'none (weights and optimizer alone exceed it)'}",
+             "largest train micro-batch that fits: "
+             f"{p.max_train_batch or 'none (weights and optimizer alone exceed it)'}",
              f"largest rollout (generation) batch that fits: {p.max_rollout_batch or 'none'}", "",
              "suggestions (ranked by predicted saving of the peak):"]
     for i, s in enumerate(p.suggestions, 1):

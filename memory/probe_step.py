@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,10 +19,13 @@ from .estimator import StepSpec, torch_dtype
 from .logprobs import token_logprobs
 from .measure import PeakResult, tensor_bytes, track_peak
 
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
 
 @dataclass
 class ProbeModels:
-    policy: torch.nn.Module
+    policy: GPT2LMHeadModel
     value_head: torch.nn.Module
     reference: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
@@ -34,7 +38,8 @@ def build_models(spec: StepSpec, seed: int = 0) -> ProbeModels:
     dtype = torch_dtype(spec.dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        policy = GPT2LMHeadModel(spec.hf_config()).to(dtype=dtype, device=spec.device)
+        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as an unbound callable
+        policy = GPT2LMHeadModel(spec.hf_config()).to(dtype=dtype, device=spec.device)  # type: ignore[call-arg]
     if spec.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -66,8 +71,10 @@ def rollout(spec: StepSpec, m: ProbeModels, prompts: torch.Tensor) -> torch.Tens
     m.policy.eval()  # as the runner does: in train mode a checkpointed model would generate without its KV cache
     try:
         with torch.no_grad():
-            for start in range(0, prompts.shape[0], spec.rollout_batch_size):
-                chunk = prompts[start:start + spec.rollout_batch_size]
+            step = spec.rollout_batch_size
+            assert step is not None  # set by StepSpec.__post_init__
+            for start in range(0, prompts.shape[0], step):
+                chunk = prompts[start:start + step]
                 chunks.append(m.policy.generate(
                     chunk, attention_mask=torch.ones_like(chunk), max_new_tokens=spec.gen_len,
                     min_new_tokens=spec.gen_len, do_sample=True, top_k=0, pad_token_id=0, use_cache=True))

@@ -87,7 +87,8 @@ def probe_peaks(spec: StepSpec) -> dict[str, Any]:
     peaks = measure_step(spec)
     return {"phases": {ph: r.peak_bytes for ph, r in peaks.items()},
             "peak_bytes": max(r.peak_bytes for r in peaks.values()),
-            "method": f"memory.probe_step replay of one step with the run's settings; {next(iter(peaks.values())).method}"}
+            "method": "memory.probe_step replay of one step with the run's settings; "
+                      f"{next(iter(peaks.values())).method}"}
 
 
 def build_memory_report(run_dir: str | Path, train_config: dict[str, Any], model_config: Any,

@@ -25,9 +25,8 @@ def interpret_mode() -> bool:
 def available() -> bool:
     """True when ``triton`` imports (it may still need CUDA or the interpreter to run)."""
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # a broken triton install must only turn the fast path off
+        pass
+    except Exception:  # noqa: BLE001 - a broken triton install must only turn the fast path off
         return False
     return True
 
@@ -121,7 +120,8 @@ def _block(n_cols: int) -> int:
     return min(4096, triton.next_power_of_2(n_cols))
 
 
-def chunk_forward(logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_forward(logits: Tensor, targets: Tensor, inv_temp: float,
+                  with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, lse, entropy) in fp32 of one chunk of raw logits [c, V]."""
     fwd, _ = _kernels()
     logits = logits.contiguous()
@@ -146,7 +146,7 @@ def chunk_backward(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor
     with_entropy = g_ent is not None
     if rows:
         bwd[(rows,)](logits, grad, targets.contiguous(), lse.contiguous(), entropy.contiguous(),
-                     g_logp.contiguous(), (g_ent if with_entropy else g_logp).contiguous(), n_cols,
+                     g_logp.contiguous(), (g_logp if g_ent is None else g_ent).contiguous(), n_cols,
                      logits.stride(0), grad.stride(0), float(inv_temp), WITH_ENTROPY=with_entropy,
                      BLOCK=_block(n_cols))
     return grad

@@ -14,9 +14,10 @@ import hashlib
 import html
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PHASE_COLOURS = {
     "rollout": "#e45756", "reward": "#f58518", "ref_logprobs": "#54a24b", "old_logprobs": "#88d27a",
@@ -34,7 +35,7 @@ class FoldedError(Exception):
 class Node:
     name: str
     total: float = 0.0
-    children: dict[str, "Node"] = field(default_factory=dict)
+    children: dict[str, Node] = field(default_factory=dict)
 
     @property
     def self_value(self) -> float:
@@ -228,8 +229,9 @@ def write_svg(folded_path: str | os.PathLike, svg_path: str | os.PathLike, **kwa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiler.flamegraph",
-                                     description="Render a folded-stacks file as an SVG or a self-contained HTML flame graph.")
+    parser = argparse.ArgumentParser(
+        prog="python -m profiler.flamegraph",
+        description="Render a folded-stacks file as an SVG or a self-contained HTML flame graph.")
     parser.add_argument("folded", help="folded stacks file (traces/*.folded)")
     parser.add_argument("-o", "--output", help="OUT.svg or OUT.html (default: next to the input, .svg)")
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ class _Phase:
 
     __slots__ = ("timer", "name", "_range", "_t0", "_ev0")
 
-    def __init__(self, timer: "PhaseTimer", name: str):
+    def __init__(self, timer: PhaseTimer, name: str):
         self.timer = timer
         self.name = name
         self._range: Any = None
@@ -137,7 +137,7 @@ class PhaseTimer:
     """
 
     def __init__(self, device: torch.device | str = "cpu", track_memory: bool = True, enabled: bool = True,
-                 timeline: "TimelineRecorder | None" = None):
+                 timeline: TimelineRecorder | None = None):
         self.device = torch.device(device)
         self.timeline = timeline if enabled else None
         self._spans: list[tuple[str, float, float]] | None = [] if self.timeline is not None else None

@@ -19,8 +19,9 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rlhf_core.analysis import RunAnalysis
 from rlhf_core.keys import PHASES, CumulativeRate
@@ -222,7 +223,7 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     mean_step = _mean(steps)
     trace = latest_trace_info(run, top, problems)
     trace_phases = (trace or {}).get("phases") or {}
-    phase_rows = []
+    phase_rows: list[dict[str, Any]] = []
     for phase in phases:
         key = f"time/{phase}"
         per_step = [_val(r.get(key), 0.0) for r in records if "time/step" in r]
@@ -256,9 +257,10 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
         timed_records = [r for r in records if _finite([r.get("time/step")])]
         for r in sorted(timed_records, key=lambda r: r["time/step"], reverse=True)[:slowest]:
             excess = {p: _val(r.get(f"time/{p}"), 0.0) - med_phase[p] for p in phases}
-            culprit = max(excess, key=excess.get) if excess else None
+            culprit = max(excess, key=lambda p: excess[p]) if excess else None
             slow_rows.append({
-                "step": r["step"], "step_ms": 1000 * r["time/step"], "over_median_ms": 1000 * (r["time/step"] - med_step),
+                "step": r["step"], "step_ms": 1000 * r["time/step"],
+                "over_median_ms": 1000 * (r["time/step"] - med_step),
                 "phase": culprit, "phase_over_median_ms": 1000 * excess[culprit] if culprit else None,
                 "traced": r["step"] in traced,
             })
@@ -268,8 +270,8 @@ def build_report(run: Run, *, top: int = 15, slowest: int = 5) -> dict[str, Any]
     alerts = [{k: v for k, v in a.as_dict().items() if k != "evidence"} for a in analysis.alerts()]
     problems += analysis.problems()
     return {
-        "run": {"id": run.run_id, "path": str(run.path), "status": run.status, "process_gone": run.process_gone(), "source": run.meta.get("source"),
-                "world_size": run.world_size, "steps": len(records)},
+        "run": {"id": run.run_id, "path": str(run.path), "status": run.status, "process_gone": run.process_gone(),
+                "source": run.meta.get("source"), "world_size": run.world_size, "steps": len(records)},
         "step": {"mean_ms": None if mean_step is None else 1000 * mean_step,
                  "median_ms": None if not steps else 1000 * statistics.median(steps),
                  "peak_bytes": max(peaks) if peaks else None},
@@ -318,12 +320,11 @@ def render(report: dict[str, Any], console: Any) -> None:
                   f"{run['steps']} steps, {_ms(step['mean_ms'])} ms/step mean, {_ms(step['median_ms'])} median, "
                   f"peak memory {_bytes(step['peak_bytes'])}", soft_wrap=True)
     t = Table(title="Phases (per step)", title_justify="left")
-    for col, just in (("phase", "left"), ("ms/step", "right"), ("median ms", "right"), ("share", "right"),
-                      ("peak mem", "right"), ("trace alloc peak", "right")):
-        t.add_column(col, justify=just)
+    for col in ("phase", "ms/step", "median ms", "share", "peak mem", "trace alloc peak"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
     for r in report["phases"]:
-        t.add_row(escape(r["phase"]), _ms(r["ms_per_step"]), _ms(r["median_ms"]), _pct(r["share"]), _bytes(r["peak_bytes"]),
-                  _bytes(r["trace_alloc_peak_bytes"]))
+        t.add_row(escape(r["phase"]), _ms(r["ms_per_step"]), _ms(r["median_ms"]), _pct(r["share"]),
+                  _bytes(r["peak_bytes"]), _bytes(r["trace_alloc_peak_bytes"]))
     if report["untimed"]:
         u = report["untimed"]
         t.add_row("[dim](untimed)[/dim]", _ms(u["ms_per_step"]), "", _pct(u["share"]), "", "")
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run = Run(args.run_dir)
-        run.meta
+        _ = run.meta  # reads meta.json: an unreadable one is reported here
         report = build_report(run, top=max(args.top, 0), slowest=max(args.slowest, 0))
     except RunError as err:
         print(f"rlhfkit report: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ class SystemWriter(Protocol):
 def _try(fn: Any) -> Any:
     try:
         return fn()
-    except Exception:  # noqa: BLE001: any NVMLError means "this reading is not available"
+    except Exception:  # noqa: BLE001 - any NVMLError means "this reading is not available"
         return None
 
 
@@ -41,7 +41,7 @@ class Nvml:
         self.handles = handles
 
     @classmethod
-    def open(cls) -> "Nvml | None":
+    def open(cls) -> Nvml | None:
         try:
             import pynvml  # nvidia-ml-py
         except ImportError:
@@ -49,7 +49,7 @@ class Nvml:
         try:
             pynvml.nvmlInit()
             handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # noqa: BLE001: NVMLError_* (no driver, no library, no permission) all mean "no GPU data"
+        except Exception:  # noqa: BLE001 - NVMLError_* (no driver, no library, no permission) all mean "no GPU data"
             return None
         if not handles:
             cls._shutdown(pynvml)
@@ -60,15 +60,15 @@ class Nvml:
     def _shutdown(pynvml: Any) -> None:
         try:
             pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001: shutting down a half-initialised NVML is best effort
+        except Exception:  # noqa: BLE001 - shutting down a half-initialised NVML is best effort
             pass
 
     def read(self) -> dict[str, float]:
         nv, out = self._nvml, {}
         for i, h in self.handles:
-            util = _try(lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu)
-            mem = _try(lambda: nv.nvmlDeviceGetMemoryInfo(h))
-            power_mw = _try(lambda: nv.nvmlDeviceGetPowerUsage(h))  # GPUs without a sensor lack this field
+            util = _try(lambda h=h: nv.nvmlDeviceGetUtilizationRates(h).gpu)
+            mem = _try(lambda h=h: nv.nvmlDeviceGetMemoryInfo(h))
+            power_mw = _try(lambda h=h: nv.nvmlDeviceGetPowerUsage(h))  # GPUs without a sensor lack this field
             fields = {"util_percent": util, "power_w": None if power_mw is None else power_mw / 1000.0}
             if mem is not None:
                 fields.update(mem_used_bytes=mem.used, mem_total_bytes=mem.total)
@@ -121,7 +121,7 @@ class SystemSampler:
     def _write(self) -> bool:
         try:
             self.writer.system(self.sample())
-        except Exception as err:  # noqa: BLE001: the sampler must never take the run down
+        except Exception as err:  # noqa: BLE001 - the sampler must never take the run down
             if not self._failed:
                 log.warning("system sampler stopped: %s: %s", type(err).__name__, err)
             self._failed = True
@@ -140,7 +140,7 @@ class SystemSampler:
             if start + k * self.interval_s < now:  # fell behind (suspended, overloaded): skip, do not burst
                 k = int((now - start) / self.interval_s) + 1
 
-    def start(self) -> "SystemSampler":
+    def start(self) -> SystemSampler:
         if self._thread is not None:
             return self
         if self._use_nvml:
@@ -165,7 +165,7 @@ class SystemSampler:
             self._nvml.close()
             self._nvml = None
 
-    def __enter__(self) -> "SystemSampler":
+    def __enter__(self) -> SystemSampler:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

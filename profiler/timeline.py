@@ -20,8 +20,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rlhf_core import clock as _clock
 from rlhf_core.clock import ClockOffset, wall_ns
@@ -132,7 +133,7 @@ class TimelineRecorder:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
         self._fh.write("".join(self._lines))
         self._fh.flush()
         self._lines.clear()

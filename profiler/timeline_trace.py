@@ -189,8 +189,8 @@ def render(report: TimelineReport, title: str, top: int, console: Any) -> None:
     t = Table(title="Critical path (share of the summed step paths)")
     for col in ("rank", "phase", "seconds", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")
-    for row in report.critical_path_share()[:top]:
-        t.add_row(str(row["rank"]), row["phase"], f"{row['seconds']:.3f}", _pct(row["share"]))
+    for part in report.critical_path_share()[:top]:
+        t.add_row(str(part["rank"]), part["phase"], f"{part['seconds']:.3f}", _pct(part["share"]))
     console.print(t)
     bubbles = report.bubbles(top)
     if bubbles:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps = parse_steps(args.steps)
         run = Run(args.run_dir)
-        run.meta
+        _ = run.meta  # reads meta.json: an unreadable one is reported here
     except (ValueError, RunError) as err:
         print(f"rlhfkit timeline: {err}", file=sys.stderr)
         return 2

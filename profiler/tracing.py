@@ -29,8 +29,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
@@ -134,7 +135,8 @@ class TraceSession:
         row_limit: int = 40,
         writer: Any = None,
     ):
-        for name, value, low in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1), ("repeat", repeat, 0)):
+        for name, value, low in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1),
+                                 ("repeat", repeat, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"profile {name} must be an integer >= {low}, got {value!r}")
         if memory_timeline:  # profile_plot reads allocations with their shapes and Python stacks
@@ -159,7 +161,7 @@ class TraceSession:
         self._prof: Any = None
 
     # ---- lifecycle
-    def __enter__(self) -> "TraceSession":
+    def __enter__(self) -> TraceSession:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self._cuda else [])
         self._prof = torch.profiler.profile(
             activities=activities, schedule=self.schedule, on_trace_ready=self._on_ready,
@@ -272,7 +274,7 @@ class TraceSession:
             try:
                 if fn() is not False:
                     written[kind] = str(path)
-            except Exception as err:  # noqa: BLE001: one failed artefact must not stop training or the others
+            except Exception as err:  # noqa: BLE001 - one failed artefact must not stop training or the others
                 log.warning("trace export of %s failed: %s: %s", path.name, type(err).__name__, err)
             seconds[kind] = time.perf_counter() - t0
 

@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 STATE_FILE = "state.pt"
 INFO_FILE = "checkpoint.json"
@@ -120,7 +120,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         with open(file, "wb", buffering=0) as fh:
             out = _WholeWrites(fh)
             try:
-                torch.save(state, out)
+                torch.save(state, cast(IO[bytes], out))  # duck-typed: torch.save calls only write and flush
             except RuntimeError:
                 if out.error is None:
                     raise

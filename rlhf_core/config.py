@@ -23,9 +23,10 @@ import math
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -223,7 +224,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild from ``meta.json``; keys this version does not know are kept under ``extra``."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
@@ -544,8 +545,10 @@ def validate(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
             parser.error("argument --logprob_impl: triton needs a CUDA device; use chunked or torch on the CPU")
     if cfg.run_dir is not None and Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         parser.error(f"argument --run_dir: {cfg.run_dir} exists and is not a directory")
-    if cfg.run_dir is not None and cfg.resume is None and not cfg.overwrite and (Path(cfg.run_dir) / "meta.json").exists():
-        parser.error(f"argument --run_dir: {cfg.run_dir} already holds a run; pass --overwrite or --resume {cfg.run_dir}")
+    if (cfg.run_dir is not None and cfg.resume is None and not cfg.overwrite
+            and (Path(cfg.run_dir) / "meta.json").exists()):
+        parser.error(f"argument --run_dir: {cfg.run_dir} already holds a run; pass --overwrite or "
+                     f"--resume {cfg.run_dir}")
 
 
 def parse_args(argv: list[str] | None, prog: str = "train.py") -> TrainConfig:

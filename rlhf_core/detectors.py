@@ -7,7 +7,8 @@ from the run's meta so every view gets the same alerts. The rules themselves liv
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .rules import SEVERITIES, Alert, DetectorConfig, Straggler, build_rules, rule_names
 from .rules.base import num
@@ -69,7 +70,9 @@ def diagnose(records: Iterable[Mapping[str, Any]], config: ConfigLike = None) ->
     return d.alerts
 
 
-def per_step_ranks(rank_records: Mapping[int, list[Mapping[str, Any]]]) -> list[tuple[int, dict[int, Mapping[str, Any]]]]:
+def per_step_ranks(
+    rank_records: Mapping[int, Sequence[Mapping[str, Any]]],
+) -> list[tuple[int, dict[int, Mapping[str, Any]]]]:
     """Per-rank records regrouped by step (steps in order): what :meth:`Diagnoser.update_ranks` takes."""
     by_step: dict[int, dict[int, Mapping[str, Any]]] = {}
     for rank, recs in rank_records.items():

@@ -18,8 +18,9 @@ Weight decay: one AdamW over the buffer would shrink biases and normalisation we
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class Segment:
     shared: bool  # present in the reference (counts for drift)
 
 
-def _flatten_into(tensors: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+def _flatten_into(tensors: Sequence[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     """A new buffer holding ``tensors`` back to back; each tensor's storage becomes its slice of it."""
     first = tensors[0]
     buffer = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
@@ -66,20 +67,20 @@ class FlatAdamW(torch.optim.AdamW):
     ``torch.optim.AdamW`` does), applies only to ``decayed`` (views into the buffer): the same numbers as AdamW
     with a no-decay parameter group, without splitting the buffer. Its param group keeps ``weight_decay`` 0."""
 
-    def __init__(self, buffer: torch.Tensor, decayed: list[nn.Parameter], *, lr: float, weight_decay: float,
-                 **kwargs: object):
-        super().__init__([buffer], lr=lr, weight_decay=0.0, **kwargs)  # type: ignore[arg-type]
-        self.decayed = decayed
+    def __init__(self, buffer: torch.Tensor, decayed: Sequence[torch.Tensor], *, lr: float, weight_decay: float,
+                 **kwargs: Any):
+        super().__init__([buffer], lr=lr, weight_decay=0.0, **kwargs)
+        self.decayed = list(decayed)
         self.masked_weight_decay = float(weight_decay)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         lr = self.param_groups[0]["lr"]
         if self.masked_weight_decay and self.decayed:
             torch._foreach_mul_(self.decayed, 1.0 - lr * self.masked_weight_decay)
         return super().step(closure)
 
-    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict) -> None:
         """A state saved by a plain AdamW (decay in its param group) must not bring that decay back here."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -111,14 +112,14 @@ class FlatParams:
         self.data = nn.Parameter(_flatten_into(self.params, self.sizes))
         self.segments: list[Segment] = []
         start = 0
-        for (name, p), n in zip(named, self.sizes):
+        for (name, _), size in zip(named, self.sizes):
             block, is_shared = block_of(name), name in shared
             last = self.segments[-1] if self.segments else None
             if last is not None and last.block == block and last.shared == is_shared:
-                self.segments[-1] = Segment(block, last.start, start + n, is_shared)
+                self.segments[-1] = Segment(block, last.start, start + size, is_shared)
             else:
-                self.segments.append(Segment(block, start, start + n, is_shared))
-            start += n
+                self.segments.append(Segment(block, start, start + size, is_shared))
+            start += size
         self.blocks = list(blocks)
         # a block is one segment unless the reference shares only part of it: then its norm sums two
         seg_block = [blocks[seg.block] for seg in self.segments]

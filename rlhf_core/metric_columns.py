@@ -42,39 +42,48 @@ class MetricColumns:
 def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
     """The complete lines of ``path`` as columns, or None (reason logged) where the line reader must be used."""
     path = Path(path)
+    columns = _read(path, min_bytes)
+    if isinstance(columns, str):
+        log.debug("columnar read of %s not used: %s", path, columns)
+        return None
+    return columns
+
+
+def _read(path: Path, min_bytes: int) -> MetricColumns | str:
+    """The columns, or why the columnar read does not apply."""
     if pa is None:
-        return _skip(path, "pyarrow is not installed")
+        return "pyarrow is not installed"
     from .run_reader import file_problem
 
     why = file_problem(path)
     if why is not None:  # a folder, a FIFO (open would block) or a loop: the line reader reports it
-        return _skip(path, why)
+        return why
     try:
         if path.stat().st_size < max(min_bytes, 1):
-            return _skip(path, f"smaller than {min_bytes} bytes")
+            return f"smaller than {min_bytes} bytes"
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as err:
-        return _skip(path, str(err))
+        return str(err)
     end = data.rfind(b"\n") + 1
     if end < max(min_bytes, 1):
-        return _skip(path, f"{end} bytes of complete lines")
+        return f"{end} bytes of complete lines"
     lines = data.count(b"\n", 0, end)
     try:
         table = pa_json.read_json(pa.BufferReader(pa.py_buffer(data).slice(0, end)),
                                   read_options=pa_json.ReadOptions(block_size=BLOCK_BYTES))
     except (pa.ArrowException, ValueError) as err:  # malformed line, type change, bad UTF-8, ...
-        return _skip(path, f"pyarrow: {str(err).splitlines()[0]}")
+        return f"pyarrow: {str(err).splitlines()[0]}"
     if table.num_rows != lines:  # blank lines, or several objects on one line: rows would not match lines
-        return _skip(path, f"{table.num_rows} rows from {lines} lines")
+        return f"{table.num_rows} rows from {lines} lines"
     if "step" not in table.column_names or not pa.types.is_integer(table.column("step").type) \
             or table.column("step").null_count:
-        return _skip(path, "a step that is missing or not an integer")  # the line reader counts and skips those
+        return "a step that is missing or not an integer"  # the line reader counts and skips those
     return MetricColumns(rows=lines, end=end, keys=list(table.column_names),
                          values={name: _floats(col) for name, col in zip(table.column_names, table.columns)})
 
 
-def _floats(column: "pa.ChunkedArray") -> np.ndarray:
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
         if not pa.types.is_floating(kind):
@@ -83,6 +92,3 @@ def _floats(column: "pa.ChunkedArray") -> np.ndarray:
     return np.full(len(column), np.nan)  # strings, lists, objects, all-null: not plottable
 
 
-def _skip(path: Path, reason: str) -> None:
-    log.debug("columnar read of %s not used: %s", path, reason)
-    return None

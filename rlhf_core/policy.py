@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from memory.logprobs import output_embedding, token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,7 +45,8 @@ def disable_dropout(model: nn.Module) -> None:
 def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     prompt_len: int) -> torch.Tensor:
     """Last hidden states at the positions that predict the response tokens (no logits computed)."""
-    out = model.base_model(
+    hf: Any = model  # a transformers PreTrainedModel; nn.Module types its attributes only as Tensor | Module
+    out = hf.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
@@ -62,16 +67,16 @@ class PolicyWithValue(nn.Module):
     reached through the wrapper's forward and gradients are synchronised.
     """
 
-    def __init__(self, model: nn.Module, logprob_impl: str = "auto", temperature: float = 1.0):
+    def __init__(self, model: PreTrainedModel, logprob_impl: str = "auto", temperature: float = 1.0):
         super().__init__()
         self.model = model
-        hidden_size = model.get_output_embeddings().weight.shape[1]
+        head_weight, _ = output_embedding(model)
+        hidden_size = head_weight.shape[1]
         self.v_head = nn.Linear(hidden_size, 1)
         with torch.no_grad():
             self.v_head.weight.normal_(0.0, 1.0 / (hidden_size + 1))
             self.v_head.bias.zero_()
-        self.v_head.to(device=model.get_output_embeddings().weight.device,
-                       dtype=model.get_output_embeddings().weight.dtype)
+        self.v_head.to(device=head_weight.device, dtype=head_weight.dtype)
         self.logprob_impl = logprob_impl
         self.temperature = temperature
 
@@ -98,7 +103,7 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device) -> nn.Module:
+def load_causal_lm(path: str, dtype: str, device: torch.device) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides = {}
@@ -108,7 +113,7 @@ def load_causal_lm(path: str, dtype: str, device: torch.device) -> nn.Module:
         overrides["activation_function"] = "gelu_pytorch_tanh"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **overrides)
     disable_dropout(model)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to): typeshed sees it unbound
 
 
 def make_reference(model: nn.Module, device: torch.device) -> nn.Module:
@@ -122,7 +127,7 @@ def make_reference(model: nn.Module, device: torch.device) -> nn.Module:
 @torch.no_grad()
 def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                        *, impl: str, temperature: float, out_device: torch.device) -> torch.Tensor:
-    ref_device = ref.get_output_embeddings().weight.device
+    ref_device = output_embedding(ref)[0].device
     ids, mask = input_ids.to(ref_device), attention_mask.to(ref_device)
     hidden = response_hidden(ref, ids, mask, prompt_len)
     ref_impl = "chunked" if impl == "triton" and ref_device.type != "cuda" else impl

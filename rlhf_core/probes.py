@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import weakref
-from functools import lru_cache
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from functools import lru_cache, partial
 
 import torch
 
@@ -123,7 +123,7 @@ def _sum_sq_by_block(names: list[str], norms: list[torch.Tensor]) -> tuple[list[
     return blocks, sums
 
 
-def _norm_groups(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _norm_groups(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Per-tensor L2 norms with one fused kernel per (device, dtype) group (``torch._foreach_norm``)."""
     if not tensors:
         return []
@@ -159,6 +159,11 @@ def param_snapshot(model: torch.nn.Module, trainable_only: bool = True) -> dict[
 _REF_NORMS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
+def _forget_norm(key: int, _ref: object) -> None:
+    """The weak reference's callback: the tensor is gone, so is its cached norm."""
+    _REF_NORMS.pop(key, None)
+
+
 def _reference_norms(originals: list[torch.Tensor], as_float: list[torch.Tensor]) -> list[torch.Tensor]:
     """Norms of the reference tensors, cached while a tensor is unchanged (its ``_version``): the reference
     is frozen, so recomputing them every step would be half the cost of the drift probe."""
@@ -173,9 +178,9 @@ def _reference_norms(originals: list[torch.Tensor], as_float: list[torch.Tensor]
             missing.append(i)
     for i, n in zip(missing, _norm_groups([as_float[i] for i in missing])):
         r = originals[i]
-        _REF_NORMS[id(r)] = (weakref.ref(r, lambda _, key=id(r): _REF_NORMS.pop(key, None)), r._version, n)
+        _REF_NORMS[id(r)] = (weakref.ref(r, partial(_forget_norm, id(r))), r._version, n)
         out[i] = n
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # the loop above filled in every None
 
 
 def block_drift(

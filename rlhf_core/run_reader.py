@@ -452,8 +452,8 @@ class Run:
     @property
     def meta(self) -> dict[str, Any]:
         if self._meta is None:
-            self.reload_meta()
-        return self._meta  # type: ignore[return-value]
+            return self.reload_meta()
+        return self._meta
 
     def reload_meta(self) -> dict[str, Any]:
         """Re-read meta.json; any failure is one :class:`RunError`, a field of the wrong type is a problem."""

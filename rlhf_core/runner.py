@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -31,20 +30,26 @@ import torch
 
 from . import distributed as dist_utils
 from . import ppo
-from .checkpoint import (clean_partial_writes, kill_point, list_checkpoints, load_checkpoint, own_storage,
-                         prepare_resume, save_checkpoint)
-from .config import TrainConfig
 from .analysis import LiveAlerts
-from .rules.base import is_alerting
+from .checkpoint import (
+    clean_partial_writes,
+    kill_point,
+    list_checkpoints,
+    load_checkpoint,
+    own_storage,
+    prepare_resume,
+    save_checkpoint,
+)
+from .config import TrainConfig
 from .finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from .flat_params import FlatParams
 from .keys import reduce_values
 from .probes import kl_estimates, layer_metrics, rollout_mismatch
 from .prompts import batch_for_step, get_prompts
 from .rewards import RewardError, RewardFn, get_reward, score
+from .rules.base import is_alerting
 from .run_writer import RunWriter
 from .samples import text_stats
-
 
 # phases holding a collective every rank enters (the non-finite checks, DDP's gradient all-reduce): where a rank
 # waits for a slower one (rlhf_core.timeline); "logging" too when the adaptive KL all-reduces the KL
@@ -119,6 +124,9 @@ class PPORunner:
 
     def __init__(self, cfg: TrainConfig, reward_fn: RewardFn | None = None):
         self.cfg = cfg
+        if cfg.run_dir is None:  # parse_args gives it a default (runs/<date-time>); a TrainConfig made by hand may not
+            raise RunnerError("the config names no run_dir")
+        self.run_dir: str = cfg.run_dir
         self.device = resolve_device(cfg.device)
         self._threads_before = torch.get_num_threads()
         self.threads = configure_threads(cfg)
@@ -150,7 +158,7 @@ class PPORunner:
         if cfg.resume:
             self._resume()
         self.writer = RunWriter(
-            cfg.run_dir, source="rlhf_core", config=cfg.to_dict(), rank=self.info.rank,
+            self.run_dir, source="rlhf_core", config=cfg.to_dict(), rank=self.info.rank,
             world_size=self.info.world_size, device=str(self.device), tensorboard=not cfg.no_tensorboard,
             resume=bool(cfg.resume), overwrite=cfg.overwrite,
             extra_meta={"torch_threads": self.threads},
@@ -197,7 +205,7 @@ class PPORunner:
             self.params = FlatParams(self.policy, {f"model.{n}": p for n, p in self.ref.named_parameters()})
         except ValueError as err:
             raise RunnerError(f"cannot train {cfg.model!r}: {err}") from None
-        self.trained = self.policy
+        self.trained: torch.nn.Module = self.policy
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -218,11 +226,10 @@ class PPORunner:
         """Clean up after the interrupted session, cut its files at the newest complete checkpoint and load it;
         with no complete checkpoint, start again from step 0 in the same run (nothing to load: the models were
         just built from the same seed, as a fresh run builds them)."""
-        cfg = self.cfg
         if self.info.is_main:
-            for removed in clean_partial_writes(cfg.run_dir):
+            for removed in clean_partial_writes(self.run_dir):
                 print(f"resume: removed partial write {removed}", file=sys.stderr)
-            step, path, dropped = prepare_resume(cfg.run_dir)
+            step, path, dropped = prepare_resume(self.run_dir)
             if path is None:
                 print("resume: no complete checkpoint; starting again from step 0", file=sys.stderr)
             for name, n in dropped.items():
@@ -230,10 +237,13 @@ class PPORunner:
             restores = self._count_weight_restores()
             kill_point("resume:cleaned")
         dist_utils.barrier(self.info)
-        step, path, self._restores = dist_utils.broadcast_object(
+        shared = dist_utils.broadcast_object(
             (step, None if path is None else str(path), restores) if self.info.is_main else None, self.info)
-        if path is None:
+        assert shared is not None  # rank 0 sent it
+        step, saved, self._restores = shared
+        if saved is None:
             return
+        path = Path(saved)
         try:
             state = load_checkpoint(path, map_location=self.device)
         except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike: the file is damaged
@@ -274,7 +284,7 @@ class PPORunner:
         """Feed the kept records to the rules without writing their alerts again (events.jsonl has them)."""
         from .run_reader import Run
 
-        self.live.replay(Run(self.cfg.run_dir).metrics())
+        self.live.replay(Run(self.run_dir).metrics())
 
     # ---------------------------------------------------------------- one step
     def _rollout(self, step: int):
@@ -405,7 +415,8 @@ class PPORunner:
                                        with_entropy=cfg.ent_coef > 0)
                     pl = ppo.policy_loss(out.logp, old_logp[idx], advantages[idx], m, cfg.cliprange)
                     vl, v_clipfrac = ppo.value_loss(out.values, old_values[idx], returns[idx], m, cfg.cliprange_value)
-                    ent_term = -cfg.ent_coef * ppo.masked_mean(out.entropy, m) if cfg.ent_coef > 0 else pl.loss.new_zeros(())
+                    ent_term = (-cfg.ent_coef * ppo.masked_mean(out.entropy, m) if cfg.ent_coef > 0
+                                else pl.loss.new_zeros(()))
                     loss = pl.loss + cfg.vf_coef * vl + ent_term
                     loss_bad = self._any_nonfinite(loss.item())
                     if not loss_bad:
@@ -549,7 +560,7 @@ class PPORunner:
                 "kl_ctl": self.kl_ctl.state_dict(), "torch_rng": torch.get_rng_state(),
                 "step": step, "world_size": self.info.world_size,
             }
-            save_checkpoint(self.cfg.run_dir, step, state, {"epoch": (step - 1) // self.cfg.steps_per_epoch + 1,
+            save_checkpoint(self.run_dir, step, state, {"epoch": (step - 1) // self.cfg.steps_per_epoch + 1,
                                                            "world_size": self.info.world_size})
         dist_utils.barrier(self.info)
 
@@ -558,7 +569,7 @@ class PPORunner:
         tokenizer, for the user's next stage (``state.pt`` only resumes this runner); the value head beside it in
         ``value_head.pt`` (``{"weight", "bias"}`` of a ``Linear(hidden, 1)``)."""
         if self.info.is_main:
-            out = Path(self.cfg.run_dir) / "model"
+            out = Path(self.run_dir) / "model"
             # own storage: the parameters are views of one flat buffer, which safetensors refuses to save
             self.policy.model.save_pretrained(out, state_dict=own_storage(self.policy.model.state_dict()))
             self.tokenizer.save_pretrained(out)
@@ -627,7 +638,7 @@ class PPORunner:
             if sampler is not None:
                 sampler.stop()
             self._finish(status, reason)
-        return RunResult(Path(cfg.run_dir), step, last, status)
+        return RunResult(Path(self.run_dir), step, last, status)
 
     @staticmethod
     def _catch_sigterm() -> Any:
@@ -643,7 +654,7 @@ class PPORunner:
     def _count_weight_restores(self) -> int:
         """Optimizer steps the weight guard undid in the sessions before this one (rank 0, from
         ``events.jsonl`` already cut at the resumed checkpoint)."""
-        path = Path(self.cfg.run_dir) / "events.jsonl"
+        path = Path(self.run_dir) / "events.jsonl"
         if not path.is_file():
             return 0
         n = 0
@@ -678,7 +689,7 @@ class PPORunner:
             print(f"meta.json not updated to {status!r}: {err}", file=sys.stderr)
         torch.set_num_threads(self._threads_before)
         if self.info.is_main:
-            run = Path(self.cfg.run_dir)
+            run = Path(self.run_dir)
             ckpts = [path for _, path in list_checkpoints(run)]
             print(f"\nRun {status}: {run}")
             print(f"  metrics:     {self.writer.run_dir / 'metrics.jsonl'}")

@@ -176,7 +176,8 @@ def pad_and_concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         b, lp, lr = r.input_ids.shape[0], p_len - r.prompt_len, r_len - r.response_mask.shape[1]
         prompt, resp = r.input_ids[:, : r.prompt_len], r.response_ids
         pm, ra = r.attention_mask[:, : r.prompt_len], r.attention_mask[:, r.prompt_len:]
-        ids.append(torch.cat([prompt.new_full((b, lp), pad_token_id), prompt, resp, resp.new_full((b, lr), pad_token_id)], 1))
+        ids.append(torch.cat([prompt.new_full((b, lp), pad_token_id), prompt, resp,
+                              resp.new_full((b, lr), pad_token_id)], 1))
         attn.append(torch.cat([pm.new_zeros((b, lp)), pm, ra, ra.new_ones((b, lr))], 1))
         rmask.append(torch.cat([r.response_mask, r.response_mask.new_zeros((b, lr))], 1))
         eos.append(r.eos)

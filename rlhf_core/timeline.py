@@ -23,14 +23,19 @@ from __future__ import annotations
 
 import mmap
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 try:  # orjson parses the step lines ~3x faster; json is the fallback
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - orjson is in requirements.txt
-    from json import loads as _loads
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a core dependency (pyproject.toml)
+    import json
+
+    _loads = json.loads
 
 FORMAT = 1
 PREFIX, SUFFIX = "timeline.rank", ".jsonl"
@@ -154,7 +159,7 @@ def _range_bytes(path: Path, lo: int, hi: int) -> bytes | None:
             return None
         with mm:
             head_end = mm.find(b"\n")
-            if not mm[:11] == b'{"process":' or head_end < 0 or mm.find(b'\n{"process":') >= 0:
+            if mm[:11] != b'{"process":' or head_end < 0 or mm.find(b'\n{"process":') >= 0:
                 return None
             first = mm.find(b'\n{"step":%d,' % lo)
             if first < 0:
@@ -173,8 +178,7 @@ def read_file(path: Path, rank: int, steps: tuple[int, int] | None = None,
     the range (256 files of 10k steps: a 100-step window in well under a second)."""
     process = Process(rank=rank)
     out: dict[int, StepSpan] = {}
-    lo, hi = steps if steps is not None else (None, None)
-    ranged = _range_bytes(path, lo, hi) if lo is not None else None
+    ranged = _range_bytes(path, *steps) if steps is not None else None
     torn = b""
     if ranged is not None:
         body = ranged
@@ -187,7 +191,7 @@ def read_file(path: Path, rank: int, steps: tuple[int, int] | None = None,
     lines.pop()
     for i, line in enumerate(lines, 1):
         step = _step_of(line)
-        if step is not None and lo is not None and not lo <= step <= hi:
+        if step is not None and steps is not None and not steps[0] <= step <= steps[1]:
             continue
         if not line.strip():
             continue

@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 BUILDER_VERSION = 2  # 2: the saved tokenizer keeps padding_side="left" and model_max_length = n_positions
 DEFAULT_SEED = 0
@@ -64,9 +65,10 @@ def cache_root() -> Path:
 
 
 def build_tokenizer(seed: int = DEFAULT_SEED, vocab_size: int = TINY_CONFIG["vocab_size"]):
-    """A byte-level BPE (GPT-2 style) trained on :func:`corpus`, wrapped as ``GPT2TokenizerFast``."""
+    """A byte-level BPE (GPT-2 style) trained on :func:`corpus`, wrapped as ``GPT2Tokenizer`` (in transformers 5
+    the tokenizers-backed class; ``GPT2TokenizerFast`` is an alias of it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2Tokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,15 +80,15 @@ def build_tokenizer(seed: int = DEFAULT_SEED, vocab_size: int = TINY_CONFIG["voc
     tok.train_from_iterator(corpus(seed), trainer=trainer)
     # as constructor arguments both are saved in tokenizer_config.json: a reload pads on the left, as batched
     # generation needs, and knows the model's context length instead of transformers' 1e30 placeholder
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-                             padding_side="left", model_max_length=TINY_CONFIG["n_positions"])
+    return GPT2Tokenizer(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+                         padding_side="left", model_max_length=TINY_CONFIG["n_positions"])
 
 
 def build_model(tokenizer, seed: int = DEFAULT_SEED):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = dict(TINY_CONFIG)
+    cfg: dict[str, Any] = dict(TINY_CONFIG)
     cfg["vocab_size"] = len(tokenizer)
     config = GPT2Config(
         **cfg, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,

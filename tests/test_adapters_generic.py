@@ -23,12 +23,10 @@ def _loop(policy, ref, run, steps=3, nan_at=None):
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     ids = torch.randint(0, policy.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     for step in range(1, steps + 1):
-        with run.phase("rollout"):
-            with torch.no_grad():
-                out = policy.generate(ids[:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
-        with run.phase("ref_logprobs"):
-            with torch.no_grad():
-                ref_logp = torch.log_softmax(ref(out).logits, -1)
+        with run.phase("rollout"), torch.no_grad():
+            out = policy.generate(ids[:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with run.phase("ref_logprobs"), torch.no_grad():
+            ref_logp = torch.log_softmax(ref(out).logits, -1)
         with run.phase("update"):
             logits = policy(out).logits
             logp = torch.log_softmax(logits, -1)
@@ -68,10 +66,9 @@ def test_generic_loop_writes_phases_probes_kl_and_trace(policy_and_ref, tmp_path
 
 def test_nan_metric_alerts_and_a_crash_marks_the_run_failed(policy_and_ref, tmp_path):
     policy, ref = policy_and_ref
-    with pytest.raises(RuntimeError, match="boom"):
-        with kit.run(tmp_path / "run") as run:
-            _loop(copy.deepcopy(policy), ref, run, steps=2, nan_at=2)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), kit.run(tmp_path / "run") as run:
+        _loop(copy.deepcopy(policy), ref, run, steps=2, nan_at=2)
+        raise RuntimeError("boom")
     r = Run(tmp_path / "run")
     assert r.meta["status"] == "failed"
     assert "loss/total" in r.metrics()[1]["nonfinite"]
@@ -94,12 +91,10 @@ def test_drift_without_a_reference_is_against_the_first_snapshot(tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown mapping"):
-        with kit.run(tmp_path / "a", mapping="nope"):
-            pass
-    with pytest.raises(ValueError, match="trace_steps"):
-        with kit.run(tmp_path / "b", trace_steps=0):
-            pass
+    with pytest.raises(ValueError, match="unknown mapping"), kit.run(tmp_path / "a", mapping="nope"):
+        pass
+    with pytest.raises(ValueError, match="trace_steps"), kit.run(tmp_path / "b", trace_steps=0):
+        pass
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

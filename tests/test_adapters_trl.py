@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoTokenizer
 
-from adapters.trl import RLHFKitCallback, profile_trainer  # noqa: E402
-from rlhf_core.analysis import rule_config  # noqa: E402
-from rlhf_core.run_reader import Run  # noqa: E402
+from adapters.trl import RLHFKitCallback, profile_trainer
+from rlhf_core.analysis import rule_config
+from rlhf_core.run_reader import Run
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1)
 GRPO_CANONICAL = ("loss/total", "grad/norm", "lr", "kl/ref_k3", "policy/entropy", "reward/mean", "reward/std",

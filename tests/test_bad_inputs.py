@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -144,7 +143,8 @@ RUN_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict[str, int]]] = {
     "system key gpu/bad": (lambda t: _run(t, metrics=GOOD, **{"system.jsonl": _lines(
         {"time": 1.0, "gpu/bad": 1.0, "gpu/0/util_percent": 50.0})}), "gpu/bad",
         {"*": None, "report": 0, "report --json": 0}),
-    "1 MB of binary garbage": (lambda t: _run(t, metrics=None, **{"metrics.jsonl": random.Random(0).randbytes(1 << 20)}),
+    "1 MB of binary garbage": (lambda t: _run(t, metrics=None,
+                                              **{"metrics.jsonl": random.Random(0).randbytes(1 << 20)}),
                                "bad lines skipped", {"*": 0, "report": 1, "report --json": 1}),
     "duplicate, decreasing, negative, non-integer steps": (
         lambda t: _run(t, metrics=_lines(_rec(1), _rec(2), _rec(2), _rec(5), _rec(3), _rec(-3), _rec(2.5),

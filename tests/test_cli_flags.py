@@ -95,21 +95,21 @@ def test_existing_run_dir_needs_overwrite_or_resume(tmp_path, capsys):
 
 
 def test_good_values_land_in_the_config(tmp_path):
-    argv = ["--seed", "3", "--device", "cpu", "--threads", "2", "--epochs", "2", "--steps_per_epoch", "5", "--batch_size", "8",
-            "--max_new_tokens", "9", "--learning_rate", "3e-4", "--kl_coef", "0.05", "--reward", "mix",
-            "--run_dir", str(tmp_path / "r"), "--save_every", "4", "--temperature", "0.7", "--top_k", "20",
+    argv = ["--seed", "3", "--device", "cpu", "--threads", "2", "--epochs", "2", "--steps_per_epoch", "5",
+            "--batch_size", "8", "--max_new_tokens", "9", "--learning_rate", "3e-4", "--kl_coef", "0.05", "--reward",
+            "mix", "--run_dir", str(tmp_path / "r"), "--save_every", "4", "--temperature", "0.7", "--top_k", "20",
             "--top_p", "0.9", "--gamma", "0.99", "--lam", "0.9", "--cliprange", "0.1", "--cliprange_value", "0.3",
             "--vf_coef", "0.5", "--ent_coef", "0.01", "--max_grad_norm", "0.5", "--ppo_epochs", "2",
-            "--mini_batch_size", "4", "--adaptive_kl", "--kl_target", "3", "--kl_horizon", "500",
-            "--kl_budget", "2", "--no_tensorboard", "--sample_interval", "0", "--profile", "--profile_wait", "0",
-            "--profile_warmup", "2", "--profile_active", "3", "--profile_repeat", "2", "--logprob_impl", "chunked",
-            "--gradient_checkpointing", "--dtype", "bf16", "--ref_device", "cpu", "--rollout_batch_size", "2",
-            "--debug_slow_rank", "1", "--debug_slow_seconds", "0.5", "--inject_nan_step", "3", "--model", "tiny"]
+            "--mini_batch_size", "4", "--adaptive_kl", "--kl_target", "3", "--kl_horizon", "500", "--kl_budget", "2",
+            "--no_tensorboard", "--sample_interval", "0", "--profile", "--profile_wait", "0", "--profile_warmup", "2",
+            "--profile_active", "3", "--profile_repeat", "2", "--logprob_impl", "chunked", "--gradient_checkpointing",
+            "--dtype", "bf16", "--ref_device", "cpu", "--rollout_batch_size", "2", "--debug_slow_rank", "1",
+            "--debug_slow_seconds", "0.5", "--inject_nan_step", "3", "--model", "tiny"]
     cfg = parse_args(argv)
     assert cfg == TrainConfig(
-        seed=3, device="cpu", threads=2, epochs=2, steps_per_epoch=5, batch_size=8, max_new_tokens=9, learning_rate=3e-4,
-        kl_coef=0.05, reward="mix", run_dir=str(tmp_path / "r"), save_every=4, temperature=0.7, top_k=20,
-        top_p=0.9, gamma=0.99, lam=0.9, cliprange=0.1, cliprange_value=0.3, vf_coef=0.5, ent_coef=0.01,
+        seed=3, device="cpu", threads=2, epochs=2, steps_per_epoch=5, batch_size=8, max_new_tokens=9,
+        learning_rate=3e-4, kl_coef=0.05, reward="mix", run_dir=str(tmp_path / "r"), save_every=4, temperature=0.7,
+        top_k=20, top_p=0.9, gamma=0.99, lam=0.9, cliprange=0.1, cliprange_value=0.3, vf_coef=0.5, ent_coef=0.01,
         max_grad_norm=0.5, ppo_epochs=2, mini_batch_size=4, adaptive_kl=True, kl_target=3.0, kl_horizon=500,
         kl_budget=2.0, no_tensorboard=True, sample_interval=0.0, profile=True, profile_wait=0,
         profile_warmup=2, profile_active=3, profile_repeat=2, logprob_impl="chunked",

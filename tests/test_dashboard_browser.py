@@ -12,13 +12,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_dashboard_data import metrics, write_run
 
 from dashboard.app import create_app
 from dashboard.figures import FIGURE_IDS
 from dashboard.headless import ServerThread, browser_paths, chromium, trace_points, wait_for
 from rlhf_core.run_reader import Run
 from rlhf_core.run_writer import RunWriter
-from test_dashboard_data import metrics, write_run
 
 pytestmark = pytest.mark.browser
 
@@ -389,7 +389,8 @@ def test_an_empty_runs_folder_says_so_in_every_panel(tmp_path):
         page.wait_text("list-messages", "no runs under")
         page.wait_text("fig-kl", "no runs selected")
         for fid in FIGURE_IDS:
-            title = wait_for(lambda: _js(page, f"const e = {_fig('fig-' + fid)}; return e && e.layout.title.text"))
+            script = f"const e = {_fig('fig-' + fid)}; return e && e.layout.title.text"
+            title = wait_for(lambda script=script: _js(page, script))
             assert "loading" not in page.text(f"fig-{fid}") and title != fid and len(title) > 8, (fid, title)
         assert "KL to reference" in page.text("fig-kl")
         alerts = page.text("alerts-panel")

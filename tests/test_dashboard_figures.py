@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 from dash import no_update
+from test_dashboard_data import _wait_alerts, metrics, write_run
 
 from dashboard import figures as F
 from dashboard.app import create_app
 from dashboard.callbacks import Builder
 from dashboard.data import ALL, MAX_POINTS, RunCache, View, timeline_view
 from rlhf_core.run_writer import RunWriter
-from test_dashboard_data import _wait_alerts, metrics, write_run
 
 
 def _ops(patch) -> list[dict]:

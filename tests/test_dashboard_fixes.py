@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 from dash import no_update
+from test_dashboard_data import write_run
 
 from dashboard import figures as F
 from dashboard.app import _parser, configure_logging, create_app
@@ -14,7 +15,6 @@ from dashboard.callbacks import Builder, y_range
 from dashboard.data import ALL, RunCache
 from dashboard.layout import GRAPH_CONFIG
 from rlhf_core.run_writer import RunWriter
-from test_dashboard_data import write_run
 
 MODEL_ORDER = ["wte", "h.0", "h.1", "h.2", "h.10", "ln_f"]  # not alphabetical: h.10 after h.2, wte first
 
@@ -79,7 +79,7 @@ def test_alert_zoom_rescales_y_and_leaves_another_runs_heatmap_alone(tmp_path):
     assert lo < 50 < hi and hi - lo <= 2 * 10  # a 20th of the short run (at least 10 steps each side)
     y_lo, y_hi = kl[("layout", "yaxis", "range")]
     assert kl[("layout", "yaxis", "autorange")] is False
-    assert 0.0 < y_lo and y_hi < 0.03  # the data in the window, not the long run's KL jump (0.5+) after step 900
+    assert y_lo > 0.0 and y_hi < 0.03  # the data in the window, not the long run's KL jump (0.5+) after step 900
     assert patches[F.FIGURE_IDS.index("grad_layers")] is no_update  # the heatmap shows the long run
     grad = _ops(patches[F.FIGURE_IDS.index("grad")])  # log axis: the range is in log10
     g_lo, g_hi = grad[("layout", "yaxis", "range")]

@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from test_dashboard_data import metrics, write_run
+from test_dashboard_live import apply_patch
 
 from dashboard import figures as F
 from dashboard.callbacks import Builder, filter_keys, key_group, key_groups
 from dashboard.data import ALL, RunCache, config_rows, flatten
 from rlhf_core.run_writer import RunWriter
-from test_dashboard_data import metrics, write_run
-from test_dashboard_live import apply_patch
 
 
 def tensorboard_ema(values: list[float], weight: float) -> list[float]:

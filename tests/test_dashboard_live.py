@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 from dash import no_update
+from test_dashboard_data import metrics, write_run
 
 from dashboard import figures as F
 from dashboard.callbacks import Builder
 from dashboard.data import ALL, RunCache
-from test_dashboard_data import metrics, write_run
 
 
 def apply_patch(fig: dict[str, Any], patch: Any) -> None:

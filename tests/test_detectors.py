@@ -187,7 +187,8 @@ def test_diagnose_run_covers_records_and_ranks(tmp_path):
 
 
 def test_detectors_do_not_import_torch():
-    code = "import sys, rlhf_core.detectors, rlhf_core.analysis, rlhf_core.diagnose_cli; sys.exit('torch' in sys.modules)"
+    code = ("import sys, rlhf_core.detectors, rlhf_core.analysis, rlhf_core.diagnose_cli; "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -4,8 +4,15 @@ import json
 import pytest
 import torch
 
-from memory.arch import (arch_from_config, builtin_config, builtin_names, count_params, layer_saved, load_arch,
-                         meta_count)
+from memory.arch import (
+    arch_from_config,
+    builtin_config,
+    builtin_names,
+    count_params,
+    layer_saved,
+    load_arch,
+    meta_count,
+)
 
 # one real-size model per family plus the variants that change the count (tied/untied, GQA, qkv bias,
 # OPT's projected embeddings, Gemma-2's four norms and explicit head_dim)

@@ -7,8 +7,19 @@ import pytest
 
 from memory.advise import FLAGS, suggest
 from memory.arch import arch_from_config, load_arch
-from memory.deploy import (Deployment, Engine, Role, Sharding, deepspeed_model_states, engine_memory,
-                           largest_micro_batch, largest_rollout_batch, min_gpus, plan_deployment, trained_states)
+from memory.deploy import (
+    Deployment,
+    Engine,
+    Role,
+    Sharding,
+    deepspeed_model_states,
+    engine_memory,
+    largest_micro_batch,
+    largest_rollout_batch,
+    min_gpus,
+    plan_deployment,
+    trained_states,
+)
 
 GiB = 2**30
 Q7 = load_arch("Qwen2.5-7B")
@@ -127,7 +138,8 @@ def test_fit_min_gpus_and_largest_micro_batch():
     assert mb >= 1
     assert plan_deployment(q.with_(micro_batch=mb)).fits and not plan_deployment(q.with_(micro_batch=mb + 1)).fits
     rb = largest_rollout_batch(q)  # HF generate: the KV cache grows with the generation batch
-    assert plan_deployment(q.with_(rollout_per_gpu=rb)).fits and not plan_deployment(q.with_(rollout_per_gpu=rb + 1)).fits
+    assert plan_deployment(q.with_(rollout_per_gpu=rb)).fits
+    assert not plan_deployment(q.with_(rollout_per_gpu=rb + 1)).fits
     v = q.with_(engine=Engine("vllm", group="all", gpu_memory_utilization=0.3))
     assert largest_rollout_batch(v) == engine_memory(v).max_seqs
 

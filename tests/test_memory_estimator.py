@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from memory.calibrate import shape
-from memory.estimator import (COMPONENTS, PHASES, ModelShape, StepSpec, accelerate_rule, predict,
-                              shape_from_config)
+from memory.estimator import COMPONENTS, PHASES, ModelShape, StepSpec, accelerate_rule, predict, shape_from_config
 from memory.measure import measure_peak, tensor_bytes, track_peak
 from memory.probe_step import build_models, measure_step
 

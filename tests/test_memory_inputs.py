@@ -129,9 +129,11 @@ def test_verl_overrides(capsys):
     cmd = ("python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo data.max_prompt_length=512 "
            "data.max_response_length=1024 actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct "
            "actor_rollout_ref.model.enable_gradient_checkpointing=True actor_rollout_ref.actor.use_kl_loss=True "
-           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 actor_rollout_ref.actor.fsdp_config.param_offload=True "
+           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 "
+           "actor_rollout_ref.actor.fsdp_config.param_offload=True "
            "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True actor_rollout_ref.rollout.name=vllm "
-           "actor_rollout_ref.rollout.gpu_memory_utilization=0.4 actor_rollout_ref.rollout.tensor_model_parallel_size=2 "
+           "actor_rollout_ref.rollout.gpu_memory_utilization=0.4 "
+           "actor_rollout_ref.rollout.tensor_model_parallel_size=2 "
            "actor_rollout_ref.ref.fsdp_config.param_offload=True trainer.n_gpus_per_node=8 trainer.nnodes=2")
     dep = from_verl(cmd)
     assert dep.groups == {"all": 16} and dep.sharding.kind == "fsdp_full"

@@ -90,9 +90,8 @@ def test_start_step_clears_the_previous_step(model_and_opt):
 def test_a_failing_phase_is_still_timed():
     timer = PhaseTimer("cpu")
     timer.start_step()
-    with pytest.raises(ValueError):
-        with timer.phase("reward"):
-            raise ValueError("bad reward")
+    with pytest.raises(ValueError), timer.phase("reward"):
+        raise ValueError("bad reward")
     assert "time/reward" in timer.end_step()
 
 

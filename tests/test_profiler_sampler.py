@@ -45,9 +45,9 @@ def test_records_at_the_set_rate_and_stops_with_the_run():
 
 
 def test_writes_system_jsonl_through_the_run_writer(tmp_path):
-    with RunWriter(tmp_path / "run", source="generic", tensorboard=False) as w:
-        with SystemSampler(w, interval_s=0.05, nvml=False):
-            time.sleep(0.25)
+    with (RunWriter(tmp_path / "run", source="generic", tensorboard=False) as w,
+          SystemSampler(w, interval_s=0.05, nvml=False)):
+        time.sleep(0.25)
     recs = Run(tmp_path / "run").system()
     assert len(recs) >= 3
     assert {"time", "rank", "cpu/process_percent", "mem/rss_bytes"} <= set(recs[0])

@@ -47,10 +47,10 @@ def profiled_run(tmp_path_factory):
     """wait 1, warmup 1, active 2 over 5 steps: one window (steps 2-3) with the opt-in artefacts too, with the
     sampler running."""
     run_dir = tmp_path_factory.mktemp("prof") / "run"
-    with RunWriter(run_dir, source="generic", tensorboard=False) as w, SystemSampler(w, 0.05, nvml=False):
-        with TraceSession(w.traces_dir, wait=1, warmup=1, active=2, repeat=1, with_stack=True,
-                          memory_timeline=True) as session:
-            _loop(w, PhaseTimer("cpu"), session, 5)
+    with (RunWriter(run_dir, source="generic", tensorboard=False) as w, SystemSampler(w, 0.05, nvml=False),
+          TraceSession(w.traces_dir, wait=1, warmup=1, active=2, repeat=1, with_stack=True,
+                       memory_timeline=True) as session):
+        _loop(w, PhaseTimer("cpu"), session, 5)
     return run_dir, session
 
 
@@ -139,9 +139,9 @@ def test_a_failing_artefact_does_not_stop_the_others(tmp_path, monkeypatch, capl
         raise RuntimeError("viz broke")
 
     monkeypatch.setattr(viz, "profile_plot", broken)
-    with caplog.at_level(logging.WARNING, logger="profiler.tracing"):
-        with TraceSession(tmp_path, wait=0, warmup=1, active=1, with_stack=True, memory_timeline=True) as s:
-            _loop(None, PhaseTimer("cpu"), s, 2)
+    with (caplog.at_level(logging.WARNING, logger="profiler.tracing"),
+          TraceSession(tmp_path, wait=0, warmup=1, active=1, with_stack=True, memory_timeline=True) as s):
+        _loop(None, PhaseTimer("cpu"), s, 2)
     files = s.windows[0]["files"]
     assert "memory_html" not in files and {"trace", "ops_json", "folded", "stacks"} <= set(files)
     assert "viz broke" in caplog.text

@@ -20,7 +20,8 @@ def test_probe_values_by_hand():
     rollout = torch.tensor([[-1.1, -1.8, 2.0]])  # Δ = 0.1, -0.2 and a masked-out 5.0
     out = rollout_mismatch(trainer, rollout, torch.tensor([[1, 1, 0]]))
     d = torch.tensor([0.1, -0.2], dtype=torch.float64)
-    assert out["rollout/logprob_diff_mean"] == pytest.approx(0.15) and out["rollout/logprob_diff_max"] == pytest.approx(0.2)
+    assert out["rollout/logprob_diff_mean"] == pytest.approx(0.15)
+    assert out["rollout/logprob_diff_max"] == pytest.approx(0.2)
     assert out["rollout/kl_k1"] == pytest.approx(0.05)  # mean(log π_rollout − log π_trainer)
     assert out["rollout/kl_k3"] == pytest.approx((torch.expm1(d) - d).mean().item())
     assert out["rollout/ratio_min"] == pytest.approx(torch.exp(d.min()).item())

@@ -138,7 +138,7 @@ def test_rolling_trend_and_quantiles_are_exact_after_spikes_and_shifts():
     xs = np.concatenate([1e6 + rng.standard_normal(200), 0.01 + 1e-4 * np.arange(400)])
     xs[50] = 1e8
     trend, quant = RollingTrend(50), RollingQuantiles(64)
-    for i, x in enumerate(xs):
+    for x in xs:
         trend.push(float(x))
         quant.push(float(x))
     t = np.arange(50)

@@ -3,8 +3,14 @@ import json
 
 import torch
 
-from rlhf_core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prepare_resume, save_checkpoint, \
-    truncate_after
+from rlhf_core.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_resume,
+    save_checkpoint,
+    truncate_after,
+)
 
 
 def lines(path):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from rlhf_core.config import parse_args
-from rlhf_core.rewards import (WeightedSum, get_reward, length_reward, preference_reward, score,
-                               sentiment_reward)
+from rlhf_core.rewards import WeightedSum, get_reward, length_reward, preference_reward, score, sentiment_reward
 from rlhf_core.run_reader import Run
 from rlhf_core.runner import PPORunner, RunnerError, train
 from rlhf_core.sampling import Rollout, pad_and_concat

@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core.checkpoint import (clean_partial_writes, list_checkpoints, prepare_resume, save_checkpoint,
-                                  truncate_after_time)
+from rlhf_core.checkpoint import (
+    clean_partial_writes,
+    list_checkpoints,
+    prepare_resume,
+    save_checkpoint,
+    truncate_after_time,
+)
 from rlhf_core.config import TrainConfig
 from rlhf_core.finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from rlhf_core.run_reader import Run

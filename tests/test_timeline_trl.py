@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoTokenizer
 
-from adapters.trl import profile_trainer  # noqa: E402
-from profiler.timeline_trace import main as timeline_main  # noqa: E402
-from rlhf_core.timeline import read_timeline  # noqa: E402
+from adapters.trl import profile_trainer
+from profiler.timeline_trace import main as timeline_main
+from rlhf_core.timeline import read_timeline
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import math
 from abc import ABC, abstractmethod
 from bisect import bisect_left, insort
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 SEVERITIES = ("info", "warning", "critical")
 ALERTING = ("warning", "critical")  # "info" is a note (e.g. frequent clipping), never a warning
@@ -50,7 +51,7 @@ class Alert:
 
 def num(rec: Mapping[str, Any], key: str) -> float | None:
     """The value of ``key`` as a float (NaN/Inf kept), or None when absent or not numeric."""
-    value = rec.get(key)
+    value: Any = rec.get(key)
     kind = type(value)
     if kind is float:  # the common case first: this runs for every key of every record
         return value

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..keys import SOURCES
 
@@ -158,7 +159,7 @@ class DetectorConfig:
                 raise ValueError(f"detector config {name}: expected a fraction in (0, 1], got {getattr(self, name)!r}")
 
     @classmethod
-    def from_any(cls, config: "DetectorConfig | Mapping[str, Any] | None") -> "DetectorConfig":
+    def from_any(cls, config: DetectorConfig | Mapping[str, Any] | None) -> DetectorConfig:
         """A config from None (defaults), a dict (unknown keys are a ValueError) or a DetectorConfig."""
         if config is None:
             return cls()
@@ -174,7 +175,7 @@ class DetectorConfig:
             raise ValueError(f"unknown detector config key(s): {', '.join(hints)}")
         return cls(**dict(config))
 
-    def replace(self, **changes: Any) -> "DetectorConfig":
+    def replace(self, **changes: Any) -> DetectorConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Alert, RollingTrend, Rule, Trigger, finite, first_finite, rnd
 from .config import DetectorConfig

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Alert, Rule, Trigger, finite, rnd
 from .config import DetectorConfig

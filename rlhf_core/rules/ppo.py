@@ -1,7 +1,8 @@
 """PPO update health: policy entropy, importance ratios, clip fraction and the critic's explained variance."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Alert, Rule, Trigger, finite, rnd
 from .config import DetectorConfig

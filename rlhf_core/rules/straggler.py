@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..keys import PHASES
 from .base import Alert, Trigger, finite, rnd
@@ -63,7 +64,7 @@ class Straggler:
         return any(other != rank and _ORDER.get(k, order) < order and e >= need for (k, other), e in slow.items())
 
     @staticmethod
-    def _times(per_rank: Mapping[int, Mapping[str, float]]) -> tuple[dict[str, dict[int, float]], bool]:
+    def _times(per_rank: Mapping[int, Mapping[str, Any]]) -> tuple[dict[str, dict[int, float]], bool]:
         """{time key: {rank: seconds}} of the step, less each rank's measured waits when the records have them.
 
         One pass over each record with a fast path for plain floats: at 256 ranks this runs ~2,500 times a step.

@@ -9,7 +9,8 @@ them (``step`` plus canonical keys; NaN/Inf become ``None`` listed under ``nonfi
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
