@@ -16,11 +16,11 @@ allocator fragmentation are outside them and covered by ``reserve_bytes``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .arch import Arch, final_norm_saved, layer_saved, layer_transient
+from .planner import largest_fitting
 
 PHASES = ("generation", "scoring", "update", "optimizer_step", "weight_sync")
 ROLES = ("actor", "critic", "reference", "reward")
@@ -552,23 +552,9 @@ def _fits_with(dep: Deployment, **changes: Any) -> bool:
         return False
 
 
-def _largest(fits: Callable[[int], bool], hi: int) -> int:
-    """The largest n in 1..hi with fits(n), by bisection (memory grows with n); 0 when even 1 does not fit."""
-    if not fits(1):
-        return 0
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def largest_micro_batch(dep: Deployment, hi: int = 4096) -> int:
     """Largest train micro-batch per GPU that fits (0: not even one sequence)."""
-    return _largest(lambda n: _fits_with(dep, micro_batch=n), hi)
+    return largest_fitting(lambda n: _fits_with(dep, micro_batch=n), hi)
 
 
 def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
@@ -576,7 +562,7 @@ def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
     next to everything else; for vLLM/SGLang the sequences of the requested length the KV pool holds."""
     if dep.engine.kind != "hf":
         return engine_memory(dep).max_seqs
-    return _largest(lambda n: _fits_with(dep, rollout_per_gpu=n), hi)
+    return largest_fitting(lambda n: _fits_with(dep, rollout_per_gpu=n), hi)
 
 
 def min_gpus(dep: Deployment, limit: int = 1024) -> int | None:

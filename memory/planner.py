@@ -71,8 +71,8 @@ class Plan:
                 "suggestions": [s.to_dict() for s in self.suggestions]}
 
 
-def _largest(fits: Callable[[int], bool], hi: int = MAX_BATCH) -> int:
-    """Largest n in [1, hi] with fits(n) (fits is monotone); 0 when none does."""
+def largest_fitting(fits: Callable[[int], bool], hi: int = MAX_BATCH) -> int:
+    """Largest n in [1, hi] with fits(n), by bisection (fits is monotone: memory grows with n); 0 when none does."""
     if not fits(1):
         return 0
     lo = 1
@@ -91,7 +91,7 @@ def _largest_batch(spec: StepSpec, budget: int, knob: str, phase: str) -> int:
     def fits(n: int) -> bool:
         s = spec.with_(batch_size=max(spec.batch_size, n), **{knob: n})
         return predict(s).phases[phase]["total"] <= budget
-    return _largest(fits)
+    return largest_fitting(fits)
 
 
 def largest_train_batch(spec: StepSpec, budget: int) -> int:
