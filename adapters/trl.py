@@ -75,6 +75,13 @@ def _peft_config(model) -> Any:
     return {name: (c.to_dict() if hasattr(c, "to_dict") else str(c)) for name, c in dict(cfg).items()}
 
 
+def _unpatch(patched: tuple[Any, Any] | None, name: str) -> None:
+    """Remove the instance attribute ``name`` we set on ``patched[0]``, if it is still our ``patched[1]`` (someone
+    who patched it after us keeps theirs); the class's own method shows through again."""
+    if patched is not None and patched[0].__dict__.get(name) is patched[1]:
+        delattr(patched[0], name)
+
+
 class RLHFKitCallback(TrainerCallback):
     """Writes a run directory (``source``: ``trl``, or ``transformers`` for a plain ``Trainer``) while a
     ``transformers.Trainer`` trains."""
@@ -249,11 +256,7 @@ class RLHFKitCallback(TrainerCallback):
         self._clip_patched = (accelerator, clip_grad_norm_)
 
     def _unpatch_clip(self) -> None:
-        if self._clip_patched is None:
-            return
-        accelerator, wrapper = self._clip_patched
-        if accelerator.__dict__.get("clip_grad_norm_") is wrapper:
-            del accelerator.clip_grad_norm_
+        _unpatch(self._clip_patched, "clip_grad_norm_")
         self._clip_patched = None
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -473,11 +476,7 @@ class RLHFKitCallback(TrainerCallback):
         self._pairs_patched = (trainer, compute_loss)
 
     def _unpatch_pairs(self) -> None:
-        if self._pairs_patched is None:
-            return
-        trainer, wrapper = self._pairs_patched
-        if trainer.__dict__.get("compute_loss") is wrapper:
-            del trainer.compute_loss
+        _unpatch(self._pairs_patched, "compute_loss")
         self._pairs_patched = None
 
     def _pair_samples(self) -> list[dict[str, Any]]:
