@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 check: $(STAMP)
-	$(PY) -m rlhf_core.check
+	$(PY) -m rlhf_core.train.check
 
 train_smoke: $(STAMP)
 	$(PY) train.py --epochs 2 --steps_per_epoch 6 --batch_size 2 --max_new_tokens 10 --run_dir $(RUNS)/smoke --overwrite

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.analysis import LiveAlerts
-from rlhf_core.run_reader import Run, RunError, file_problem, summarize
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_reader import Run, RunError, file_problem, summarize
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.stability.analysis import LiveAlerts
 
 Mapper = Callable[[Mapping[str, Any]], dict[str, Any]]
 

@@ -5,7 +5,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_writer import RunWriter
 
 TraceSpec = tuple[int, int, int] | tuple[int, int, int, int]
 

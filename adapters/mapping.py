@@ -1,7 +1,7 @@
 """Source key → canonical key tables, shared by every adapter and importer.
 
 Each table maps a tool's own metric names to the run format's canonical keys (docs/design.md, "Adapters"); a
-name with no entry is kept as ``src/<name>`` (``rlhf_core.keys.prefixed_unmapped``) so nothing a tool logs is
+name with no entry is kept as ``src/<name>`` (``rlhf_core.runformat.keys.prefixed_unmapped``) so nothing a tool logs is
 lost. A few entries also derive a value (veRL's GiB → bytes, TRL's truncation ratio → EOS rate). Torch-free.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rlhf_core.keys import is_canonical, prefixed_unmapped, to_number
+from rlhf_core.runformat.keys import is_canonical, prefixed_unmapped, to_number
 
 # TRL 1.16: Trainer.log keys of GRPO/RLOO, DPO, Reward and SFT trainers.
 TRL_KEYS: dict[str, str] = {

@@ -150,9 +150,9 @@ def import_ray_timeline(source: str | Path, out: str | Path, *, overwrite: bool 
     from bisect import bisect_right
 
     from profiler.timeline import TimelineRecorder
-    from rlhf_core.clock import ClockOffset
-    from rlhf_core.run_writer import RunWriter
-    from rlhf_core.timeline import union_ns
+    from rlhf_core.runformat.clock import ClockOffset
+    from rlhf_core.runformat.run_writer import RunWriter
+    from rlhf_core.runformat.timeline import union_ns
 
     spans = task_spans(load_events(source))
     if not spans:

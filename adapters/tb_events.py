@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.run_reader import file_problem, summarize
+from rlhf_core.runformat.run_reader import file_problem, summarize
 
 from .convert import Mapper, SourceError, StepSink, drive_import, nothing_imported, open_writer
 

@@ -29,11 +29,11 @@ from transformers import TrainerCallback
 
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
-from rlhf_core.analysis import LiveAlerts
-from rlhf_core.keys import CumulativeRate, sanitize, to_number
-from rlhf_core.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
-from rlhf_core.run_writer import RunWriter
-from rlhf_core.samples import SAMPLE_CHARS, SAMPLES_PER_STEP, text_of, text_stats
+from rlhf_core.runformat.keys import CumulativeRate, sanitize, to_number
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.runformat.samples import SAMPLE_CHARS, SAMPLES_PER_STEP, text_of, text_stats
+from rlhf_core.stability.analysis import LiveAlerts
+from rlhf_core.train.probes import block_drift, block_grad_norms, layer_metrics, param_snapshot
 
 from . import trl_memory, trl_profiling
 from .extras import Extras, TraceSpec, trace_schedule

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.run_reader import JsonlCursor, file_problem
+from rlhf_core.runformat.run_reader import JsonlCursor, file_problem
 
 from .convert import SourceError, StepSink, drive_import, nothing_imported, open_writer
 from .mapping import map_verl

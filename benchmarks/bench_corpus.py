@@ -40,14 +40,14 @@ TARGET_RECALL, TARGET_FALSE_ALARM = 0.95, 1 / 20
 
 def build_diagnoser(meta: Mapping[str, Any]) -> Any:
     """The rules exactly as ``rlhfkit diagnose``, the dashboard and the live producers build them for this run."""
-    from rlhf_core.analysis import Analysis
+    from rlhf_core.stability.analysis import Analysis
 
     return Analysis(meta)
 
 
 def detections(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
     """Every alert of the run with the step of the record whose update returned it; and the record count."""
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
 
     run = Run(run_dir)
     diagnoser = build_diagnoser(run.meta)

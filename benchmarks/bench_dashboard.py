@@ -72,7 +72,7 @@ def metrics_at(step: int, rnd: random.Random) -> dict[str, float]:
 
 
 def write_big_run(run_dir: str | Path, steps: int = STEPS) -> None:
-    from rlhf_core.run_writer import RunWriter
+    from rlhf_core.runformat.run_writer import RunWriter
 
     rnd = random.Random(0)
     with RunWriter(run_dir, source="generic", tensorboard=False, overwrite=True,
@@ -121,7 +121,7 @@ KEYS_JS = "const e = document.getElementById('key-browser'); return e ? e.innerT
 def render_s(driver: Any, url: str) -> float:
     """Seconds from the page request to every stability chart it shows drawn with data (and the key browser
     listing the run's keys)."""
-    from dashboard.headless import trace_points, wait_for
+    from devtools.headless import trace_points, wait_for
 
     ids = [f"fig-{f}" for f in FIGURE_IDS]
     t0 = time.perf_counter()
@@ -193,8 +193,8 @@ def free_port() -> int:
 def main() -> int:
     from benchmarks.common import row, spread, write_result
     from dashboard.app import create_app
-    from dashboard.headless import ServerThread, chromium
-    from rlhf_core.run_reader import Run
+    from devtools.headless import ServerThread, chromium
+    from rlhf_core.runformat.run_reader import Run
 
     with tempfile.TemporaryDirectory(prefix="bench_dashboard_") as tmp:
         root = Path(tmp) / "runs"

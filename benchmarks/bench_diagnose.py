@@ -11,11 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import row, spread, write_result
-from rlhf_core.analysis import diagnose_run
-from rlhf_core.detectors import Diagnoser, diagnose
-from rlhf_core.rules.synthetic import FAULTS, healthy_series, planted_series
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from devtools.synthetic import FAULTS, healthy_series, planted_series
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.stability.analysis import diagnose_run
+from rlhf_core.stability.detectors import Diagnoser, diagnose
 
 CFG = {"max_grad_norm": 1.0}
 LONG = 100_000

@@ -76,7 +76,7 @@ def session_command(run_dir: Path, args: list[str] = ARGS) -> list[str]:
 def _kept_records(run_dir: Path, before: int) -> int:
     """Step records a session keeps from the ``before`` there are (a resume keeps one per step up to the
     newest complete checkpoint): a killed session that got past them had trained."""
-    from rlhf_core.checkpoint import latest_checkpoint
+    from rlhf_core.train.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir)
     return min(before, found[0] if found else 0)
@@ -170,8 +170,8 @@ def differences(reference: Path, run_dir: Path) -> list[str]:
     """Why ``run_dir`` is not the uninterrupted ``reference`` (empty when it is)."""
     import torch
 
-    from rlhf_core.checkpoint import latest_checkpoint
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
+    from rlhf_core.train.checkpoint import latest_checkpoint
 
     out: list[str] = []
     ref, run = Run(reference), Run(run_dir)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         reference = work / "reference"
         startup, span = reference_run(reference)
-        from rlhf_core.run_reader import Run
+        from rlhf_core.runformat.run_reader import Run
 
         step_s = statistics.median(r["time/step"] for r in Run(reference).metrics())
         print(f"uninterrupted run: {span:.1f} s, {startup:.1f} s of it start-up, steps of {step_s:.3f} s")

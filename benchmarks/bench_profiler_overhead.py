@@ -41,7 +41,7 @@ from benchmarks.common import row, spread, write_result
 PAIRS = 400
 STEPS_PER_SIDE = 1  # one step a side, many pairs: the CPU speed here drifts on a ~0.1 s scale
 TRACE_ACTIVE = 1
-PROBES = ("kl_estimates", "layer_metrics")       # functions of rlhf_core.runner
+PROBES = ("kl_estimates", "layer_metrics")       # functions of rlhf_core.train.runner
 PARAM_PROBES = ("grad_norms", "drift")            # methods of the runner's FlatParams
 ARGS = ["--batch_size", "2", "--max_new_tokens", "10", "--sample_interval", "0", "--no_tensorboard"]  # train_smoke
 
@@ -49,7 +49,7 @@ ARGS = ["--batch_size", "2", "--max_new_tokens", "10", "--sample_interval", "0",
 @contextmanager
 def bare(runner) -> Iterator[None]:
     """The runner with timer and probes switched off (restored on exit)."""
-    import rlhf_core.runner as mod
+    import rlhf_core.train.runner as mod
     from profiler.phases import PhaseTimer
 
     saved = {name: getattr(mod, name) for name in PROBES}
@@ -142,7 +142,7 @@ def trace_window(runner, step: int, trace_dir: Path, with_stack: bool) -> dict:
 
 def attribution(runner, first: int, n: int) -> dict[str, float]:
     """In-situ cost per step: seconds spent inside the probe functions and the number of phases, over n steps."""
-    import rlhf_core.runner as mod
+    import rlhf_core.train.runner as mod
 
     spent = {"probes_s": 0.0, "phases": 0}
     saved = {name: getattr(mod, name) for name in PROBES}
@@ -217,8 +217,8 @@ def main() -> int:
     import torch
 
     from profiler.sampler import SystemSampler
-    from rlhf_core.config import parse_args
-    from rlhf_core.runner import PPORunner
+    from rlhf_core.train.config import parse_args
+    from rlhf_core.train.runner import PPORunner
 
     with tempfile.TemporaryDirectory(prefix="bench_profiler_") as tmp:
         cfg = parse_args([*ARGS, "--run_dir", str(Path(tmp) / "run")])
@@ -291,7 +291,7 @@ def main() -> int:
         row("profiler's own part: phase timer + sampler",
             round(100 * (shares["phase timer"] + shares["sampler (1 reading/s)"]), 3),
             "% of step", "<= 3 %", shares["phase timer"] + shares["sampler (1 reading/s)"] <= 0.03,
-            "the rest of the instrumentation cost is the stability probes (rlhf_core.probes)"),
+            "the rest of the instrumentation cost is the stability probes (rlhf_core.train.probes)"),
         row("step time inside an active trace window", round(100 * (fa["median"] / bare_step - 1), 0), "% over bare",
             "reported", None, f"median of {fa['n']} steps: {fa['median'] * 1000:.0f} ms vs {bare_step * 1000:.0f} ms "
                               "(with_stack, record_shapes, profile_memory)"),

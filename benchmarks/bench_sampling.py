@@ -39,10 +39,10 @@ def _timed(fn) -> tuple[float, float]:
 def main() -> int:
     import torch
 
-    from rlhf_core.policy import load_causal_lm, load_tokenizer
-    from rlhf_core.prompts import BUILTIN_PROMPTS
-    from rlhf_core.sampling import generate
     from rlhf_core.tiny_model import tiny_model_path
+    from rlhf_core.train.policy import load_causal_lm, load_tokenizer
+    from rlhf_core.train.prompts import BUILTIN_PROMPTS
+    from rlhf_core.train.sampling import generate
 
     torch.set_num_threads(THREADS)
     path = str(tiny_model_path())

@@ -110,8 +110,8 @@ def exchange_cost(calls: int = 300) -> dict[str, float]:
 def write_synthetic(run_dir: Path, ranks: int, steps: int, seed: int = 0) -> float:
     """A run of ``ranks`` × ``steps`` (see the module docstring); returns the seconds writing took."""
     from profiler.timeline import TimelineRecorder
-    from rlhf_core.clock import ClockOffset
-    from rlhf_core.run_writer import RunWriter
+    from rlhf_core.runformat.clock import ClockOffset
+    from rlhf_core.runformat.run_writer import RunWriter
 
     rng = np.random.default_rng(seed)
     names = [p for p, _ in PHASES]
@@ -176,9 +176,9 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
 
 
 def scale(run_dir: Path, ranks: int, steps: int, repeats: int, window: int = 100) -> tuple[list, dict]:
-    from rlhf_core.analysis import diagnose_run
-    from rlhf_core.run_reader import Run
-    from rlhf_core.timeline import analyse, read_timeline
+    from rlhf_core.runformat.run_reader import Run
+    from rlhf_core.runformat.timeline import analyse, read_timeline
+    from rlhf_core.stability.analysis import diagnose_run
 
     write_s = write_synthetic(run_dir, ranks, steps)
     size = sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file())
@@ -188,7 +188,7 @@ def scale(run_dir: Path, ranks: int, steps: int, repeats: int, window: int = 100
     lo = steps // 2 + 1
     rng = f"{lo}:{lo + window - 1}"
     out = run_dir / "merged.trace.json"
-    cmd = [sys.executable, "-m", "rlhf_core.cli", "timeline", str(run_dir), "--steps", rng, "--out", str(out),
+    cmd = [sys.executable, "-m", "rlhf_core.cli.main", "timeline", str(run_dir), "--steps", rng, "--out", str(out),
            "--json"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 

@@ -74,8 +74,8 @@ def _stamp() -> list[float]:
 def runner_worker(out_path: Path) -> None:
     """One runner run through ``train.py``'s entry point in this process; the step clock is read when the
     runner writes each step's record (``RunWriter.log``, the end of the step)."""
-    from rlhf_core import run_writer
-    from rlhf_core.train_cli import main as train_main
+    from rlhf_core.cli.train import main as train_main
+    from rlhf_core.runformat import run_writer
 
     clock: list[list[float]] = []
     log = run_writer.RunWriter.log
@@ -110,9 +110,9 @@ def trl_worker(out_path: Path) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf_core.prompts import BUILTIN_PROMPTS
-    from rlhf_core.rewards import sentiment_reward
     from rlhf_core.tiny_model import tiny_model_path
+    from rlhf_core.train.prompts import BUILTIN_PROMPTS
+    from rlhf_core.train.rewards import sentiment_reward
 
     torch.set_num_threads(THREADS)
 
@@ -199,7 +199,7 @@ def main() -> int:
         "setup": {"completions_per_step": COMPLETIONS_PER_STEP, "grpo_num_generations": NUM_GENERATIONS,
                   "new_tokens": NEW_TOKENS, "steps": STEPS, "warmup_steps": WARMUP_STEPS, "threads": THREADS,
                   "kl_coef_beta": KL_COEF, "learning_rate": LEARNING_RATE, "reward": "sentiment",
-                  "prompts": "rlhf_core.prompts.BUILTIN_PROMPTS", "model": "rlhf_core.tiny_model"},
+                  "prompts": "rlhf_core.train.prompts.BUILTIN_PROMPTS", "model": "rlhf_core.tiny_model"},
         "runs": runs, "stats": stats,
     }
     write_result("vs_trl", rows, details)

@@ -14,7 +14,7 @@ from typing import Any
 from dash import Dash
 from flask import Response, abort, request, send_file
 
-from rlhf_core.run_reader import RunError, resolve_run_path
+from rlhf_core.runformat.run_reader import RunError, resolve_run_path
 
 from .callbacks import holding, register
 from .data import ALL, RunCache, metrics_csv

@@ -22,8 +22,8 @@ from dash import ALL as ALL_IDS
 from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from rlhf_core.run_reader import RunError
-from rlhf_core.timeline import parse_steps
+from rlhf_core.runformat.run_reader import RunError
+from rlhf_core.runformat.timeline import parse_steps
 
 from . import figures as F
 from .data import ALL, Alert, RunCache, RunData, config_rows, join_problems, sample_rows

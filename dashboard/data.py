@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
-from rlhf_core.analysis import Analysis
-from rlhf_core.metric_columns import MetricColumns
-from rlhf_core.rules.base import is_alerting
-from rlhf_core.run_reader import Run, RunError, list_runs, resolve_run_path
-from rlhf_core.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
+from rlhf_core.runformat.metric_columns import MetricColumns
+from rlhf_core.runformat.run_reader import Run, RunError, list_runs, resolve_run_path
+from rlhf_core.runformat.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
+from rlhf_core.stability.analysis import Analysis
+from rlhf_core.stability.rules.base import is_alerting
 
 ALL = "all"  # the run-level view (one record per step, ranks merged)
 MAX_POINTS = 1000  # points per line trace after downsampling
@@ -777,7 +777,7 @@ def timeline_step_span(run_dir: Path) -> tuple[int, int] | None:
 
 def timeline_view(run_dir: Path, steps: tuple[int, int] | None, last: int = TIMELINE_DEFAULT_STEPS) -> TimelineView:
     """Read only the chosen step range of every rank (the reader's range read) and analyse it with
-    :func:`rlhf_core.timeline.analyse`; the range is clamped to the run and to :data:`TIMELINE_MAX_STEPS`."""
+    :func:`rlhf_core.runformat.timeline.analyse`; the range is clamped to the run and to :data:`TIMELINE_MAX_STEPS`."""
     span = timeline_step_span(run_dir)
     if span is None:
         return TimelineView(None, None, Timeline({}, {}), None,

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from dash import Patch
 from plotly.subplots import make_subplots
 
-from rlhf_core.keys import PHASES
+from rlhf_core.runformat.keys import PHASES
 
 from .data import ALL, Alert, TimelineView, View, bucket_edges, bucket_reduce, downsample
 
@@ -763,7 +763,7 @@ def alert_counts(alerts: Iterable[Alert]) -> dict[str, int]:
     return out
 
 
-# ---- timeline tab: phases per rank on one clock (rlhf_core/timeline.py reads and analyses them)
+# ---- timeline tab: phases per rank on one clock (rlhf_core/runformat/timeline.py reads and analyses them)
 WAIT_COLOUR = "#d62728"
 TIMELINE_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22",
                     "#7f7f7f", "#aec7e8", "#98df8a", "#c5b0d5")

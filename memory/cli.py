@@ -153,7 +153,7 @@ def _plan_deployment(a: argparse.Namespace) -> int:
 
 
 def _measure(argv: list[str]) -> int:
-    from rlhf_core.run_reader import Run, RunError, file_problem, summarize
+    from rlhf_core.runformat.run_reader import Run, RunError, file_problem, summarize
 
     from .estimator import Prediction
     from .planner import table

@@ -28,7 +28,7 @@ OPTIMIZERS = {"adamw": 2.0, "adam": 2.0, "sgd": 0.0, "momentum": 1.0, "adam8bit"
 PHASES = ("rollout", "scoring", "update")
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache")
 LOGPROB_IMPLS = ("torch", "chunked", "triton")
-# The runner's phases (rlhf_core.keys.PHASES) mapped onto the estimator's three.
+# The runner's phases (rlhf_core.runformat.keys.PHASES) mapped onto the estimator's three.
 PHASE_MAP = {
     "rollout": "rollout",
     "reward": "scoring",

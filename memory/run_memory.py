@@ -1,7 +1,7 @@
 """``memory.json`` of a run: the estimator's prediction for the run's settings next to the measured peaks.
 
 Measured peaks come from the step records (``mem/<phase>_peak_bytes``, written by the profiler's PhaseTimer)
-read through :class:`rlhf_core.run_reader.Run`; the runner's phases are folded onto the estimator's three
+read through :class:`rlhf_core.runformat.run_reader.Run`; the runner's phases are folded onto the estimator's three
 with :data:`memory.estimator.PHASE_MAP` (maximum over steps and over the runner phases of one estimator
 phase). On CUDA those peaks are ``max_memory_allocated`` and compare directly with the prediction. On the CPU
 the PhaseTimer records process RSS, which also holds the interpreter, libraries and allocator caches: the
@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.keys import phase_of_mem_key
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import write_json_atomic
+from rlhf_core.runformat.keys import phase_of_mem_key
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import write_json_atomic
 
 from .estimator import PHASE_MAP, StepSpec, predict, shape_from_config
 

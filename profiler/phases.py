@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 
-from rlhf_core.keys import phase_mem_key, phase_time_key
+from rlhf_core.runformat.keys import phase_mem_key, phase_time_key
 
 if TYPE_CHECKING:
     from .timeline import TimelineRecorder

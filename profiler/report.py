@@ -3,7 +3,7 @@
 Per-phase table (ms/step, share of the step, peak memory), the untimed remainder, throughput, the slowest
 steps and the phase that made each slow, the top ops of the latest trace and what exporting the trace windows
 cost (their ``.export.json``: no step record holds that time), and a system summary. ``--json``
-prints the same content as one JSON object. Reads the run only through :class:`rlhf_core.run_reader.Run` and
+prints the same content as one JSON object. Reads the run only through :class:`rlhf_core.runformat.run_reader.Run` and
 never imports torch, so it runs anywhere a run directory can be copied to.
 
 Exit codes (with and without ``--json``): 0 report printed, 1 no step records yet, 2 not a readable run
@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.analysis import RunAnalysis
-from rlhf_core.keys import PHASES, CumulativeRate
-from rlhf_core.run_reader import Run, RunError, read_json_file, summarize
+from rlhf_core.runformat.keys import PHASES, CumulativeRate
+from rlhf_core.runformat.run_reader import Run, RunError, read_json_file, summarize
+from rlhf_core.stability.analysis import RunAnalysis
 
 from .trace_analysis import TraceError, load_trace, op_kind, op_totals, phase_summary
 

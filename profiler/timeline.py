@@ -3,7 +3,7 @@
 :class:`profiler.phases.PhaseTimer` hands it each step's phases as (name, start, end) on the monotonic
 ``perf_counter`` (durations stay exact); the recorder maps them onto the wall clock through an anchor taken
 at each step start (one ``time_ns`` + ``perf_counter`` pair, so wall-clock slewing cannot accumulate within a
-run) and adds the clock offset measured against rank 0 at start-up (:mod:`rlhf_core.clock`).
+run) and adds the clock offset measured against rank 0 at start-up (:mod:`rlhf_core.runformat.clock`).
 
 Why it is cheap: a phase only appends a tuple to a list (the timer already read the clock); a step becomes one
 JSON line kept in memory and written with the others every ``FLUSH_EVERY_S`` or ``FLUSH_LINES`` lines, so a
@@ -11,7 +11,7 @@ step costs no system call. A crash loses at most that last second of intervals, 
 
 With ``exchange_waits`` (the runner under torchrun) the recorder also measures, at the end of each step, how
 long this rank waited in each collective-bound phase for the last rank to enter it: one MAX all-reduce of the
-phase start times (:func:`rlhf_core.timeline.wait_ns` defines the wait). The step record then carries
+phase start times (:func:`rlhf_core.runformat.timeline.wait_ns` defines the wait). The step record then carries
 ``wait/<phase>`` and ``wait/total`` (seconds), which the straggler rule subtracts from the phase times.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_core import clock as _clock
-from rlhf_core.clock import ClockOffset, wall_ns
-from rlhf_core.timeline import FORMAT, timeline_file, wait_ns
+from rlhf_core.runformat import clock as _clock
+from rlhf_core.runformat.clock import ClockOffset, wall_ns
+from rlhf_core.runformat.timeline import FORMAT, timeline_file, wait_ns
 
 FLUSH_EVERY_S = 1.0
 FLUSH_LINES = 256

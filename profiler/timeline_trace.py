@@ -5,7 +5,7 @@ each rank's measured waits on a second row, the steps as instant markers, the cr
 its own, and each rank's ``torch.profiler`` traces from ``traces/`` (``rank<r>_steps<a>-<b>.pt.trace.json.gz``)
 shifted onto the shared clock: Kineto stamps events in µs from ``baseTimeNanoseconds`` on the host's wall
 clock, to which the rank's measured offset to rank 0 is added. The analysis (tables, or ``--json``) is
-:func:`rlhf_core.timeline.analyse`; definitions are in docs/timeline.md.
+:func:`rlhf_core.runformat.timeline.analyse`; definitions are in docs/timeline.md.
 
 Torch-free. Exit codes: 0 done, 1 the run has no timeline records (in the range), 2 not a readable run or bad
 arguments.
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.run_reader import Run, RunError
-from rlhf_core.timeline import Timeline, TimelineReport, analyse, parse_steps, read_timeline
+from rlhf_core.runformat.run_reader import Run, RunError
+from rlhf_core.runformat.timeline import Timeline, TimelineReport, analyse, parse_steps, read_timeline
 
 from .trace_analysis import TraceError, load_trace
 

@@ -34,7 +34,7 @@ def repo_root() -> Path:
 def smoke_run_dir(tmp_path_factory) -> Path:
     """A finished tiny PPO run (1 epoch x 4 steps, batch 2, 6 new tokens, system sampler at 0.2 s), shared by
     every test that needs a real run directory. Treat it as read-only."""
-    from rlhf_core.train_cli import main
+    from rlhf_core.cli.train import main
 
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     rc = main(["--epochs", "1", "--steps_per_epoch", "4", "--batch_size", "2", "--max_new_tokens", "6",

@@ -33,7 +33,7 @@ def _train(run_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_write_one_run_with_rank_files(tmp_path, tiny_model_dir, repo_root):
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
 
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")

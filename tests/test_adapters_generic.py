@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapters.generic as kit
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
 
 
 @pytest.fixture(scope="module")

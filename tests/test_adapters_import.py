@@ -8,7 +8,7 @@ import time
 import pytest
 
 from adapters.importers import main
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
 
 TRAIN_KEYS = ("policy_loss", "critic_loss", "kl", "reward", "return", "response_length", "total_length",
               "actor_grad_norm", "critic_grad_norm", "ppo_clip_ratio", "ppo_kl", "entropy_loss", "actor_lr",
@@ -174,7 +174,7 @@ def test_value_for_an_already_written_step_becomes_a_late_values_event(tmp_path)
     from adapters.convert import StepSink
     from adapters.mapping import map_openrlhf
     from adapters.tb_events import _TensorBoardPoll
-    from rlhf_core.run_writer import RunWriter
+    from rlhf_core.runformat.run_writer import RunWriter
 
     tb = OpenRLHFTensorboardLogger(tmp_path / "tb", "r")
     for step in (1, 2):

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from adapters.mapping import map_identity, map_openrlhf, map_trl, map_verl, trl_profile_phase
-from rlhf_core.keys import is_canonical
+from rlhf_core.runformat.keys import is_canonical
 
 
 def test_trl_grpo_keys_map_to_canonical_and_unknown_keys_are_kept():

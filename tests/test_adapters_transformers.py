@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from adapters.trl import producer_of, profile_trainer
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
 
 
 class _Texts(torch.utils.data.Dataset):

@@ -10,8 +10,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from adapters.trl import RLHFKitCallback, profile_trainer
-from rlhf_core.analysis import rule_config
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.stability.analysis import rule_config
 
 COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1)
 GRPO_CANONICAL = ("loss/total", "grad/norm", "lr", "kl/ref_k3", "policy/entropy", "reward/mean", "reward/std",
@@ -97,7 +97,7 @@ def test_grpo_run_has_canonical_keys_probes_phases_and_trace(grpo_run):
 
 
 def test_report_and_diagnose_cli_read_the_trl_run(grpo_run, capsys):
-    from rlhf_core import cli
+    from rlhf_core.cli import main as cli
 
     run_dir, _ = grpo_run
     assert cli.main(["report", str(run_dir), "--json"]) == 0

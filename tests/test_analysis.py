@@ -10,10 +10,10 @@ import pytest
 import adapters.generic as kit
 from dashboard import data as D
 from profiler.report import build_report
-from rlhf_core import diagnose_cli
-from rlhf_core.analysis import META_KEY, Analysis, LiveAlerts, RunAnalysis, rule_config
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.cli import diagnose as diagnose_cli
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.stability.analysis import META_KEY, Analysis, LiveAlerts, RunAnalysis, rule_config
 
 
 def _kl_series(steps: int = 30, jump_at: int = 12) -> list[dict[str, float]]:

@@ -21,7 +21,7 @@ import pytest
 from adapters.importers import main as import_main
 from memory.cli import main as memory_main
 from profiler.report import main as report_main
-from rlhf_core.diagnose_cli import main as diagnose_main
+from rlhf_core.cli.diagnose import main as diagnose_main
 
 META = {"format_version": 1, "run_id": "bad", "source": "thin", "config": {"model": "gpt2", "batch_size": 2},
         "env": {"device": "cpu"}, "world_size": 1, "status": "finished", "start_time": 1.0, "end_time": 2.0}
@@ -343,7 +343,7 @@ def test_import_tensorboard_input(name: str, kind: str, tmp_path: Path, capsys: 
 
 
 def test_import_tf2_scalars_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
 
     _tb2_scalars(tmp_path / "src")
     assert import_main(["tensorboard", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
@@ -418,7 +418,7 @@ def test_rlhfkit_entry_point_turns_an_unexpected_error_into_one_line(monkeypatch
                                                                       capsys: pytest.CaptureFixture) -> None:
     """The last line of defence: whatever a subcommand lets escape is one line and exit 3, not a traceback."""
     import profiler.report
-    from rlhf_core.cli import main as cli_main
+    from rlhf_core.cli.main import main as cli_main
 
     def boom(argv: list[str]) -> int:
         raise RecursionError("maximum recursion depth exceeded")
@@ -430,9 +430,9 @@ def test_rlhfkit_entry_point_turns_an_unexpected_error_into_one_line(monkeypatch
     assert len(text.strip().splitlines()) == 1
 
 
-# ---- the defensive layer itself (rlhf_core.run_reader, rlhf_core.metric_columns)
+# ---- the defensive layer itself (rlhf_core.runformat.run_reader, rlhf_core.runformat.metric_columns)
 def test_step_checks_count_each_kind_once_and_keep_what_can_be_placed(tmp_path: Path) -> None:
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
 
     run = _run(tmp_path, metrics=_lines(_rec(0), _rec(1), _rec(1), _rec(4), _rec(2), _rec(-1), _rec(-1), _rec("x"),
                                         {"time": 1.0}, _rec(3.0), _rec(5)))
@@ -449,7 +449,7 @@ def test_step_checks_count_each_kind_once_and_keep_what_can_be_placed(tmp_path: 
 
 
 def test_over_long_lines_are_skipped_not_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlhf_core.run_reader as reader
+    import rlhf_core.runformat.run_reader as reader
 
     monkeypatch.setattr(reader, "MAX_LINE_BYTES", 1000)
     run = _run(tmp_path, metrics=_lines(_rec(1), _rec(2, **{"src/long": "x" * 2000}), _rec(3)))
@@ -459,7 +459,7 @@ def test_over_long_lines_are_skipped_not_parsed(tmp_path: Path, monkeypatch: pyt
 
 
 def test_columnar_read_refuses_what_the_line_reader_must_report(tmp_path: Path) -> None:
-    from rlhf_core.metric_columns import read_columns
+    from rlhf_core.runformat.metric_columns import read_columns
 
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
@@ -472,7 +472,7 @@ def test_columnar_read_refuses_what_the_line_reader_must_report(tmp_path: Path) 
 
 
 def test_a_meta_field_of_the_wrong_type_is_dropped_and_reported(tmp_path: Path) -> None:
-    from rlhf_core.run_reader import Run, list_runs
+    from rlhf_core.runformat.run_reader import Run, list_runs
 
     run = _run(tmp_path, meta={**META, "world_size": "two", "start_time": "yesterday", "config": "x"}, metrics=GOOD)
     r = Run(run)

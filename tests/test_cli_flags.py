@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from rlhf_core.config import TrainConfig, build_parser, parse_args
-from rlhf_core.prompts import BUILTIN_PROMPTS, PromptError, load_prompts
+from rlhf_core.train.config import TrainConfig, build_parser, parse_args
+from rlhf_core.train.prompts import BUILTIN_PROMPTS, PromptError, load_prompts
 
 BAD = [
     (["--batch_size", "0"], "--batch_size"),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_core.config import TrainConfig, build_parser, parse_args, settings, validate
+from rlhf_core.train.config import TrainConfig, build_parser, parse_args, settings, validate
 
 
 def _last_error(capsys) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.corpus import labels as L
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real_runs"
 

@@ -16,9 +16,9 @@ from test_dashboard_data import metrics, write_run
 
 from dashboard.app import create_app
 from dashboard.figures import FIGURE_IDS
-from dashboard.headless import ServerThread, browser_paths, chromium, trace_points, wait_for
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from devtools.headless import ServerThread, browser_paths, chromium, trace_points, wait_for
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
 
 pytestmark = pytest.mark.browser
 

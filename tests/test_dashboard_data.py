@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from dashboard import data as D
-from rlhf_core.rules.base import is_alerting
-from rlhf_core.run_reader import RunError
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_reader import RunError
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.stability.rules.base import is_alerting
 
 
 def write_run(path: Path, steps: int, *, kl_jump_at: int | None = None, status: str | None = "finished",
@@ -203,7 +203,7 @@ def test_cache_evicts_least_recently_used(tmp_path):
 
 
 def test_dashboard_does_not_import_torch():
-    code = ("import sys, dashboard.app, dashboard.headless, rlhf_core.detectors, profiler.flamegraph; "
+    code = ("import sys, dashboard.app, devtools.headless, rlhf_core.stability.detectors, profiler.flamegraph; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}, timeout=120)
@@ -379,7 +379,7 @@ def test_a_server_restarted_on_the_same_port_serves_the_new_app():
     closes every connection after its response, so no kept-alive socket can reach the old app)."""
     import http.client
 
-    from dashboard.headless import ServerThread
+    from devtools.headless import ServerThread
 
     def app_saying(word: bytes):
         def app(environ, start_response):
@@ -400,7 +400,7 @@ def test_a_server_restarted_on_the_same_port_serves_the_new_app():
 
 def test_the_columnar_read_is_tried_once_per_run(tmp_path, monkeypatch):
     """A file pyarrow cannot take (here: malformed lines only) is not re-parsed on every poll."""
-    import rlhf_core.metric_columns as MC
+    import rlhf_core.runformat.metric_columns as MC
 
     write_run(tmp_path / "bad", 0)
     (tmp_path / "bad" / "metrics.jsonl").write_text("{not json\n" * 50)

@@ -14,7 +14,7 @@ from dashboard import figures as F
 from dashboard.app import create_app
 from dashboard.callbacks import Builder
 from dashboard.data import ALL, MAX_POINTS, RunCache, View, timeline_view
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def _ops(patch) -> list[dict]:
@@ -206,7 +206,7 @@ def test_guarded_callbacks_turn_failures_into_a_message():
     from dash.exceptions import PreventUpdate
 
     from dashboard.callbacks import guarded
-    from rlhf_core.run_reader import RunError
+    from rlhf_core.runformat.run_reader import RunError
 
     def boom():
         raise ZeroDivisionError("division by zero")

@@ -14,7 +14,7 @@ from dashboard.app import _parser, configure_logging, create_app
 from dashboard.callbacks import Builder, y_range
 from dashboard.data import ALL, RunCache
 from dashboard.layout import GRAPH_CONFIG
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_writer import RunWriter
 
 MODEL_ORDER = ["wte", "h.0", "h.1", "h.2", "h.10", "ln_f"]  # not alphabetical: h.10 after h.2, wte first
 

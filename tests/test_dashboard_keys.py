@@ -12,7 +12,7 @@ from test_dashboard_live import apply_patch
 from dashboard import figures as F
 from dashboard.callbacks import Builder, filter_keys, key_group, key_groups
 from dashboard.data import ALL, RunCache, config_rows, flatten
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def tensorboard_ema(values: list[float], weight: float) -> list[float]:

@@ -9,10 +9,10 @@ import math
 import pytest
 
 from dashboard.data import sample_rows
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
-from rlhf_core.samples import main as samples_main
-from rlhf_core.samples import pick, repeated_ngram_frac, sample_records, text_of
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.runformat.samples import main as samples_main
+from rlhf_core.runformat.samples import pick, repeated_ngram_frac, sample_records, text_of
 
 
 def test_pick_keeps_the_best_the_worst_and_a_spread():

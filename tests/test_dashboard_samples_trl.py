@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
 
 trl = pytest.importorskip("trl")
 from test_adapters_trl import grpo_run, prompts, tok  # noqa: E402,F401 - fixtures of a real tiny GRPO run
@@ -37,7 +37,7 @@ def test_samples_tab_shows_the_runner_and_grpo_completions(smoke_run_dir, grpo_r
     from test_dashboard_browser import Page, _require_browser
 
     from dashboard.app import create_app
-    from dashboard.headless import ServerThread, chromium
+    from devtools.headless import ServerThread, chromium
 
     _require_browser()
     root = tmp_path / "runs"

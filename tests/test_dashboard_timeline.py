@@ -15,8 +15,8 @@ import pytest
 from dashboard import figures as F
 from dashboard.callbacks import timeline_outputs
 from dashboard.data import RunCache, timeline_view
-from rlhf_core.run_reader import Run
-from rlhf_core.timeline import analyse, read_timeline
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.timeline import analyse, read_timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "timeline_ddp2"
@@ -56,7 +56,7 @@ def test_gantt_has_one_row_per_rank_and_rank_0_waits_for_the_slowed_rank(ddp2):
     assert set(by_rank) == {0, 1} and by_rank[0]["wait"] > 50 > by_rank[1]["wait"]
     for r in rows:
         assert r["busy"] + r["wait"] + r["idle"] == pytest.approx(100, abs=0.2)
-    # the table is the analysis of rlhf_core.timeline, not a second one
+    # the table is the analysis of rlhf_core.runformat.timeline, not a second one
     shares = analyse(read_timeline(FIXTURE)).per_rank()
     assert by_rank[0]["wait"] == round(100 * shares[0]["wait_share"], 1)
     assert "steps 1-6" in summary and "2 ranks" in summary and "critical path mostly rank 1" in summary
@@ -98,7 +98,7 @@ def test_timeline_tab_in_chromium_shows_one_row_per_rank(tmp_path):
     from test_dashboard_browser import _require_browser
 
     from dashboard.app import create_app
-    from dashboard.headless import ServerThread, chromium, wait_for
+    from devtools.headless import ServerThread, chromium, wait_for
 
     _require_browser()
     shutil.copytree(FIXTURE, tmp_path / "runs" / "ddp2")

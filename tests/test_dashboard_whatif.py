@@ -71,7 +71,7 @@ def test_memory_tab_what_if_recomputes_in_the_browser(tmp_path):
     from test_dashboard_data import write_run
 
     from dashboard.app import create_app
-    from dashboard.headless import ServerThread, browser_paths, chromium, wait_for
+    from devtools.headless import ServerThread, browser_paths, chromium, wait_for
 
     chrome, driver_path = browser_paths()
     if not (chrome and driver_path):

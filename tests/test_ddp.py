@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.keys import reduction
+from rlhf_core.runformat.keys import reduction
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_FIELDS = {"step", "time", "rank", "nonfinite"}

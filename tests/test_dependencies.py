@@ -17,8 +17,8 @@ PACKAGES = ("rlhf_core", "profiler", "dashboard", "memory", "adapters")
 SELF = "rlhf-systems-kit"
 # import name -> distribution, where they differ (flask is dash's own dependency, pinned by it)
 DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "flask": "dash"}
-# test tooling that still lives in a product package (dashboard/headless.py drives the browser tests)
-DEV_ONLY = {"dashboard/headless.py": {"selenium", "werkzeug"}}
+# test tooling that still lives in a product package (devtools/headless.py drives the browser tests)
+DEV_ONLY = {"devtools/headless.py": {"selenium", "werkzeug"}}
 HEAVY = {"torch", "transformers", "trl", "triton", "accelerate", "peft", "tokenizers"}
 
 
@@ -103,8 +103,8 @@ class Block:
         if name.split(".")[0] in {sorted(blocked)!r}:
             raise ImportError("not installed: " + name)
 sys.meta_path.insert(0, Block())
-from rlhf_core.run_writer import RunWriter
-from rlhf_core import diagnose_cli
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.cli import diagnose as diagnose_cli
 from profiler import report
 with RunWriter({str(tmp_path / "r")!r}, source="generic", tensorboard=False) as w:
     for step in range(1, 4):
@@ -126,7 +126,7 @@ def test_all_is_every_extra_and_make_installs_it():
 
 
 def test_transformers_range_starts_where_the_cache_keyword_does():
-    """rlhf_core/sampling.py passes ``cache=``, which transformers has taken since 5.24."""
+    """rlhf_core/train/sampling.py passes ``cache=``, which transformers has taken since 5.24."""
     from transformers import LlamaForCausalLM
 
     spec = next(Requirement(r) for r in _project()["optional-dependencies"]["train"]
@@ -134,5 +134,5 @@ def test_transformers_range_starts_where_the_cache_keyword_does():
     assert spec.specifier.contains("5.24.0") and not spec.specifier.contains("5.23.0")
     assert not spec.specifier.contains("6.0.0")
     assert "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-    source = (ROOT / "rlhf_core" / "sampling.py").read_text()
+    source = (ROOT / "rlhf_core" / "train" / "sampling.py").read_text()
     assert "cache=" in source and not re.search(r"past_key_values\s*=", source)

@@ -9,12 +9,12 @@ from collections import deque
 
 import pytest
 
-from rlhf_core.analysis import diagnose_run
-from rlhf_core.detectors import SEVERITIES, Alert, DetectorConfig, Diagnoser, diagnose, rule_names
-from rlhf_core.rules.base import RollingQuantiles, RollingStats, RollingTrend
-from rlhf_core.rules.synthetic import FAULTS, healthy_arrays, healthy_series, planted_series, rank_timings, to_records
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from devtools.synthetic import FAULTS, healthy_arrays, healthy_series, planted_series, rank_timings, to_records
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.stability.analysis import diagnose_run
+from rlhf_core.stability.detectors import SEVERITIES, Alert, DetectorConfig, Diagnoser, diagnose, rule_names
+from rlhf_core.stability.rules.base import RollingQuantiles, RollingStats, RollingTrend
 
 CFG = {"max_grad_norm": 1.0}
 
@@ -187,7 +187,7 @@ def test_diagnose_run_covers_records_and_ranks(tmp_path):
 
 
 def test_detectors_do_not_import_torch():
-    code = ("import sys, rlhf_core.detectors, rlhf_core.analysis, rlhf_core.diagnose_cli; "
+    code = ("import sys, rlhf_core.stability.detectors, rlhf_core.stability.analysis, rlhf_core.cli.diagnose; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

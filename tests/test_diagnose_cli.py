@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from rlhf_core import cli
-from rlhf_core.diagnose_cli import main
-from rlhf_core.rules.synthetic import healthy_series, planted_series
-from rlhf_core.run_writer import RunWriter
+from devtools.synthetic import healthy_series, planted_series
+from rlhf_core.cli import main as cli
+from rlhf_core.cli.diagnose import main
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def write_run(path, records):
@@ -99,7 +99,7 @@ def test_dispatcher_and_usage_errors(runs, capsys):
 
 
 def test_synthetic_demo_writer_feeds_diagnose(tmp_path, capsys):
-    from rlhf_core.rules import synthetic
+    from devtools import synthetic
 
     assert synthetic.main([str(tmp_path / "demo"), "entropy_collapse", "300"]) == 0
     assert main([str(tmp_path / "demo"), "--json"]) == 1

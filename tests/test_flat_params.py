@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_core.flat_params import FlatParams, no_decay_parameters
-from rlhf_core.probes import block_drift, block_grad_norms
+from rlhf_core.train.flat_params import FlatParams, no_decay_parameters
+from rlhf_core.train.probes import block_drift, block_grad_norms
 
 
 class Tiny(nn.Module):

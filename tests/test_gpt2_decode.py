@@ -4,9 +4,9 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
-from rlhf_core.gpt2_decode import GPT2Decoder, supports
-from rlhf_core.policy import load_tokenizer, position_ids_from_mask
-from rlhf_core.sampling import HFDecoder, _sample, sample_next
+from rlhf_core.train.gpt2_decode import GPT2Decoder, supports
+from rlhf_core.train.policy import load_tokenizer, position_ids_from_mask
+from rlhf_core.train.sampling import HFDecoder, _sample, sample_next
 
 
 def _left_padded(tiny_model_dir):
@@ -41,7 +41,7 @@ def test_sampling_with_lean_and_hf_decoders_gives_the_same_tokens(tiny_model_dir
               top_k=0, top_p=1.0)
     with torch.inference_mode():
         lean = _sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
-        monkeypatch.setattr("rlhf_core.sampling.make_decoder", lambda m, b, n: HFDecoder(m))
+        monkeypatch.setattr("rlhf_core.train.sampling.make_decoder", lambda m, b, n: HFDecoder(m))
         hf = _sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(lean.input_ids, hf.input_ids) and torch.equal(lean.response_mask, hf.response_mask)
 

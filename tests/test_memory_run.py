@@ -3,8 +3,8 @@ import json
 
 from memory.cli import main
 from memory.run_memory import write_run_memory
-from rlhf_core.cli import main as rlhfkit
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.cli.main import main as rlhfkit
+from rlhf_core.runformat.run_writer import RunWriter
 
 CONFIG = {"batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 10, "dtype": "fp32", "device": "cpu",
           "logprob_impl": "auto", "gradient_checkpointing": False, "ref_device": "same", "model": "tiny"}

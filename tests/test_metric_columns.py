@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dashboard.data import View
-from rlhf_core.metric_columns import read_columns
-from rlhf_core.run_reader import JsonlCursor, Run
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.metric_columns import read_columns
+from rlhf_core.runformat.run_reader import JsonlCursor, Run
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def _write(path: Path, lines: list[str]) -> Path:

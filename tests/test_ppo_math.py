@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from rlhf_core import ppo
-from rlhf_core.probes import kl_estimates, kl_k1, kl_k3
-from rlhf_core.sampling import filter_logits
+from rlhf_core.train import ppo
+from rlhf_core.train.probes import kl_estimates, kl_k1, kl_k3
+from rlhf_core.train.sampling import filter_logits
 
 
 def t(*rows):

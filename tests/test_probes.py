@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.probes import (
+from rlhf_core.train.probes import (
     block_drift,
     block_grad_norms,
     block_of,

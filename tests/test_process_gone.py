@@ -10,13 +10,13 @@ import textwrap
 
 from dashboard import data as D
 from profiler.report import build_report
-from rlhf_core import diagnose_cli
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.cli import diagnose as diagnose_cli
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from rlhf_core.run_writer import RunWriter
+    from rlhf_core.runformat.run_writer import RunWriter
     w = RunWriter(sys.argv[1], source="generic", tensorboard=False)
     w.log(1, {"loss/total": 1.0})
     print("ready", flush=True)

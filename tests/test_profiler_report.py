@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from profiler import report
-from rlhf_core.cli import main as rlhfkit
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.cli.main import main as rlhfkit
+from rlhf_core.runformat.run_writer import RunWriter
 
 BASE = {"rollout": 0.30, "reward": 0.02, "update": 0.50, "optimizer": 0.10, "logging": 0.03}
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from profiler import report
-from rlhf_core.keys import PHASES
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.keys import PHASES
+from rlhf_core.runformat.run_reader import Run
 
 
 def test_phase_times_of_a_short_run_add_up_to_the_step_time(smoke_run_dir):
@@ -47,7 +47,7 @@ def test_report_of_the_smoke_run(smoke_run_dir, capsys):
 
 @pytest.mark.slow
 def test_train_with_profile_writes_a_trace_window(tmp_path, capsys):
-    from rlhf_core.train_cli import main
+    from rlhf_core.cli.train import main
 
     # the default trace leaves out the Python stacks, which make the export of a generate() window take tens of
     # seconds here (--profile_full adds them; covered on a small workload in test_profiler_tracing.py)
@@ -72,7 +72,7 @@ def test_train_with_profile_writes_a_trace_window(tmp_path, capsys):
 
 def test_profile_full_and_a_window_the_run_never_reached(tmp_path, monkeypatch, capsys, caplog):
     import profiler.tracing
-    from rlhf_core.train_cli import main
+    from rlhf_core.cli.train import main
 
     opened = []
 

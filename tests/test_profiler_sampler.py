@@ -7,8 +7,8 @@ import types
 import pytest
 
 from profiler.sampler import Nvml, SystemSampler
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 class ListWriter:

@@ -11,7 +11,7 @@ from profiler.flamegraph import read_folded
 from profiler.phases import PhaseTimer
 from profiler.sampler import SystemSampler
 from profiler.tracing import TraceSession
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.run_writer import RunWriter
 
 PHASES = ("rollout", "reward", "update", "optimizer")
 

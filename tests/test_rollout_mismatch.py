@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from rlhf_core import gpt2_decode
-from rlhf_core.detectors import Diagnoser
-from rlhf_core.keys import is_canonical
-from rlhf_core.policy import load_causal_lm, load_tokenizer, response_hidden, score_tokens
-from rlhf_core.probes import rollout_mismatch
-from rlhf_core.sampling import generate, pad_and_concat
+from rlhf_core.runformat.keys import is_canonical
+from rlhf_core.stability.detectors import Diagnoser
+from rlhf_core.train import gpt2_decode
+from rlhf_core.train.policy import load_causal_lm, load_tokenizer, response_hidden, score_tokens
+from rlhf_core.train.probes import rollout_mismatch
+from rlhf_core.train.sampling import generate, pad_and_concat
 
 KEYS = ["rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/kl_k1", "rollout/kl_k3",
         "rollout/ratio_min", "rollout/ratio_max"]
@@ -91,7 +91,7 @@ def test_the_default_path_is_unchanged_and_chunks_keep_the_logprobs(lm):
 
 
 def _train(run_dir, *flags):
-    from rlhf_core.train_cli import main
+    from rlhf_core.cli.train import main
 
     rc = main(["--epochs", "1", "--steps_per_epoch", "4", "--batch_size", "4", "--max_new_tokens", "8",
                "--sample_interval", "0", "--no_tensorboard", "--run_dir", str(run_dir), *flags])

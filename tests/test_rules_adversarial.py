@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_core.detectors import Diagnoser, diagnose
-from rlhf_core.rules import ALERTING, SEVERITIES, DetectorConfig, build_rules, is_alerting
-from rlhf_core.rules.base import RollingQuantiles, RollingStats, RollingTrend
-from rlhf_core.rules.knobs import KNOBS, PRODUCERS, Knobs, knob
+from rlhf_core.stability.detectors import Diagnoser, diagnose
+from rlhf_core.stability.rules import ALERTING, SEVERITIES, DetectorConfig, build_rules, is_alerting
+from rlhf_core.stability.rules.base import RollingQuantiles, RollingStats, RollingTrend
+from rlhf_core.stability.rules.knobs import KNOBS, PRODUCERS, Knobs, knob
 
 # A calm PPO-like record: every key some rule reads, at plausible healthy values.
 CALM = {

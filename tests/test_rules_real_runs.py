@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_corpus import ACCEPTED, GRACE  # outcome kind -> the rule names that name it
-from rlhf_core.analysis import rule_config
-from rlhf_core.detectors import Diagnoser
-from rlhf_core.rules import is_alerting
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.stability.analysis import rule_config
+from rlhf_core.stability.detectors import Diagnoser
+from rlhf_core.stability.rules import is_alerting
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real_runs"
 INDEX = json.loads((FIXTURES / "labels.json").read_text()) if (FIXTURES / "labels.json").exists() else {}

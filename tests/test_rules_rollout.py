@@ -4,8 +4,8 @@ import math
 import pytest
 
 from adapters.mapping import map_openrlhf, map_trl, map_verl
-from rlhf_core.detectors import DetectorConfig, Diagnoser
-from rlhf_core.rules.rollout import RolloutLogprobMismatch
+from rlhf_core.stability.detectors import DetectorConfig, Diagnoser
+from rlhf_core.stability.rules.rollout import RolloutLogprobMismatch
 
 DIFF, K3 = "rollout/logprob_diff_mean", "rollout/kl_k3"
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from rlhf_core.keys import sanitize, unknown_keys
-from rlhf_core.run_reader import Run, RunError, list_run_problems, list_runs, merge_ranks, resolve_run_path
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.keys import sanitize, unknown_keys
+from rlhf_core.runformat.run_reader import Run, RunError, list_run_problems, list_runs, merge_ranks, resolve_run_path
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def make_run(path, **kw):
@@ -209,7 +209,7 @@ def test_no_empty_traces_or_checkpoints_folders(tmp_path):
 
 
 def test_each_key_declares_how_it_combines():
-    from rlhf_core.keys import reduce_values, reduction
+    from rlhf_core.runformat.keys import reduce_values, reduction
 
     assert [reduction(k) for k in ("policy/ratio_max", "reward/min", "throughput/tokens_per_s", "loss/total",
                                    "mem/update_peak_bytes", "skipped", "rollout/logprob_diff_max")] == \

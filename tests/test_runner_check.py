@@ -1,10 +1,10 @@
 """``rlhfkit check``: reports versions and device, fails on a broken import, writes nothing."""
-from rlhf_core import check
+from rlhf_core.train import check
 
 
 def test_check_reports_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(check, "KIT_MODULES", ("rlhf_core.run_reader", "profiler.phases"))
+    monkeypatch.setattr(check, "KIT_MODULES", ("rlhf_core.runformat.run_reader", "profiler.phases"))
     assert check.main([]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "transformers" in out and "device auto" in out and "check: OK" in out

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from rlhf_core.checkpoint import (
+from rlhf_core.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,

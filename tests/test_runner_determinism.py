@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_core.run_reader import Run
-from rlhf_core.train_cli import main
+from rlhf_core.cli.train import main
+from rlhf_core.runformat.run_reader import Run
 
 BASE = ["--batch_size", "2", "--max_new_tokens", "5", "--steps_per_epoch", "2", "--sample_interval", "0",
         "--no_tensorboard", "--ppo_epochs", "2"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_core.config import parse_args
-from rlhf_core.rewards import distinct2, identical_frac, length_reward
-from rlhf_core.run_reader import Run
-from rlhf_core.train_cli import main
+from rlhf_core.cli.train import main
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.samples import distinct2, identical_frac
+from rlhf_core.train.config import parse_args
+from rlhf_core.train.rewards import length_reward
 
 BASE = ["--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "6", "--steps_per_epoch", "2",
         "--epochs", "1", "--sample_interval", "0", "--no_tensorboard", "--ppo_epochs", "1", "--seed", "3"]
@@ -43,7 +44,7 @@ def test_heldout_value_is_the_batch_mean(tmp_path, monkeypatch):
         seen.append(sum(scores) / len(scores))
         return scores
 
-    import rlhf_core.rewards as rewards
+    import rlhf_core.train.rewards as rewards
 
     monkeypatch.setitem(rewards.BUILTIN, "length", spy)
     assert main([*BASE, "--run_dir", str(tmp_path / "r"), "--heldout_reward", "length"]) == 0

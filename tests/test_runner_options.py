@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from rlhf_core.config import parse_args
-from rlhf_core.rewards import WeightedSum, get_reward, length_reward, preference_reward, score, sentiment_reward
-from rlhf_core.run_reader import Run
-from rlhf_core.runner import PPORunner, RunnerError, train
-from rlhf_core.sampling import Rollout, pad_and_concat
-from rlhf_core.train_cli import main
+from rlhf_core.cli.train import main
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.train.config import parse_args
+from rlhf_core.train.rewards import WeightedSum, get_reward, length_reward, preference_reward, score, sentiment_reward
+from rlhf_core.train.runner import PPORunner, RunnerError, train
+from rlhf_core.train.sampling import Rollout, pad_and_concat
 
 BASE = ["--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "6", "--steps_per_epoch", "2",
         "--epochs", "1", "--sample_interval", "0", "--no_tensorboard", "--ppo_epochs", "1"]
@@ -101,7 +101,7 @@ def test_builtin_rewards_by_hand():
     assert length_reward(p, ["a b c d e f g h", "", "a " * 16]) == [1.0, -1.0, -1.0]
     mix = WeightedSum([(sentiment_reward, 2.0), (length_reward, 1.0)])
     assert mix(["x"], ["good"]) == pytest.approx([2 * math.tanh(1) + (1 - 2 * 7 / 8)])
-    assert get_reward("rlhf_core.rewards:length_reward") is length_reward
+    assert get_reward("rlhf_core.train.rewards:length_reward") is length_reward
     with pytest.raises(ValueError, match="3 scores for 2"):
         score(lambda prompts, responses: [1, 2, 3], ["a", "b"], ["a", "b"])
     with pytest.raises(ValueError, match="not return a sequence"):

@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core.checkpoint import (
+from rlhf_core.cli.train import main
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.train.checkpoint import (
     clean_partial_writes,
     list_checkpoints,
     prepare_resume,
     save_checkpoint,
     truncate_after_time,
 )
-from rlhf_core.config import TrainConfig
-from rlhf_core.finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
-from rlhf_core.run_reader import Run
-from rlhf_core.runner import RunnerError, train
-from rlhf_core.train_cli import main
+from rlhf_core.train.config import TrainConfig
+from rlhf_core.train.finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
+from rlhf_core.train.runner import RunnerError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -156,8 +156,8 @@ def test_a_reward_of_strings_is_one_line(tmp_path, capsys):
 
 
 def test_a_batch_too_large_for_the_machine_is_refused_before_the_models(tmp_path, capsys, monkeypatch):
-    import rlhf_core.limits as limits
-    from rlhf_core import policy
+    import rlhf_core.train.limits as limits
+    from rlhf_core.train import policy
 
     monkeypatch.setattr(limits, "available_bytes", lambda device: 2 ** 20)
     monkeypatch.setattr(policy, "load_causal_lm", lambda *a, **k: pytest.fail("model built"))
@@ -214,7 +214,7 @@ def _identical(reference: Path, run_dir: Path) -> None:
 
 
 def test_disk_full_in_the_first_checkpoint_fails_then_resumes_from_step_0(tmp_path, capsys, monkeypatch):
-    import rlhf_core.checkpoint as ckpt
+    import rlhf_core.train.checkpoint as ckpt
 
     real = ckpt._WholeWrites.write
     state = {"fail": True}
@@ -242,7 +242,7 @@ def test_disk_full_in_the_first_checkpoint_fails_then_resumes_from_step_0(tmp_pa
 
 
 def test_disk_full_in_a_metrics_write_fails_then_resumes_exactly(tmp_path, capsys, monkeypatch):
-    from rlhf_core import run_writer
+    from rlhf_core.runformat import run_writer
 
     real = run_writer.JsonlAppender.append
     seen = {"n": 0, "fail": True}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rlhf_core.policy import PolicyWithValue, load_causal_lm, load_tokenizer, score_tokens
-from rlhf_core.sampling import HFDecoder, generate, pad_and_concat
+from rlhf_core.train.policy import PolicyWithValue, load_causal_lm, load_tokenizer, score_tokens
+from rlhf_core.train.sampling import HFDecoder, generate, pad_and_concat
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_hidden_states_kept_while_sampling_give_the_scoring_pass_numbers(lm, chu
 def test_the_generic_decoder_keeps_no_hidden_states(lm, monkeypatch):
     tok, model = lm
     enc = _batch(tok)
-    monkeypatch.setattr("rlhf_core.sampling.make_decoder", lambda m, b, n: HFDecoder(m))
+    monkeypatch.setattr("rlhf_core.train.sampling.make_decoder", lambda m, b, n: HFDecoder(m))
     roll = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=3, eos_token_id=-1,
                     pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
     assert roll.hidden is None  # the runner then runs the scoring forward itself
@@ -112,7 +112,7 @@ def test_sampling_is_reproducible_with_the_same_generator(lm):
 
 
 def test_sample_next_draws_from_the_filtered_distribution():
-    from rlhf_core.sampling import sample_next
+    from rlhf_core.train.sampling import sample_next
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = torch.log(probs).expand(20000, 4)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_core.keys import PHASES, is_canonical
-from rlhf_core.run_reader import Run
+from rlhf_core.runformat.keys import PHASES, is_canonical
+from rlhf_core.runformat.run_reader import Run
 
 REQUIRED = [
     "loss/total", "loss/policy", "loss/value", "loss/entropy", "reward/mean", "reward/std", "reward/min",

@@ -56,7 +56,7 @@ def test_straggler_alert_in_events(slow_rank_run: Path) -> None:
 
 
 def test_straggler_alert_from_diagnose_cli(slow_rank_run: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "diagnose", str(slow_rank_run), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "rlhf_core.cli.main", "diagnose", str(slow_rank_run), "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     alerts = json.loads(proc.stdout)

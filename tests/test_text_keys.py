@@ -6,10 +6,10 @@ import pytest
 
 from adapters.mapping import map_trl
 from benchmarks.corpus.labels import text_outcome
-from rlhf_core.keys import TEXT_KEY_ALIASES, is_canonical, text_value, unknown_keys
-from rlhf_core.run_reader import Run
-from rlhf_core.samples import text_stats
-from rlhf_core.train_cli import main
+from rlhf_core.cli.train import main
+from rlhf_core.runformat.keys import TEXT_KEY_ALIASES, is_canonical, text_value, unknown_keys
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.samples import text_stats
 
 TEXT_KEYS = ("text/distinct2", "text/identical_frac", "text/repeated_ngram_frac")
 

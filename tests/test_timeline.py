@@ -16,12 +16,12 @@ import pytest
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
 from profiler.timeline_trace import main as timeline_main
-from rlhf_core import clock
-from rlhf_core.clock import ClockOffset, ntp_offset
-from rlhf_core.rules import DetectorConfig
-from rlhf_core.rules.straggler import Straggler
-from rlhf_core.run_writer import RunWriter
-from rlhf_core.timeline import StepSpan, analyse, analyse_step, parse_steps, read_timeline, wait_ns
+from rlhf_core.runformat import clock
+from rlhf_core.runformat.clock import ClockOffset, ntp_offset
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.runformat.timeline import StepSpan, analyse, analyse_step, parse_steps, read_timeline, wait_ns
+from rlhf_core.stability.rules import DetectorConfig
+from rlhf_core.stability.rules.straggler import Straggler
 
 MS = 1_000_000
 
@@ -137,7 +137,7 @@ def test_waits_busy_idle_critical_path_and_bubbles() -> None:
 
 
 def test_report_names_the_slowest_rank_per_phase(tmp_path: Path) -> None:
-    from rlhf_core.timeline import Process, Timeline
+    from rlhf_core.runformat.timeline import Process, Timeline
 
     steps = {0: {}, 1: {}, 2: {}}
     for s in range(1, 6):
@@ -270,7 +270,7 @@ def test_straggler_rule_uses_measured_waits() -> None:
 
 
 def test_phase_share_is_the_union_over_processes() -> None:
-    from rlhf_core.timeline import Process, Timeline, union_ns
+    from rlhf_core.runformat.timeline import Process, Timeline, union_ns
 
     assert union_ns([(0, 10), (5, 20), (30, 40)]) == 30 and union_ns([]) == 0
     steps = {0: {1: _span(1, 0, [("rollout", 60), ("weight_sync", 40)])},

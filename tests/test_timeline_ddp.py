@@ -41,7 +41,7 @@ def ddp_run(tmp_path_factory) -> Path:
 
 
 def test_each_rank_records_its_identity_and_measured_offset(ddp_run: Path) -> None:
-    from rlhf_core.timeline import read_timeline
+    from rlhf_core.runformat.timeline import read_timeline
 
     tl = read_timeline(ddp_run)
     assert sorted(tl.processes) == [0, 1]
@@ -59,7 +59,7 @@ def test_each_rank_records_its_identity_and_measured_offset(ddp_run: Path) -> No
 def test_intervals_are_aligned_across_ranks(ddp_run: Path) -> None:
     """Both ranks leave each collective-bound phase together: on the aligned clock their ends agree to within a
     few ms; rank 1's raw clock was 5 s off."""
-    from rlhf_core.timeline import read_timeline
+    from rlhf_core.runformat.timeline import read_timeline
 
     tl = read_timeline(ddp_run)
     for step in range(1, 5):
@@ -72,7 +72,7 @@ def test_intervals_are_aligned_across_ranks(ddp_run: Path) -> None:
 
 
 def test_the_slowed_rank_is_the_straggler_and_the_other_shows_the_wait(ddp_run: Path) -> None:
-    from rlhf_core.timeline import analyse, read_timeline
+    from rlhf_core.runformat.timeline import analyse, read_timeline
 
     report = analyse(read_timeline(ddp_run))
     for s in report.steps:
@@ -91,7 +91,7 @@ def test_the_slowed_rank_is_the_straggler_and_the_other_shows_the_wait(ddp_run: 
 
 
 def test_diagnose_uses_the_measured_waits(ddp_run: Path) -> None:
-    from rlhf_core.analysis import diagnose_run
+    from rlhf_core.stability.analysis import diagnose_run
 
     alerts = [a for a in diagnose_run(ddp_run) if a.rule == "straggler"]
     assert {a.rank for a in alerts} == {1}
@@ -101,7 +101,7 @@ def test_diagnose_uses_the_measured_waits(ddp_run: Path) -> None:
 
 def test_merged_trace_is_valid_chrome_json_with_one_process_per_rank(ddp_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "trace.json"
-    proc = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "timeline", str(ddp_run), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "rlhf_core.cli.main", "timeline", str(ddp_run), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Slowest rank per phase" in proc.stdout and "warning" not in proc.stderr
@@ -152,7 +152,7 @@ def test_generic_adapter_ranks_record_aligned_intervals_and_waits(tmp_path: Path
            str(run_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from rlhf_core.timeline import analyse, read_timeline
+    from rlhf_core.runformat.timeline import analyse, read_timeline
 
     tl = read_timeline(run_dir)
     assert {p.role for p in tl.processes.values()} == {"learner"} and sorted(tl.processes) == [0, 1]

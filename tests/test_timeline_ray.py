@@ -19,8 +19,8 @@ import pytest
 from adapters.importers import main as import_main
 from adapters.ray_timeline import classify, step_bounds, task_spans
 from profiler.timeline_trace import main as timeline_main
-from rlhf_core.run_reader import Run
-from rlhf_core.timeline import read_timeline
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.timeline import read_timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

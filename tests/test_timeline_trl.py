@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from adapters.trl import profile_trainer
 from profiler.timeline_trace import main as timeline_main
-from rlhf_core.timeline import read_timeline
+from rlhf_core.runformat.timeline import read_timeline
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 import adapters.generic as kit
 from profiler import report
 from profiler.tracing import TraceSession
-from rlhf_core.keys import CumulativeRate
-from rlhf_core.run_reader import Run
-from rlhf_core.run_writer import RunWriter
+from rlhf_core.runformat.keys import CumulativeRate
+from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.run_writer import RunWriter
 
 
 def _work(steps: int, session: Any | None = None, run: Any | None = None) -> None:

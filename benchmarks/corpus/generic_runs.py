@@ -22,8 +22,8 @@ def run_reinforce(spec: dict[str, Any], run_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import adapters.generic as kit
-    from rlhf_core.prompts import BUILTIN_PROMPTS
     from rlhf_core.tiny_model import tiny_model_path
+    from rlhf_core.train.prompts import BUILTIN_PROMPTS
 
     torch.set_num_threads(1)
     torch.manual_seed(spec["seed"])

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.keys import TEXT_KEY_ALIASES
+from rlhf_core.runformat.keys import TEXT_KEY_ALIASES
 
 # --- the criteria (docs/corpus.md explains each number)
 KL_LIMIT = 1.0             # nats per token: KL(π‖π_ref) estimate above this
@@ -168,7 +168,7 @@ def _generation(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) ->
 def write_labels(runs_dir: Path, specs: Iterable[Mapping[str, Any]], generation: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
     """Label every run of ``specs`` present under ``runs_dir`` and write ``runs_dir/labels.json``."""
-    from rlhf_core.run_reader import Run
+    from rlhf_core.runformat.run_reader import Run
 
     path = runs_dir / "labels.json"
     old = json.loads(path.read_text()) if path.exists() else {}

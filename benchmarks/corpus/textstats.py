@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf_core.rewards import BUILTIN, RewardFn, _words, distinct2, identical_frac
+from rlhf_core.runformat.samples import distinct2, identical_frac
+from rlhf_core.runformat.samples import words as _words
+from rlhf_core.train.rewards import BUILTIN, RewardFn
 
-DISTINCT2_KEY = "text/distinct2"        # canonical (rlhf_core.keys); src/text/distinct2 in older runs
+DISTINCT2_KEY = "text/distinct2"        # canonical (rlhf_core.runformat.keys); src/text/distinct2 in older runs
 IDENTICAL_KEY = "text/identical_frac"   # canonical; src/text/identical_frac in older runs
 
 

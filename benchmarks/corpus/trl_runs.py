@@ -39,7 +39,7 @@ def quiet() -> None:
 def _prompt_dataset(seed: int):
     from datasets import Dataset
 
-    from rlhf_core.prompts import BUILTIN_PROMPTS
+    from rlhf_core.train.prompts import BUILTIN_PROMPTS
 
     prompts = list(BUILTIN_PROMPTS)
     random.Random(seed).shuffle(prompts)
@@ -103,7 +103,7 @@ _ENDS = ("thank you.", "have a nice day.", "see you soon.", "and i loved it.")
 def preference_pairs(seed: int, n: int = 256) -> list[dict[str, str]]:
     """A small preference set in the tiny model's vocabulary: positive, politely ended continuations are
     chosen over negative ones (the built-in sentiment/preference rewards agree with every pair)."""
-    from rlhf_core.prompts import BUILTIN_PROMPTS
+    from rlhf_core.train.prompts import BUILTIN_PROMPTS
 
     rng = random.Random(seed)
     rows = []

@@ -1,0 +1,1 @@
+"""``rlhfkit``: the one command line, dispatching to each package's own entry point."""

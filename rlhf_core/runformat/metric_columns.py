@@ -1,0 +1,94 @@
+"""Numeric columns of a ``metrics.jsonl`` file in one columnar parse (pyarrow), without a dict per line.
+
+The line-by-line reader builds a Python dict per record: ~1 s for a 100k-step, 50-key run here, holding
+the GIL. Consumers that only want numbers (the dashboard's charts) can take this path: pyarrow's JSON
+reader parses the same bytes into typed columns in ~0.35 s on two threads, releasing the GIL. It is strict
+by design: whenever the file is not plainly one JSON object per line with consistent types (a malformed,
+blank or non-object line, a number turning into a string, a step missing or not an integer, a file that is
+not a regular file, pyarrow missing), it returns None with the
+reason, and the caller reads the file line by line, which reports the bad lines. Values follow the
+dashboard's column rules: numbers (and booleans) as float64; null, missing and non-numeric values as NaN
+(the run format writes non-finite values as null, so they come back as NaN either way).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+except ImportError:  # pyarrow comes with the [dashboard] extra; without it every read is line by line
+    pa = None
+
+log = logging.getLogger("rlhfkit.columns")
+
+BLOCK_BYTES = 4 << 20  # pyarrow's parse block: 4 MiB measured fastest here (1 MiB: 0.58 s, 4: 0.36, 16: 0.40)
+
+
+@dataclass
+class MetricColumns:
+    """``rows`` records of the first ``end`` bytes of a file: every key in first-seen order, float64 values."""
+
+    rows: int
+    end: int
+    keys: list[str]
+    values: dict[str, np.ndarray]
+
+
+def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
+    """The complete lines of ``path`` as columns, or None (reason logged) where the line reader must be used."""
+    path = Path(path)
+    columns = _read(path, min_bytes)
+    if isinstance(columns, str):
+        log.debug("columnar read of %s not used: %s", path, columns)
+        return None
+    return columns
+
+
+def _read(path: Path, min_bytes: int) -> MetricColumns | str:
+    """The columns, or why the columnar read does not apply."""
+    if pa is None:
+        return "pyarrow is not installed"
+    from rlhf_core.runformat.run_reader import file_problem
+
+    why = file_problem(path)
+    if why is not None:  # a folder, a FIFO (open would block) or a loop: the line reader reports it
+        return why
+    try:
+        if path.stat().st_size < max(min_bytes, 1):
+            return f"smaller than {min_bytes} bytes"
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        return str(err)
+    end = data.rfind(b"\n") + 1
+    if end < max(min_bytes, 1):
+        return f"{end} bytes of complete lines"
+    lines = data.count(b"\n", 0, end)
+    try:
+        table = pa_json.read_json(pa.BufferReader(pa.py_buffer(data).slice(0, end)),
+                                  read_options=pa_json.ReadOptions(block_size=BLOCK_BYTES))
+    except (pa.ArrowException, ValueError) as err:  # malformed line, type change, bad UTF-8, ...
+        return f"pyarrow: {str(err).splitlines()[0]}"
+    if table.num_rows != lines:  # blank lines, or several objects on one line: rows would not match lines
+        return f"{table.num_rows} rows from {lines} lines"
+    if "step" not in table.column_names or not pa.types.is_integer(table.column("step").type) \
+            or table.column("step").null_count:
+        return "a step that is missing or not an integer"  # the line reader counts and skips those
+    return MetricColumns(rows=lines, end=end, keys=list(table.column_names),
+                         values={name: _floats(col) for name, col in zip(table.column_names, table.columns)})
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        if not pa.types.is_floating(kind):
+            column = column.cast(pa.float64())
+        return np.asarray(column.to_numpy(), dtype=np.float64)  # nulls become NaN
+    return np.full(len(column), np.nan)  # strings, lists, objects, all-null: not plottable
+
+

@@ -1,0 +1,200 @@
+"""Numeric health of the update: non-finite values, one-step spikes, gradient explosion and frequent clipping."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from rlhf_core.stability.rules.base import Alert, RollingQuantiles, Rule, Trigger, finite, num, rnd
+from rlhf_core.stability.rules.config import DetectorConfig
+from rlhf_core.stability.rules.knobs import Knobs
+
+
+class NonFinite(Rule):
+    """NaN/Inf in losses, gradient norm, rewards, KL or policy statistics (verl skips such steps)."""
+
+    name = "nonfinite"
+
+    def __init__(self, cfg: DetectorConfig):
+        self.prefixes, self.ignore = cfg.nonfinite_prefixes, frozenset(cfg.nonfinite_ignore)
+        self.trigger = Trigger(1, cfg.rearm_steps)
+        self.knobs = Knobs(cfg.producer)
+
+    def _keys(self, rec: Mapping[str, Any]) -> list[str]:
+        listed = rec.get("nonfinite")
+        keys = {str(k) for k in listed} if isinstance(listed, (list, tuple)) else set()
+        for key in rec:
+            if key.startswith(self.prefixes):
+                value = num(rec, key)
+                if value is not None and not math.isfinite(value):
+                    keys.add(key)
+        return sorted(k for k in keys if k.startswith(self.prefixes) and k not in self.ignore)
+
+    def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
+        keys = self._keys(rec)
+        if self.trigger.observe(bool(keys), step) is None:
+            return []
+        return [Alert(
+            self.name, "critical", step,
+            f"non-finite values at step {step}: {', '.join(keys)}",
+            f"lower {self.knobs['learning_rate']} and check {self.knobs['max_grad_norm']}; check the reward "
+            "function and the log-probs for NaN/Inf (fp16 overflow, log of 0, division by a zero std)",
+            {"keys": keys},
+        )]
+
+
+class Spike(Rule):
+    """One value far above the robust spread of the previous window: median + k x IQR/1.349.
+
+    Median and quartiles ignore earlier spikes (a mean/std window is inflated by every spike it holds), need
+    only ``spike_min_history`` values, and forget a spike as soon as it leaves the window. For ``grad/norm``
+    (never negative) the value must also be ``spike_min_ratio`` x the median, so a very steady norm does
+    not call a 20% wiggle a spike.
+
+    A loss spike is a ``warning`` only when the update felt it: the step's ``grad/norm`` is at least
+    ``spike_loss_grad_ratio`` x its median (or no gradient norm is logged). Otherwise it is ``info``: RL
+    surrogate losses (PPO/GRPO) sit near 0 and jump with the batch's composition (the lengths and rewards
+    that happened to be drawn) without moving the policy.
+    """
+
+    def __init__(self, cfg: DetectorConfig, key: str):
+        self.key = key
+        self.name = {"grad/norm": "grad_spike", "loss/total": "loss_spike"}.get(key, f"spike:{key}")
+        self.sigma, self.min_history, self.rel_floor = cfg.spike_sigma, cfg.spike_min_history, cfg.spike_min_rel_std
+        self.min_ratio = cfg.spike_min_ratio if key == "grad/norm" else 0.0
+        self.grad_ratio = cfg.spike_loss_grad_ratio
+        self.window = RollingQuantiles(cfg.spike_window)
+        self.grads = RollingQuantiles(cfg.spike_window) if key != "grad/norm" else None
+        self.trigger = Trigger(1, cfg.rearm_steps)
+        self.knobs = Knobs(cfg.producer)
+
+    def _severity(self, rec: Mapping[str, Any]) -> tuple[str, float | None]:
+        """``warning`` when the step's gradient norm is also up (or unknown), else ``info``; and that ratio."""
+        if self.grads is None:
+            return "warning", None
+        norm = finite(rec, "grad/norm")
+        if norm is None or len(self.grads) < self.min_history or self.grads.median <= 0:
+            return "warning", None
+        ratio = norm / self.grads.median
+        return ("warning" if ratio >= self.grad_ratio else "info"), ratio
+
+    def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
+        value = finite(rec, self.key)
+        if value is None:
+            return []
+        out: list[Alert] = []
+        if len(self.window) >= self.min_history:
+            median = self.window.median
+            sigma = max(self.window.sigma, self.rel_floor * abs(median), 1e-12)
+            z = (value - median) / sigma
+            bad = z > self.sigma and (self.min_ratio == 0.0 or value > self.min_ratio * median)
+            first = self.trigger.observe(bad, step)
+            if first is not None:
+                severity, grad_ratio = self._severity(rec)
+                what = "gradient norm" if self.key == "grad/norm" else self.key
+                evidence = {"key": self.key, "value": rnd(value), "median": rnd(median), "sigma": rnd(sigma),
+                            "z": rnd(z, 4), "window": len(self.window)}
+                felt = ""
+                if grad_ratio is not None:
+                    evidence["grad_norm_ratio"] = rnd(grad_ratio, 4)
+                    felt = f"; the gradient norm was {grad_ratio:.2g}x its median"
+                out.append(Alert(
+                    self.name, severity, first,
+                    f"{what} spiked to {value:.4g} at step {step} ({z:.1f} robust sigma above the median "
+                    f"{median:.4g} of the previous {len(self.window)} steps){felt}",
+                    "inspect the batch of this step (degenerate samples, extreme rewards); if spikes repeat, "
+                    f"lower {self.knobs['learning_rate']} or skip steps whose gradient norm spikes",
+                    evidence,
+                ))
+        self.window.push(value)
+        if self.grads is not None and (norm := finite(rec, "grad/norm")) is not None:
+            self.grads.push(norm)
+        return out
+
+
+class GradExplosion(Rule):
+    """The pre-clip gradient norm sustained far above its own baseline (the median of the previous window).
+
+    Clipping hides an explosion from the update but not from the norm, so the pre-clip norm's growth is the
+    signal; it needs no clip threshold and works from the fourth step.
+    """
+
+    name = "grad_explosion"
+
+    def __init__(self, cfg: DetectorConfig):
+        self.factor, self.min_history = cfg.grad_explosion_factor, cfg.grad_explosion_min_history
+        self.baseline = RollingQuantiles(cfg.grad_explosion_window)
+        self.trigger = Trigger(cfg.grad_explosion_patience, cfg.rearm_steps)
+        self.onset: tuple[float, float] | None = None
+        self.knobs = Knobs(cfg.producer)
+
+    def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
+        norm = finite(rec, "grad/norm")
+        if norm is None:
+            return []
+        out: list[Alert] = []
+        if len(self.baseline) >= self.min_history:
+            base = self.baseline.median
+            bad = base > 0 and norm > self.factor * base
+            if bad and self.trigger.streak == 0:
+                self.onset = (norm, base)
+            first = self.trigger.observe(bad, step)
+            if first is not None and self.onset is not None:
+                norm0, base0 = self.onset
+                out.append(Alert(
+                    self.name, "warning", first,
+                    f"pre-clip gradient norm above {self.factor:g}x its baseline for {self.trigger.streak} steps "
+                    f"from step {first}: {norm0:.4g} vs a median of {base0:.4g} before; {norm:.4g} at step {step}",
+                    f"lower {self.knobs['learning_rate']} or lengthen the warm-up; inspect the batches of these "
+                    "steps (extreme rewards or advantages)",
+                    {"value": rnd(norm0), "baseline": rnd(base0), "ratio": rnd(norm0 / base0, 4),
+                     "latest": rnd(norm), "factor": self.factor, "steps": self.trigger.streak},
+                ))
+        self.baseline.push(norm)
+        return out
+
+
+class GradClipping(Rule):
+    """Pre-clip gradient norm above the clip threshold on most recent steps: a note, not a fault.
+
+    Frequent clipping is normal with a tight ``max_grad_norm``; it only means the real step size is set by the
+    threshold rather than by the learning rate. Severity ``info``: it never counts as a warning.
+    """
+
+    name = "grad_clipping"
+
+    def __init__(self, cfg: DetectorConfig):
+        self.max_norm = cfg.max_grad_norm
+        self.window, self.frac, self.min_steps = cfg.grad_clip_window, cfg.grad_clip_frac, cfg.grad_clip_min_steps
+        self.clipped: deque[bool] = deque(maxlen=self.window)
+        self.peak: deque[tuple[int, float]] = deque()  # monotone queue: the max norm of the window
+        self.steps: deque[int] = deque(maxlen=self.window)
+        self.trigger = Trigger(1, cfg.rearm_steps)
+        self.knobs = Knobs(cfg.producer)
+
+    def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
+        norm = finite(rec, "grad/norm")
+        limit = self.max_norm if self.max_norm is not None else finite(rec, "grad/max_norm")
+        if norm is None or limit is None or limit <= 0:
+            return []
+        if len(self.steps) == self.window and self.peak and self.peak[0][0] == self.steps[0]:
+            self.peak.popleft()
+        self.steps.append(step)
+        self.clipped.append(norm > limit)
+        while self.peak and self.peak[-1][1] <= norm:
+            self.peak.pop()
+        self.peak.append((step, norm))
+        n, over = len(self.clipped), sum(self.clipped)
+        bad = n >= self.min_steps and over > self.frac * n
+        first = self.trigger.observe(bad, step)
+        if first is None:
+            return []
+        return [Alert(
+            self.name, "info", step,
+            f"gradient norm above max_grad_norm={limit:g} on {over} of the last {n} steps (peak {self.peak[0][1]:.4g})",
+            f"clipping sets the step size here: if that is not intended, raise {self.knobs['max_grad_norm']} or "
+            f"lower {self.knobs['learning_rate']}",
+            {"max_grad_norm": limit, "clipped": over, "window": n, "fraction": rnd(over / n, 4),
+             "peak_norm": rnd(self.peak[0][1])},
+        )]
