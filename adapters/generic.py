@@ -29,9 +29,11 @@ import torch
 
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
+from rlhf_core.runformat.clock import ClockOffset
 from rlhf_core.runformat.run_writer import RunWriter
 from rlhf_core.stability.analysis import LiveAlerts
 from rlhf_core.stability.detectors import Alert
+from rlhf_core.train import distributed as dist_utils
 from rlhf_core.train.probes import block_drift, block_grad_norms, kl_estimates, layer_metrics, param_snapshot
 
 from .extras import Extras, TraceSpec, trace_schedule
@@ -182,9 +184,6 @@ def run(
 
 def _clock_of(rank: int, world_size: int) -> tuple[Any, Any]:
     """(clock offset to rank 0, CPU process group) when a torch.distributed group is up; else a lone clock."""
-    from rlhf_core.runformat.clock import ClockOffset
-    from rlhf_core.train import distributed as dist_utils
-
     dist = torch.distributed
     if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return ClockOffset(), None

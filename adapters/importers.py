@@ -17,6 +17,10 @@ from pathlib import Path
 
 from .convert import SourceError
 from .mapping import MAPPERS
+from .openrlhf import import_openrlhf
+from .ray_timeline import main as ray_timeline_main
+from .tb_events import import_tensorboard
+from .verl import import_verl
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +56,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "ray-timeline":  # a different kind of source (one trace file, no follow/resume)
-        from .ray_timeline import main as ray_timeline_main
 
         return ray_timeline_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -64,16 +67,13 @@ def main(argv: list[str]) -> int:
                   resume=args.resume, alerts=not args.no_alerts)
     try:
         if args.kind == "openrlhf":
-            from .openrlhf import import_openrlhf
 
             summary = import_openrlhf(args.source, out, kl_estimator=args.kl_estimator, **common)
         elif args.kind == "tensorboard":
-            from .tb_events import import_tensorboard
 
             summary = import_tensorboard(args.source, out, mapper=MAPPERS[args.mapping], source="tensorboard",
                                          config={"mapping": args.mapping}, **common)
         else:
-            from .verl import import_verl
 
             summary = import_verl(args.source, out, **common)
     except (SourceError, FileExistsError, OSError) as err:

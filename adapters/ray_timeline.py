@@ -31,10 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from profiler.timeline import TimelineRecorder
+from rlhf_core.runformat.clock import ClockOffset
+from rlhf_core.runformat.run_writer import RunWriter
+from rlhf_core.runformat.timeline import union_ns
 
 from .convert import SourceError
 
@@ -147,12 +153,7 @@ def step_bounds(spans: list[RaySpan]) -> list[int]:
 
 def import_ray_timeline(source: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the run (per-actor timeline files, per-actor phase times, a run-level record per step)."""
-    from bisect import bisect_right
 
-    from profiler.timeline import TimelineRecorder
-    from rlhf_core.runformat.clock import ClockOffset
-    from rlhf_core.runformat.run_writer import RunWriter
-    from rlhf_core.runformat.timeline import union_ns
 
     spans = task_spans(load_events(source))
     if not spans:

@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from memory.planner import human
 from profiler.phases import PhaseTimer
 from profiler.timeline import TimelineRecorder
 from rlhf_core.runformat.keys import CumulativeRate, sanitize, to_number
@@ -37,6 +38,7 @@ from rlhf_core.train.probes import block_drift, block_grad_norms, layer_metrics,
 
 from . import trl_memory, trl_profiling
 from .extras import Extras, TraceSpec, trace_schedule
+from .generic import _clock_of
 from .mapping import TRL_SUMMARY_MARKERS, map_trl
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ log = logging.getLogger(__name__)
 
 def _find_trainer(max_depth: int = 8):
     """The ``Trainer`` whose callback handler is calling us (callbacks are not given the trainer)."""
-    from transformers import Trainer
-
     frame = inspect.currentframe()
     try:
         for _ in range(max_depth):
@@ -182,7 +182,6 @@ class RLHFKitCallback(TrainerCallback):
                                         "trace": self.trace}},
             )
             self.writer.samples_per_step, self.writer.sample_chars = self.samples_per_step, self.sample_chars
-        from .generic import _clock_of
 
         clock, group = _clock_of(rank, world)
         self._timer = PhaseTimer(args.device, timeline=TimelineRecorder(
@@ -227,7 +226,6 @@ class RLHFKitCallback(TrainerCallback):
             return
         self.writer.write_memory(report)
         if not report["fits_device"]:
-            from memory.planner import human
 
             log.warning("rlhfkit: predicted peak %s per GPU (%s) exceeds the device's %s (%s); see %s",
                         human(report["prediction"]["peak_bytes"]), report["prediction"]["peak_phase"],

@@ -28,6 +28,7 @@ from memory.arch import Arch, arch_from_config
 from memory.deploy import PHASES, Deployment, plan_deployment
 from memory.deploy_json import deployment_to_dict
 from memory.inputs import sharding_from_trl_args, trl_deployment
+from memory.planner import parse_bytes
 
 from .mapping import trl_profile_phase
 from .trl_profiling import Span
@@ -69,8 +70,6 @@ def _lora(model: Any) -> tuple[int, bool]:
 
 def device_memory(device: str, override: int | str | None = None) -> tuple[int, str]:
     """(bytes, where from) of the memory the prediction is compared with (see the module docstring)."""
-    from memory.planner import parse_bytes
-
     if override is None:
         override = os.environ.get(ENV_DEVICE_MEMORY) or None
     if override is not None:

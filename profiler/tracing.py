@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.cuda import _memory_viz
 from torch.profiler import ProfilerAction, ProfilerActivity
 
 from .flamegraph import parse_folded, write_svg
@@ -349,6 +350,4 @@ class TraceSession:
 
     @staticmethod
     def _memory_timeline(prof: Any, path: Path) -> None:
-        from torch.cuda._memory_viz import profile_plot
-
-        path.write_text(profile_plot(prof), encoding="utf-8")
+        path.write_text(_memory_viz.profile_plot(prof), encoding="utf-8")

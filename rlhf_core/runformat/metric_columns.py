@@ -7,19 +7,22 @@ by design: whenever the file is not plainly one JSON object per line with consis
 blank or non-object line, a number turning into a string, a step missing or not an integer, a file that is
 not a regular file, pyarrow missing), it returns None with the
 reason, and the caller reads the file line by line, which reports the bad lines. Values follow the
-dashboard's column rules: numbers (and booleans) as float64; null, missing and non-numeric values as NaN
-(the run format writes non-finite values as null, so they come back as NaN either way).
+dashboard's column rules: numbers (and booleans) as float64; null, missing and non-numeric values as NaN.
+The run format writes a non-finite value as null and names its key in the record's ``nonfinite`` list, so
+those rows are also kept per key (``nonfinite``): a chart can break its line there, where a key that was
+simply not logged at a step is no point at all.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 try:
     import pyarrow as pa
+    import pyarrow.compute as pa_compute
     import pyarrow.json as pa_json
 except ImportError:  # pyarrow comes with the [dashboard] extra; without it every read is line by line
     pa = None
@@ -37,6 +40,7 @@ class MetricColumns:
     end: int
     keys: list[str]
     values: dict[str, np.ndarray]
+    nonfinite: dict[str, np.ndarray] = field(default_factory=dict)  # key -> rows (ascending) logged NaN/inf
 
 
 def read_columns(path: str | Path, min_bytes: int = 0) -> MetricColumns | None:
@@ -53,7 +57,7 @@ def _read(path: Path, min_bytes: int) -> MetricColumns | str:
     """The columns, or why the columnar read does not apply."""
     if pa is None:
         return "pyarrow is not installed"
-    from rlhf_core.runformat.run_reader import file_problem
+    from rlhf_core.runformat.run_reader import file_problem  # lazy: run_reader imports this module
 
     why = file_problem(path)
     if why is not None:  # a folder, a FIFO (open would block) or a loop: the line reader reports it
@@ -79,8 +83,38 @@ def _read(path: Path, min_bytes: int) -> MetricColumns | str:
     if "step" not in table.column_names or not pa.types.is_integer(table.column("step").type) \
             or table.column("step").null_count:
         return "a step that is missing or not an integer"  # the line reader counts and skips those
+    nonfinite = _nonfinite_rows(table.column("nonfinite")) if "nonfinite" in table.column_names else {}
+    if nonfinite is None:
+        return "a nonfinite field that is not a list of key names"
     return MetricColumns(rows=lines, end=end, keys=list(table.column_names),
-                         values={name: _floats(col) for name, col in zip(table.column_names, table.columns)})
+                         values={name: _floats(col) for name, col in zip(table.column_names, table.columns)},
+                         nonfinite=nonfinite)
+
+
+def _nonfinite_rows(column: pa.ChunkedArray) -> dict[str, np.ndarray] | None:
+    """Rows per key named in the records' ``nonfinite`` lists (None if the field is not a list of strings)."""
+    kind = column.type
+    if pa.types.is_null(kind):
+        return {}
+    if not pa.types.is_list(kind) or not (pa.types.is_string(kind.value_type) or pa.types.is_null(kind.value_type)):
+        return None
+    names: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    offset = 0
+    for chunk in column.chunks:  # parent indices count from each chunk's start
+        flat = pa_compute.list_flatten(chunk)
+        if len(flat):
+            names.append(np.asarray(flat.to_numpy(zero_copy_only=False), dtype=object))
+            rows.append(pa_compute.list_parent_indices(chunk).to_numpy() + offset)
+        offset += len(chunk)
+    if not names:
+        return {}
+    all_names, all_rows = np.concatenate(names), np.concatenate(rows).astype(np.int64)
+    out: dict[str, np.ndarray] = {}
+    for key in dict.fromkeys(all_names.tolist()):
+        if isinstance(key, str):
+            out[key] = np.unique(all_rows[all_names == key])
+    return out
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import threading
@@ -369,7 +370,6 @@ class RunWriter:
 
 
 def _clear_run_dir(run_dir: Path) -> None:
-    import shutil
 
     for child in run_dir.iterdir():
         if child.is_dir() and not child.is_symlink():

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rlhf_core.runformat.run_reader import Run, RunError
+
 SAMPLES_PER_STEP = 4  # completions kept per step
 SAMPLE_CHARS = 2000  # characters kept of each prompt and completion
 TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
@@ -172,8 +174,6 @@ def format_samples(records: Sequence[Mapping[str, Any]], width: int = 100) -> st
 
 def main(argv: list[str] | None = None) -> int:
     """``rlhfkit samples RUN [--step N]``: the completions a run kept, latest step by default."""
-    from rlhf_core.runformat.run_reader import Run, RunError
-
     p = argparse.ArgumentParser(prog="rlhfkit samples", description="Print the samples a run kept (samples.jsonl).")
     p.add_argument("run", help="run directory")
     p.add_argument("--step", type=int, default=None, help="this step (default: the latest step with samples)")
