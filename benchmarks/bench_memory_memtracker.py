@@ -67,10 +67,10 @@ def main() -> int:
     a = p.parse_args()
     if a.replan:
         data = json.loads(Path(a.out).read_text())
-        for r in data["rows"]:
+        for r in data["details"]["rows"]:
             r["predicted"] = planned(r["model"], r["batch"], r["seq"], r["checkpointing"], r["lora_rank"], r["attn"])
             r["error"] = {ph: r["predicted"][ph] / r["measured"][ph] - 1 for ph in r["predicted"]}
-        return _report(data["rows"], Path(a.out))
+        return _report(data["details"]["rows"], Path(a.out))
     if a.one is not None:
         print(json.dumps(measure_one(*CONFIGS[a.one][1:])))
         return 0
@@ -105,9 +105,9 @@ def summary(rows: list[dict]) -> list[dict]:
     """README rows: the worst and median error of the planner against MemTracker over every phase."""
     errors = sorted(abs(e) for r in rows for e in r["error"].values())
     worst, median = errors[-1], errors[len(errors) // 2]
-    return [row("planner vs MemTracker (FakeTensorMode), worst |error|", round(100 * worst, 2), "%",
+    return [row("planner vs MemTracker (FakeTensorMode), worst abs. error", round(100 * worst, 2), "%",
                 "within ±10%", worst <= 0.10,
-                f"{len(rows)} real-size configs x 3 phases (scoring, update, optimizer step); median |error| "
+                f"{len(rows)} real-size configs x 3 phases (scoring, update, optimizer step); median abs. error "
                 f"{100 * median:.2f}%")]
 
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .estimator import OPTIMIZERS, StepSpec, shape_from_config
+from .estimator import OPTIMIZERS, Prediction, StepSpec, shape_from_config
+from .planner import human, parse_bytes, plan, render, table
 
 # GPT-2 family shapes, built from their published sizes (no download).
 PRESETS = {
@@ -97,7 +98,6 @@ def spec_from_args(a: argparse.Namespace) -> StepSpec:
 
 
 def _plan(argv: list[str]) -> int:
-    from .planner import parse_bytes, plan, render
 
     p = argparse.ArgumentParser(prog="rlhfkit memory plan",
                                 description="Predict the memory of an RLHF step per component and phase, find the "
@@ -108,7 +108,7 @@ def _plan(argv: list[str]) -> int:
                    help="also write the JSON report to FILE (default: nowhere, so no stray memory.json lands in "
                         "the current folder)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
-    from . import deploy_cli
+    from . import deploy_cli  # lazy: deploy_cli imports this module
 
     deploy_cli.add_args(p)
     a = p.parse_args(argv)
@@ -135,7 +135,7 @@ def _plan(argv: list[str]) -> int:
 
 def _plan_deployment(a: argparse.Namespace) -> int:
     """Multi-GPU deployment plan (memory/deploy.py); same --json/--out conventions as the step plan."""
-    from . import deploy_cli
+    from . import deploy_cli  # lazy: deploy_cli imports this module
 
     try:
         report = deploy_cli.run(a)
@@ -155,8 +155,6 @@ def _plan_deployment(a: argparse.Namespace) -> int:
 def _measure(argv: list[str]) -> int:
     from rlhf_core.runformat.run_reader import Run, RunError, file_problem, summarize
 
-    from .estimator import Prediction
-    from .planner import table
     from .run_memory import write_run_memory
 
     p = argparse.ArgumentParser(prog="rlhfkit memory measure",
@@ -203,12 +201,10 @@ def _measure(argv: list[str]) -> int:
     if meas is None:
         print("measured: none (the run's records have no mem/<phase>_peak_bytes)")
     else:
-        from .planner import human
 
         print("measured: " + ", ".join(f"{ph} {human(v)}" for ph, v in sorted(meas["phases"].items()))
               + f"  [{meas['method'].split(':')[0]}]")
     if "measured_probe" in report:
-        from .planner import human
 
         print("measured (probe replay, tensor bytes): " + ", ".join(
             f"{ph} {human(v)}" for ph, v in report["measured_probe"]["phases"].items()))
@@ -228,7 +224,6 @@ def _deployment_memory(path: Path) -> str | None:
         return None
     if not isinstance(report, dict) or report.get("kind") != "deployment":
         return None
-    from .planner import human
 
     pred = report.get("prediction") or {}
     phases = pred.get("phases") or {}

@@ -192,7 +192,8 @@ class States:
     gradients: int = 0        # alive from backward to the optimizer step
     optimizer: int = 0
     step_extra: int = 0       # extra only during the step (fp32 gradient partition, update temporaries)
-    buffers: int = 0          # gathered layer/unit (ZeRO-3, FSDP) alive during update
+    buffers: int = 0          # gathered layer/unit (ZeRO-3), FSDP's root unit: alive during update
+    layer_buffers: int = 0    # FSDP: alive only while a layer runs backward (gathered + prefetch + reduce input)
     bucket: int = 0           # DeepSpeed reduce (IPG) bucket: ZeRO-1/2 from backward to the step, ZeRO-3 always
     host: int = 0
 
@@ -218,8 +219,12 @@ def trained_states(role: Role, sh: Sharding, n: int, optimizer: str) -> States:
     fsdp = kind.startswith("fsdp")
     opt_div = 1 if kind == "zero0" else n
     grad_div = n if kind in ("zero2", "zero3") or fsdp else 1
-    if lora:
-        st.weights = (base // n if kind == "zero3" or fsdp else base) + P * db
+    if lora and fsdp:  # adapters are sharded with the rest and kept in fp32 under mixed precision (measured)
+        st.weights = base // n + P * (4 if sh.mixed_precision else db) // n
+        master = 0
+        opt_per = n_states * state_b
+    elif lora:
+        st.weights = (base // n if kind == "zero3" else base) + P * db
     elif fsdp:  # FSDP keeps the sharded flat params in fp32 when mixed precision (veRL), casts per unit
         st.weights = P * (4 if sh.mixed_precision else db) // n
         master = 0
@@ -252,18 +257,43 @@ def trained_states(role: Role, sh: Sharding, n: int, optimizer: str) -> States:
     if kind == "zero3":
         st.buffers = a.largest_param * 2 * db if not lora else a.largest_param * db
     elif fsdp:
-        unit = max(a.layer_params, a.root_params)
-        st.buffers = 2 * unit * db + (unit * grad_b if not lora else 0)  # current + prefetched unit, unit grad
+        # measured with FSDPMemTracker (fully_shard per decoder layer + root, benchmarks/bench_memory_fsdp.py):
+        # the root unit (embeddings, head, final norm) stays gathered from forward through backward; a layer's
+        # backward holds its gathered weights, the next layer's prefetch and the reduce-scatter input (grad_b)
+        layer = a.layer_params
+        st.buffers = a.root_params * db
+        st.layer_buffers = 2 * layer * db + (layer * grad_b if not lora else 0)
         if kind == "fsdp_grad_op":
             st.buffers += a.params * db  # params stay unsharded between forward and backward
     return st
 
 
-def deepspeed_model_states(role: Role, sh: Sharding, n: int, optimizer: str = "adamw") -> int:
-    """The planner's GPU model-state bytes in DeepSpeed's own terms (for benchmarks/bench_memory_deepspeed.py):
-    weights + gradients + optimizer state + the step's fp32 gradient partition (+ ZeRO-3's gathered layer)."""
+def deepspeed_terms(role: Role, sh: Sharding, n: int, optimizer: str = "adamw") -> dict[str, tuple[int, bool]]:
+    """The planner's per-GPU model-state bytes split into the terms DeepSpeed's estimators name, each with
+    whether ``estimate_zero{2,3}_model_states_mem_needs`` counts it (benchmarks/bench_memory_deepspeed.py).
+
+    Why split: the estimators' multiplier 18 is ``2_grads_16bit + 4_grads_32bit + 4_params_32bit +
+    8_optimizer_states_32bit`` (stage_1_and_2.py's comment; ZeRO-3 reuses it) plus, for ZeRO-2, ``2 *
+    total_params`` of 16-bit weights and, for ZeRO-3, ``4 * largest_layer_params`` (one gathered layer's 16-bit
+    weights and gradients). ZeRO-3's formula has no term for the 16-bit weight partition that stage3.py keeps
+    (``lp_param_buffer``; its own offload branch counts it as ``2 * total_params / total_gpus``), so that
+    term is reported here as not counted; the plan still holds it as ``<role>.weights``. Buffers outside model
+    states (reduce bucket, the step's flattened 16-bit sub-group) are not terms at all here.
+    """
     st = trained_states(role, sh, n, optimizer)
-    return st.weights + st.gradients + st.optimizer + st.step_extra + (st.buffers if sh.kind == "zero3" else 0)
+    zero3 = sh.kind == "zero3"
+    return {
+        "weights_16bit": (st.weights, not zero3 or sh.offload_optimizer),
+        "gradients_16bit": (st.gradients, True),
+        "master_and_optimizer_32bit": (st.optimizer, True),
+        "gradients_32bit": (st.step_extra, True),   # ZeRO-3: one optimizer sub-group at a time (stage3.py)
+        "gathered_layer": (st.buffers if zero3 else 0, True),
+    }
+
+
+def deepspeed_model_states(role: Role, sh: Sharding, n: int, optimizer: str = "adamw") -> int:
+    """The planner's GPU model-state bytes over the terms DeepSpeed's estimator counts (see deepspeed_terms)."""
+    return sum(b for b, counted in deepspeed_terms(role, sh, n, optimizer).values() if counted)
 
 
 def frozen_weights(role: Role, sh: Sharding, n: int) -> int:
@@ -286,6 +316,8 @@ def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
     if dep.optimizer_impl == "single_tensor":
         a = role.arch
         largest = a.largest_param if not role.lora_rank else role.lora_rank * max(a.intermediate, a.hidden, a.q_dim)
+        if dep.sharding.kind.startswith("fsdp"):  # FSDP2 steps each parameter's own shard (measured)
+            largest //= n
         return 2 * largest * sb
     div = 1 if dep.sharding.kind == "zero0" else n
     return role.trained_params * sb // div
@@ -322,13 +354,40 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     body = tokens * layer_transient(a).bytes(db)
     gathered = 0
     if dep.sharding.shards_params and (dep.sharding.frozen_zero3 is not False or role.trained):
-        gathered = 2 * a.largest_param * db  # ZeRO-3/FSDP: the gathered unit and its prefetch
+        if dep.sharding.kind.startswith("fsdp"):
+            # measured (FSDPMemTracker): the root unit stays gathered; a layer and its prefetch are gathered
+            # only while the body runs, and are resharded before the head; at the start of the forward the
+            # root's all-gather buffer and its copy-out coexist, next to the first layer's prefetch
+            root, layer = a.root_params * db, a.layer_params * db
+            return int(tokens * a.hidden * db + max(head, body + 2 * layer, root + layer) + root)
+        gathered = 2 * a.largest_param * db  # ZeRO-3: the gathered unit and its prefetch
     return int(tokens * a.hidden * db + max(head, body) + gathered)
 
 
 def update_transient(role: Role, dep: Deployment) -> int:
     """Forward + backward of one train micro-batch: saved activations and the head's backward at its start;
     with checkpointing, the layer inputs plus one recomputed layer."""
+    saved, head, layer = _update_terms(role, dep)
+    return saved + max(head, layer)
+
+
+def head_slack(role: Role, dep: Deployment) -> int:
+    """Bytes the head's backward frees before a layer's backward (less that layer's backward temporaries, or
+    its recompute when checkpointed): room for the layer's FSDP buffers. Measured with FSDPMemTracker: of the
+    head's vocabulary-sized tensors about 2 B per vocabulary entry and token stay through the layers' backward."""
+    if role.value_head or dep.logprob_head == "chunked":
+        return 0
+    tokens = dep.micro_batch * dep.seq
+    if dep.gradient_checkpointing:
+        _, head, layer = _update_terms(role, dep)
+    else:
+        head = int(tokens * _head_bytes_per_token(role, dep, grad=True))
+        layer = int(tokens * layer_saved(role.arch, dep.attn, dep.seq).bytes(role.dtype_bytes))
+    return max(0, head - 2 * role.arch.vocab * tokens - layer)
+
+
+def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
+    """(always alive, head backward, one layer's backward) of the update's activations."""
     a = role.arch
     tokens = dep.micro_batch * dep.seq
     db = role.dtype_bytes
@@ -340,8 +399,8 @@ def update_transient(role: Role, dep: Deployment) -> int:
     if dep.gradient_checkpointing:
         layers = a.layers * tokens * a.hidden * db
         recompute = tokens * per_layer * 2  # one layer's saved tensors plus its backward temporaries
-        return int(layers + max(head, recompute))
-    return int(a.layers * (tokens * per_layer + lora) + head)
+        return int(layers), int(head), int(recompute)
+    return int(a.layers * (tokens * per_layer + lora) + head), 0, 0
 
 
 # ---- engines --------------------------------------------------------------------------------------------------
@@ -495,7 +554,7 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
             if dep.grad_accum > 1 or end_of_backward > start_of_backward:
                 _add(table, f"{tag}.gradients", "update", st.gradients)
             _add(table, f"{tag}.step", "optimizer_step", st.step_extra + step_temporaries(role, dep, n))
-            _add(table, f"{tag}.buffers", ("update",), st.buffers)
+            _add(table, f"{tag}.buffers", ("update",), st.buffers + max(0, st.layer_buffers - head_slack(role, dep)))
             _add(table, f"{tag}.reduce_bucket", PHASES if sh.kind == "zero3" else ("update",), st.bucket)
             _add(table, f"{tag}.activations", "update", acts)
             _add(table, f"{tag}.activations", "scoring", scoring_transient(role, dep, n))

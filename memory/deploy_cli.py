@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .advise import suggest
+from .arch import arch_from_config, load_arch
 from .deploy import (
     PHASES,
     Deployment,
@@ -22,6 +23,8 @@ from .deploy import (
     min_gpus,
     plan_deployment,
 )
+from .inputs import from_openrlhf, from_trl, from_verl
+from .planner import human, parse_bytes
 
 TRIGGERS = ("nodes", "gpus_per_node", "gpu_memory", "zero", "fsdp", "engine", "algorithm", "trl_config",
             "from_openrlhf", "from_verl")
@@ -63,33 +66,28 @@ def wanted(a: argparse.Namespace) -> bool:
 
 
 def _arch(name: str):
-    from .arch import arch_from_config, load_arch
 
     try:
         return load_arch(name)
     except ValueError:
-        from .cli import load_model_config  # tiny / presets / a local transformers folder
+        from .cli import load_model_config  # lazy: cli imports this module (tiny, presets, a local folder)
 
         cfg = load_model_config(name)
         return arch_from_config(cfg if isinstance(cfg, dict) else cfg.to_dict(), name=name)
 
 
 def deployment_from_args(a: argparse.Namespace) -> Deployment:
-    from .planner import parse_bytes
 
     gpu_memory = parse_bytes(a.gpu_memory or "80GiB")
     gpn = a.gpus_per_node or 8
     if a.from_openrlhf:
-        from .inputs import from_openrlhf
 
         dep = from_openrlhf(a.from_openrlhf, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory,
                             gpus_per_node=gpn)
     elif a.from_verl:
-        from .inputs import from_verl
 
         dep = from_verl(a.from_verl, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory)
     elif a.trl_config:
-        from .inputs import from_trl
 
         dep = from_trl(a.trl_config, model=None if a.model == "tiny" else a.model, accelerate=a.accelerate_config,
                        deepspeed=a.deepspeed_config, gpu_memory=gpu_memory, gpus_per_node=gpn)
@@ -174,7 +172,6 @@ def _inputs(dep: Deployment) -> dict[str, Any]:
 
 
 def render(rep: dict[str, Any]) -> str:
-    from .planner import human
 
     lines = []
     for name, g in rep["groups"].items():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import triton_logprobs
 from .chunking import CHUNK_ELEMENTS, default_chunk_size
 
 IMPLS = ("auto", "torch", "chunked", "triton")
@@ -27,11 +28,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         raise ValueError(f"unknown logprob impl {impl!r}; choose from {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    if device.type == "cuda":
-        from . import triton_logprobs
-
-        if triton_logprobs.available():
-            return "triton"
+    if device.type == "cuda" and triton_logprobs.available():
+        return "triton"
     return "chunked"
 
 
@@ -182,7 +180,6 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
     if impl == "chunked":
         return _chunked(hidden, weight, targets, bias, temperature, with_entropy, chunk_size,
                         _torch_chunk_forward, _torch_chunk_backward)
-    from . import triton_logprobs
 
     triton_logprobs.check_usable(hidden.device)
     return _chunked(hidden, weight, targets, bias, temperature, with_entropy, chunk_size,

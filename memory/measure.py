@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 from profiler.kineto_log import quiet_kineto
 
@@ -93,8 +95,6 @@ def _cpu_peak_from_profile(prof) -> tuple[int, int, int, int]:
     Only blocks allocated inside the region count: the profiler also reports frees of blocks allocated in an
     earlier profiled region, and those belong to the baseline, not to this region.
     """
-    from torch._C._profiler import _EventType
-
     allocs = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -138,7 +138,6 @@ def track_peak(device: str | torch.device = "cpu", baseline_bytes: int | None = 
         result.delta_peak_bytes = result.peak_bytes - result.baseline_bytes
         result.end_delta_bytes = int(torch.cuda.memory_allocated(dev)) - result.baseline_bytes
     elif dev.type == "cpu":
-        from torch.profiler import ProfilerActivity, profile
 
         result.baseline_bytes = int(baseline_bytes or 0)
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)

@@ -14,9 +14,10 @@ is measured in two regions, forward+backward (``update``) and the optimizer step
 """
 from __future__ import annotations
 
+import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -122,7 +123,6 @@ def _logprobs(model, ids):
 
 def measure(spec: TrackSpec) -> TrackResult:
     """Peak bytes of the scoring and update phases, each measured by its own tracker on fake tensors."""
-    import resource
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -166,5 +166,65 @@ def measure(spec: TrackSpec) -> TrackResult:
             snap = next(iter(mt.get_tracker_snapshot("peak").values()))
             peaks["optimizer_step"] = int(snap["Total"])
             breakdown["optimizer_step"] = {str(k): int(v) for k, v in snap.items()}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)
+
+
+def measure_fsdp(spec: TrackSpec, world_size: int) -> TrackResult:
+    """One rank's scoring, update and optimizer-step peaks of the same step sharded with FSDP2, measured by
+    torch's ``FSDPMemTracker`` on a fake process group: ``fully_shard`` per decoder layer and on the root,
+    fp32 sharded parameters computed in bf16 with fp32 gradient reduction (veRL's and accelerate's mixed
+    precision). The fake backend's collectives do nothing but FSDP allocates their real-size buffers, so
+    every byte of one rank is counted. The process group is created here when none exists."""
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not dist.is_initialized():
+        dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    mesh = init_device_mesh("cpu", (world_size,))
+    t0 = time.perf_counter()
+    breakdown: dict[str, dict[str, int]] = {}
+
+    def peak(tracker) -> dict[str, int]:
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        return {str(k).replace("_FSDPRefType.", ""): int(v) for k, v in snap.items()}
+
+    with FakeTensorMode():
+        model = _build(replace(spec, dtype="fp32"))
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, DTYPES[spec.dtype]), reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq))
+        adv = torch.ones(spec.batch, spec.seq)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
+
+        def update() -> None:
+            loss = -(_logprobs(model, ids) * adv).mean()
+            loss.backward()
+
+        update()  # steady state: optimizer state exists before the measured step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        fmt = FSDPMemTracker(model, opt)
+        with fmt, torch.no_grad():
+            _logprobs(model, ids).sum()
+        breakdown["scoring"] = peak(fmt)
+        fmt = FSDPMemTracker(model, opt)
+        with fmt:
+            update()
+        breakdown["update"] = peak(fmt)
+        fmt = FSDPMemTracker(model, opt)
+        with fmt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        breakdown["optimizer_step"] = peak(fmt)
+    peaks = {ph: b["Total"] for ph, b in breakdown.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)

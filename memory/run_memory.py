@@ -16,6 +16,7 @@ from typing import Any
 from rlhf_core.runformat.keys import phase_of_mem_key
 from rlhf_core.runformat.run_reader import Run
 from rlhf_core.runformat.run_writer import write_json_atomic
+from rlhf_core.tiny_model import TINY_CONFIG
 
 from .estimator import PHASE_MAP, StepSpec, predict, shape_from_config
 
@@ -36,7 +37,6 @@ def _device(train_config: dict[str, Any], meta: dict[str, Any]) -> str:
 def spec_from_train_config(train_config: dict[str, Any], model_config: Any, device: str = "cpu") -> StepSpec:
     """A :class:`StepSpec` from the runner's TrainConfig dict (unknown keys ignored, missing ones defaulted)."""
     if model_config is None:
-        from rlhf_core.tiny_model import TINY_CONFIG
 
         model_config = TINY_CONFIG
     tc = train_config
