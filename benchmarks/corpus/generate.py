@@ -117,11 +117,16 @@ def extract_archive() -> None:
         tar.extractall(HERE, filter="data")
 
 
-FIXTURE_PICKS = {  # fixture name → (run name, steps kept): one healthy and one unstable run of each kind
-    "trl_grpo_healthy": ("grpo_lr1e-5_beta0.1_sentiment_s0", 30),
-    "trl_grpo_kl_explosion": ("grpo_lr5e-2_beta0.1_sentiment_s0", 30),
-    "runner_healthy": ("runner_lr1e-5_kl0.1_sentiment_s0", 30),
-    "runner_unstable": ("runner_lr3e-2_kl0.1_sentiment_s0", 30),
+# fixture name → (run name, steps kept, key prefixes dropped): one healthy and one unstable run of each kind,
+# and a healthy learning runner run whose clipped gradient-norm spikes (steps 111 and 115) must stay notes;
+# it keeps 116 steps, so its clocks, memory counters and per-block gradient norms (no rule reads them) go
+FIXTURE_PICKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "trl_grpo_healthy": ("grpo_lr1e-5_beta0.1_sentiment_s0", 30, ()),
+    "trl_grpo_kl_explosion": ("grpo_lr5e-2_beta0.1_sentiment_s0", 30, ()),
+    "runner_healthy": ("runner_lr1e-5_kl0.1_sentiment_s0", 30, ()),
+    "runner_unstable": ("runner_lr3e-2_kl0.1_sentiment_s0", 30, ()),
+    "runner_spiky_healthy": ("runner_lr1e-3_kl0.05_sentiment_s4", 116,
+                             ("time/", "mem/", "throughput/", "grad/layer/")),
 }
 
 
@@ -129,7 +134,7 @@ def write_fixtures(labels: dict[str, Any]) -> None:
     """Copy a few short recorded runs (first N steps, their events and meta) into tests/fixtures/real_runs."""
     FIXTURES.mkdir(parents=True, exist_ok=True)
     index = {}
-    for fixture, (name, keep) in FIXTURE_PICKS.items():
+    for fixture, (name, keep, drop) in FIXTURE_PICKS.items():
         src = RUNS / name
         if not (src / "metrics.jsonl").exists():
             continue
@@ -137,6 +142,9 @@ def write_fixtures(labels: dict[str, Any]) -> None:
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir()
         lines = src.joinpath("metrics.jsonl").read_text().splitlines()[:keep]
+        if drop:
+            lines = [json.dumps({k: v for k, v in json.loads(ln).items() if not k.startswith(drop)},
+                                separators=(",", ":")) for ln in lines]
         dst.joinpath("metrics.jsonl").write_text("\n".join(lines) + "\n")
         shutil.copy(src / "meta.json", dst / "meta.json")
         if (src / "events.jsonl").exists():

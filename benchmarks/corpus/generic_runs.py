@@ -33,10 +33,13 @@ def run_reinforce(spec: dict[str, Any], run_dir: Path) -> None:
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
     policy = AutoModelForCausalLM.from_pretrained(path)
+    if spec.get("dtype", "fp32") == "fp16":  # pure fp16 weights and optimizer state, no loss scaling or master copy
+        policy = policy.half()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=spec["lr"])
+    opt = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], eps=spec.get("adam_eps", 1e-8))
     optimised = reward_fn(spec["reward"])
     config = {k: spec[k] for k in ("lr", "kl_coef", "reward", "seed", "steps", "max_grad_norm")}
+    config.update({k: spec[k] for k in ("dtype", "adam_eps") if k in spec})
     # the benchmark diagnoses later; no system sampler, as in the TRL corpus runs
     with kit.run(run_dir, config=config, overwrite=True, alerts=False, system_interval_s=None) as run:
         for step in range(1, spec["steps"] + 1):

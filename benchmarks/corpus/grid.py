@@ -2,19 +2,20 @@
 
 Learning rates 1e-5..1e-4 are the usual healthy range; 1e-2..5e-2 blow the tiny model up within tens of steps.
 ``intent`` records which of the two a setting was meant to be (``borderline``: 1e-3, in between, either may
-happen); the *label* is computed from the run itself (labels.py). Seeds 0-3 form the development split and
-seeds 4 and 5 the held-out split, never used for tuning: two seeds, so the held-out part has 20 healthy runs
-and "at most 1 in 20 false alarms" can be measured at all. (Seeds 2 and 3 were the first held-out split;
-after the rules were scored on them once they were used for tuning, so they moved to the development split
-and seeds 4 and 5 were generated as a fresh held-out split that no rule change has seen.)
+happen); the *label* is computed from the run itself (labels.py). Seeds 0-5 form the development split and
+seeds 6 and 7 the held-out split, never used for tuning: two seeds, so the held-out part has 20 healthy runs
+and "at most 1 in 20 false alarms" can be measured at all. A held-out split is used up once a rule change was
+made after looking at it: seeds 2 and 3 were the first held-out split, seeds 4 and 5 the second (its two
+false alarms led to the gradient-spike change in docs/diagnose.md); each moved to the development split and a
+fresh pair of seeds, which no rule change has seen, became the held-out split.
 Sized so the whole corpus regenerates in about half an hour on a shared 2-core CPU (two runs at a time).
 """
 from __future__ import annotations
 
 from typing import Any
 
-SEEDS = (0, 1, 2, 3, 4, 5)
-DEV_SEEDS = frozenset({0, 1, 2, 3})
+SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
+DEV_SEEDS = frozenset({0, 1, 2, 3, 4, 5})
 
 
 def split_of(seed: int) -> str:
@@ -40,6 +41,10 @@ SETTINGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("reinforce", "lr5e-5_kl0.05_sentiment", "healthy", dict(lr=5e-5, kl=0.05, reward="sentiment", steps=80)),
     ("reinforce", "lr2e-2_kl0.01_sentiment", "unstable", dict(lr=2e-2, kl=0.01, reward="sentiment", steps=80)),
     ("reinforce", "lr1e-3_kl0.05_sentiment", "borderline", dict(lr=1e-3, kl=0.05, reward="sentiment", steps=80)),
+    # the healthy REINFORCE setting in pure fp16 (weights and AdamW state, no master copy): AdamW's eps 1e-8
+    # rounds to 0 in fp16, so parameters that got no gradient divide 0 by 0 and the weights go NaN
+    ("reinforce", "lr5e-5_kl0.05_sentiment_fp16", "unstable",
+     dict(lr=5e-5, kl=0.05, reward="sentiment", steps=40, dtype="fp16")),
 ]
 
 
@@ -52,5 +57,6 @@ def specs() -> list[dict[str, Any]]:
                         "intent": intent, "seed": seed, "split": split_of(seed), "lr": s["lr"], "kl": s["kl"],
                         "beta": s["kl"], "kl_coef": s["kl"], "reward": s["reward"], "steps": s["steps"],
                         "max_new_tokens": 16,
-                        "max_grad_norm": 5.0 if trainer == "runner" else 1.0})  # each trainer's default
+                        "max_grad_norm": 5.0 if trainer == "runner" else 1.0,  # each trainer's default
+                        **({"dtype": s["dtype"]} if "dtype" in s else {})})
     return out

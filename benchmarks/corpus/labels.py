@@ -16,6 +16,8 @@ from typing import Any
 
 from rlhf_core.runformat.keys import TEXT_KEY_ALIASES
 
+from .grid import DEV_SEEDS, SEEDS
+
 # --- the criteria (docs/corpus.md explains each number)
 KL_LIMIT = 1.0             # nats per token: KL(π‖π_ref) estimate above this
 KL_KEYS = ("kl/ref_k3", "kl/ref_k1", "src/probe/kl_exact")  # first one the run logs is used
@@ -157,12 +159,22 @@ def label_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _generation(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """How the runs were made: one entry per generation batch (a full ``make corpus`` starts the list over)."""
+    """How the runs were made: one entry per generation batch (a full ``make corpus`` starts the list over;
+    a batch limited by ``--only`` or ``--seeds`` adds to it)."""
     if new is None:
         return dict(old) if old else None
-    batches = list((old or {}).get("batches", [])) if new.get("only") is not None else []
+    partial = new.get("only") is not None or new.get("seeds") is not None
+    batches = list((old or {}).get("batches", [])) if partial else []
     batches.append(dict(new))
     return {"batches": batches, "wall_s_total": round(sum(b.get("wall_s", 0.0) for b in batches), 1)}
+
+
+def _splits() -> dict[str, str]:
+    """Which seeds form each split (grid.py), as labels.json states it."""
+    dev = [s for s in SEEDS if s in DEV_SEEDS]
+    held = [s for s in SEEDS if s not in DEV_SEEDS]
+    return {"dev": "seeds " + ", ".join(map(str, dev)),
+            "heldout": "seeds " + ", ".join(map(str, held)) + " (not for tuning)"}
 
 
 def write_labels(runs_dir: Path, specs: Iterable[Mapping[str, Any]], generation: Mapping[str, Any] | None = None
@@ -190,7 +202,7 @@ def write_labels(runs_dir: Path, specs: Iterable[Mapping[str, Any]], generation:
                      "hack_heldout_drop": HACK_HELDOUT_DROP, "heldout_keys": list(HELDOUT_KEYS),
                      "identical_limit": IDENTICAL_LIMIT, "distinct2_limit": DISTINCT2_LIMIT,
                      "doc": "docs/corpus.md"},
-        "splits": {"dev": "seeds 0, 1", "heldout": "seeds 2, 3 (not for tuning)"},
+        "splits": _splits(),
         "generation": _generation(old.get("generation"), generation),
         "runs": runs,
     }

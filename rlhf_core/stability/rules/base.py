@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -211,6 +211,10 @@ class RollingQuantiles:
         lo = int(pos)
         hi = min(lo + 1, len(s) - 1)
         return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    def count_above(self, x: float) -> int:
+        """How many values of the window exceed ``x``."""
+        return len(self._sorted) - bisect_right(self._sorted, x)
 
     @property
     def median(self) -> float:

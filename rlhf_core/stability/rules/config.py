@@ -24,7 +24,10 @@ class DetectorConfig:
     producer: str = "generic"             # meta.source of the run: suggestions name this producer's knobs
 
     # non-finite values (critical)
-    nonfinite_prefixes: tuple[str, ...] = ("loss/", "grad/norm", "reward/", "kl/", "policy/", "adv/", "value/")
+    # drift/: ||θ−θ0||/||θ0|| is NaN only when the weights are (its denominator is clamped); a pure-fp16 loop
+    # whose first AdamW step made them NaN logged nothing else before it crashed (corpus, reinforce fp16)
+    nonfinite_prefixes: tuple[str, ...] = ("loss/", "grad/norm", "reward/", "kl/", "policy/", "adv/", "value/",
+                                           "drift/")
     nonfinite_ignore: tuple[str, ...] = ("value/explained_var",)  # NaN by definition when the returns are constant
 
     # gradient / loss spike: value > median + spike_sigma * robust sigma (IQR/1.349) of the previous values
@@ -37,6 +40,9 @@ class DetectorConfig:
     spike_loss_grad_ratio: float = 5.0    # a loss spike is a warning when grad/norm is also >= 5x its median
                                           # (the bar of a gradient spike); RL surrogate losses jump with the
                                           # batch drawn, so a jump the update did not feel is only a note
+    spike_routine_ratio: float = 2.5      # a gradient spike is only a note (info) when clipping bounded its
+    spike_routine_count: int = 2          # update and the window already holds this many norms above 2.5x
+                                          # its median (half the spike bar): spikes are this run's routine
 
     # gradient explosion: pre-clip grad/norm sustained above grad_explosion_factor x the median of the
     # previous grad_explosion_window norms (its own baseline; no clip threshold needed)

@@ -6,7 +6,16 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from rlhf_core.stability.rules.base import Alert, RollingQuantiles, Rule, Trigger, finite, num, rnd
+from rlhf_core.stability.rules.base import (
+    Alert,
+    RollingQuantiles,
+    Rule,
+    Trigger,
+    finite,
+    is_alerting,
+    num,
+    rnd,
+)
 from rlhf_core.stability.rules.config import DetectorConfig
 from rlhf_core.stability.rules.knobs import Knobs
 
@@ -56,6 +65,13 @@ class Spike(Rule):
     ``spike_loss_grad_ratio`` x its median (or no gradient norm is logged). Otherwise it is ``info``: RL
     surrogate losses (PPO/GRPO) sit near 0 and jump with the batch's composition (the lengths and rewards
     that happened to be drawn) without moving the policy.
+
+    A gradient spike is ``info`` when clipping bounded the update (the producer's ``grad/clipped`` > 0, or
+    the pre-clip norm above ``max_grad_norm``/``grad/max_norm``) *and* spikes are the run's routine (the
+    window already holds ``spike_routine_count`` norms above ``spike_routine_ratio`` x its median): a learning
+    run with heavy-tailed norms that clipping caps. An unclipped spike, or the first in a steady run, stays a
+    ``warning``. Whether the policy moved is for the KL, entropy and loss-spike rules to say. A note does not
+    use up the episode: the first later spike of it that is a warning is still reported.
     """
 
     def __init__(self, cfg: DetectorConfig, key: str):
@@ -64,9 +80,12 @@ class Spike(Rule):
         self.sigma, self.min_history, self.rel_floor = cfg.spike_sigma, cfg.spike_min_history, cfg.spike_min_rel_std
         self.min_ratio = cfg.spike_min_ratio if key == "grad/norm" else 0.0
         self.grad_ratio = cfg.spike_loss_grad_ratio
+        self.max_norm, self.routine_ratio, self.routine_count = (
+            cfg.max_grad_norm, cfg.spike_routine_ratio, cfg.spike_routine_count)
         self.window = RollingQuantiles(cfg.spike_window)
         self.grads = RollingQuantiles(cfg.spike_window) if key != "grad/norm" else None
         self.trigger = Trigger(1, cfg.rearm_steps)
+        self.noted_only = False  # this episode has so far given only an info note
         self.knobs = Knobs(cfg.producer)
 
     def _severity(self, rec: Mapping[str, Any]) -> tuple[str, float | None]:
@@ -79,6 +98,51 @@ class Spike(Rule):
         ratio = norm / self.grads.median
         return ("warning" if ratio >= self.grad_ratio else "info"), ratio
 
+    def _routine_clipped(self, value: float, median: float, rec: Mapping[str, Any]) -> dict[str, Any] | None:
+        """For a gradient spike that clipping bounded in a run whose norm spikes routinely: the evidence
+        (clip threshold, clipped fraction, earlier large norms); else None (the spike is a warning)."""
+        if self.key != "grad/norm":
+            return None
+        limit = self.max_norm if self.max_norm is not None else finite(rec, "grad/max_norm")
+        clipped = finite(rec, "grad/clipped")
+        bounded = (clipped is not None and clipped > 0) or (limit is not None and 0 < limit < value)
+        earlier = self.window.count_above(self.routine_ratio * median)
+        if not bounded or earlier < self.routine_count:
+            return None
+        return {"max_grad_norm": limit, "clipped_frac": clipped, "earlier_large": earlier,
+                "routine_ratio": self.routine_ratio}
+
+    def _alert(self, first: int, step: int, value: float, median: float, sigma: float, z: float,
+               rec: Mapping[str, Any]) -> Alert:
+        severity, grad_ratio = self._severity(rec)
+        what = "gradient norm" if self.key == "grad/norm" else self.key
+        evidence = {"key": self.key, "value": rnd(value), "median": rnd(median), "sigma": rnd(sigma),
+                    "z": rnd(z, 4), "window": len(self.window)}
+        felt = ""
+        if grad_ratio is not None:
+            evidence["grad_norm_ratio"] = rnd(grad_ratio, 4)
+            felt = f"; the gradient norm was {grad_ratio:.2g}x its median"
+        suggestion = ("inspect the batch of this step (degenerate samples, extreme rewards); if spikes "
+                      f"repeat, lower {self.knobs['learning_rate']} or skip steps whose gradient norm spikes")
+        routine = self._routine_clipped(value, median, rec)
+        if routine is not None:
+            severity = "info"
+            evidence.update(routine)
+            cap = (f"max_grad_norm={routine['max_grad_norm']:g}" if routine["max_grad_norm"] is not None
+                   else "the clip threshold")
+            felt = (f"; clipping at {cap} bounded the update, and {routine['earlier_large']} of the "
+                    f"previous {len(self.window)} norms were already above {self.routine_ratio:g}x "
+                    "the median (this run's norm spikes routinely)")
+            suggestion = ("a note: nothing to do while KL, entropy and the loss stay steady (their rules "
+                          f"say when they do not); if the spikes grow, lower {self.knobs['learning_rate']}")
+        return Alert(
+            self.name, severity, first,
+            f"{what} spiked to {value:.4g} at step {step} ({z:.1f} robust sigma above the median "
+            f"{median:.4g} of the previous {len(self.window)} steps){felt}",
+            suggestion,
+            evidence,
+        )
+
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
         value = finite(rec, self.key)
         if value is None:
@@ -90,23 +154,13 @@ class Spike(Rule):
             z = (value - median) / sigma
             bad = z > self.sigma and (self.min_ratio == 0.0 or value > self.min_ratio * median)
             first = self.trigger.observe(bad, step)
-            if first is not None:
-                severity, grad_ratio = self._severity(rec)
-                what = "gradient norm" if self.key == "grad/norm" else self.key
-                evidence = {"key": self.key, "value": rnd(value), "median": rnd(median), "sigma": rnd(sigma),
-                            "z": rnd(z, 4), "window": len(self.window)}
-                felt = ""
-                if grad_ratio is not None:
-                    evidence["grad_norm_ratio"] = rnd(grad_ratio, 4)
-                    felt = f"; the gradient norm was {grad_ratio:.2g}x its median"
-                out.append(Alert(
-                    self.name, severity, first,
-                    f"{what} spiked to {value:.4g} at step {step} ({z:.1f} robust sigma above the median "
-                    f"{median:.4g} of the previous {len(self.window)} steps){felt}",
-                    "inspect the batch of this step (degenerate samples, extreme rewards); if spikes repeat, "
-                    f"lower {self.knobs['learning_rate']} or skip steps whose gradient norm spikes",
-                    evidence,
-                ))
+            # a note must not hide what follows: within an episode that so far gave only a note, a spike
+            # that is a warning is still reported (once)
+            if bad and (first is not None or self.noted_only):
+                alert = self._alert(first if first is not None else step, step, value, median, sigma, z, rec)
+                if first is not None or is_alerting(alert.severity):
+                    out.append(alert)
+                    self.noted_only = not is_alerting(alert.severity)
         self.window.push(value)
         if self.grads is not None and (norm := finite(rec, "grad/norm")) is not None:
             self.grads.push(norm)
