@@ -117,3 +117,67 @@ def test_run_format_and_stability_stay_torch_free():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the run format / stability layer imported {out.stdout.strip()}"
+
+
+# Third-party packages worth deferring: heavy to import, or optional (an extra the importer may lack).
+DEFERRED = {"torch", "transformers", "trl", "accelerate", "peft", "datasets", "tokenizers", "dash", "plotly", "flask",
+            "werkzeug", "triton", "ray", "tensorboard", "deepspeed", "selenium", "pandas", "pyarrow", "tsdownsample",
+            "numpy", "orjson", "yaml", "pynvml", "rich", "tqdm", "psutil"}
+
+
+def _import_sites(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(modules imported at module level, (module, line) imported inside a function and not marked ``# lazy:``).
+
+    ``if TYPE_CHECKING:`` blocks do not count; ``from a import b`` names module ``a.b`` when that is a module."""
+    mod = module_name(path)
+    package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    lines = path.read_text().splitlines()
+    top: list[str] = []
+    lazy: list[tuple[str, int]] = []
+
+    def targets(n: ast.Import | ast.ImportFrom) -> list[str]:
+        if isinstance(n, ast.Import):
+            return [a.name for a in n.names]
+        base = ".".join(package[: len(package) - n.level + 1] + ([n.module] if n.module else [])) if n.level \
+            else (n.module or "")
+        return [f"{base}.{a.name}" if (ROOT / Path(*f"{base}.{a.name}".split("."))).with_suffix(".py").exists()
+                else base for a in n.names]
+
+    def walk(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                marked = any("# lazy:" in lines[i - 1] for i in range(child.lineno, (child.end_lineno or 0) + 1))
+                if not in_function:
+                    top.extend(targets(child))
+                elif not marked:
+                    lazy.extend((t, child.lineno) for t in targets(child))
+            else:
+                walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    walk(ast.parse("\n".join(lines)), False)
+    return top, lazy
+
+
+def test_function_level_imports_defer_something():
+    """An import inside a function must defer a heavy or optional package that the module does not already
+    import at module level (or say why on its line: ``# lazy: <reason>``). Otherwise it only hides a dependency."""
+    sites = {module_name(p): (p, *_import_sites(p)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+    def pulls(module: str, seen: set[str]) -> set[str]:
+        while module not in sites and module.split(".")[0] in PACKAGES and "." in module:
+            module = module.rpartition(".")[0]
+        if module not in sites:
+            return {module.split(".")[0]} & DEFERRED
+        if module in seen:
+            return set()
+        seen.add(module)
+        parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
+        return set().union(*(pulls(t, seen) for t in sites[module][1] + parents))
+
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+           for module, (path, _, lazy) in sorted(sites.items()) for target, line in lazy
+           if not pulls(target, set()) - pulls(module, set())]
+    assert not bad, "function-level imports that defer nothing (move them to the top, or mark # lazy: why):\n" \
+        + "\n".join(bad)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from profiler import report
-from rlhf_core.runformat.keys import PHASES
 from rlhf_core.runformat.run_reader import Run
+from rlhf_core.train.runner import LOCAL_PHASES as PHASES  # the local runner's phases (no weight_sync)
 
 
 def test_phase_times_of_a_short_run_add_up_to_the_step_time(smoke_run_dir):

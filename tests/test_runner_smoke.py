@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from rlhf_core.runformat.keys import PHASES, is_canonical
+from rlhf_core.runformat.keys import is_canonical
 from rlhf_core.runformat.run_reader import Run
+from rlhf_core.train.runner import LOCAL_PHASES as PHASES  # the local runner's phases (no weight_sync)
 
 REQUIRED = [
     "loss/total", "loss/policy", "loss/value", "loss/entropy", "reward/mean", "reward/std", "reward/min",

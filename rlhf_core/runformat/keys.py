@@ -24,6 +24,9 @@ PHASES = (
     "advantages",
     "update",
     "optimizer",
+    # the trainer's new weights into the generation engine's copy (the Ray engine, OpenRLHF, veRL); a runner
+    # that samples with the trained model itself has no such phase
+    "weight_sync",
     "logging",
 )
 

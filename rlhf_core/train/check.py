@@ -12,6 +12,8 @@ import sys
 import time
 from importlib import metadata
 
+from rlhf_core.tiny_model import _fingerprint, cache_root
+
 REQUIRED_DISTS = ("torch", "transformers", "accelerate", "trl", "dash", "plotly", "tensorboard", "psutil",
                   "pandas", "tqdm", "rich", "tsdownsample")
 OPTIONAL_DISTS = ("nvidia-ml-py", "triton")
@@ -52,8 +54,6 @@ def _device_lines() -> list[str]:
 
 
 def _tiny_model_line() -> str:
-    from rlhf_core.tiny_model import _fingerprint, cache_root
-
     target = cache_root() / "models" / f"tiny-gpt2-{_fingerprint(0)}"
     state = "cached" if (target / "rlhfkit_tiny.json").exists() else "not built yet (built on first train, ~3 s)"
     return f"tiny model: {target} ({state})"

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import time
@@ -30,6 +31,9 @@ from typing import Any
 
 import yaml
 
+from rlhf_core.train.checkpoint import latest_checkpoint
+from rlhf_core.train.prompts import PromptError, load_prompts
+
 REWARD_NAMES = ("sentiment", "preference", "length", "mix")
 DEVICES = ("auto", "cpu", "cuda")
 LOGPROB_IMPLS = ("auto", "torch", "chunked", "triton")
@@ -41,8 +45,10 @@ MAX_BATCH = 65536  # prompts per step or chunk: far past any machine's memory fo
 RESUME_FREE = ("run_dir", "resume", "resume_override", "overwrite", "save_every", "save_model", "epochs", "device",
                "threads", "no_tensorboard", "sample_interval", "profile", "profile_wait", "profile_warmup",
                "profile_active", "profile_repeat", "profile_full", "kl_budget", "heldout_reward", "debug_slow_rank",
-               "debug_slow_seconds", "weight_guard")
+               "debug_slow_seconds", "weight_guard", "engine", "ray_placement")
 REF_DEVICES = ("same", "cpu")
+ENGINES = ("local", "ray")
+RAY_PLACEMENTS = ("colocated", "separate")
 WEIGHT_GUARDS = ("restore", "check")
 
 
@@ -194,11 +200,29 @@ class TrainConfig:
     profile_full: bool = field(default=False, metadata={
         "group": "observability",
         "help": "also Python stacks and the memory timeline HTML in each trace (an export several times slower)"})
+    # engine
+    engine: str = field(default="local", metadata={
+        "group": "engine", "choices": ENGINES,
+        "help": "local: every stage in this process (or per torchrun rank); ray: generation, reference, reward and "
+                "trainer as Ray actors on a local Ray cluster the run starts and stops, the weights sent from the "
+                "trainer to the generation actor every step (the weight_sync phase); needs the [ray] extra"})
+    ray_placement: str = field(default="colocated", metadata={
+        "group": "engine", "choices": RAY_PLACEMENTS,
+        "help": "with --engine ray: colocated puts the four actors in one placement-group bundle (sharing its CPU "
+                "or GPU, as OpenRLHF's --colocate_all_models), separate gives each its own bundle"})
+    off_policy_steps: int = field(default=0, metadata={
+        "group": "engine", "min": 0, "max": 1,
+        "help": "with --engine ray: 1 generates step t+1 while step t trains (OpenRLHF's --async_train, veRL's "
+                "one-step-off-policy recipe), from weights one update old; the old log-probs are then recomputed "
+                "by the trainer and the sampler's gap logged as rollout/*; 0: every step samples the weights it "
+                "trains, the same numbers as --engine local"})
     # debugging
     inject_nan_step: int | None = field(default=None, metadata={
         "group": "debugging", "min": 1, "help": "make the reward of step N NaN (exercises the non-finite guard)"})
     debug_slow_rank: int | None = field(default=None, metadata={
-        "group": "debugging", "min": 0, "help": "rank that sleeps --debug_slow_seconds each step (a straggler)"})
+        "group": "debugging", "min": 0,
+        "help": "rank that sleeps --debug_slow_seconds each step (a straggler); with --engine ray the actor of that "
+                "timeline rank: 1 rollout, 2 reference, 3 reward"})
     debug_slow_seconds: float = field(default=0.0, metadata={
         "group": "debugging", "min": 0.0, "help": "sleep of --debug_slow_rank per step"})
     # keys of a saved config this version does not know (kept on --resume); not a setting
@@ -494,8 +518,6 @@ def check_resume_config(parser: argparse.ArgumentParser, saved: dict[str, Any], 
         shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
         parser.error(f"argument --resume: {len(changed)} setting(s) differ from the run's and change what it "
                      f"computes: {shown}; pass --resume_override to resume with them anyway")
-    from rlhf_core.train.checkpoint import latest_checkpoint
-
     found = latest_checkpoint(cfg.run_dir or "")
     done = found[0] if found is not None else 0
     if cfg.total_steps < done:
@@ -523,14 +545,17 @@ def validate(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
     if cfg.heldout_reward is not None:
         _check_reward(parser, cfg.heldout_reward, "--heldout_reward")
     if cfg.prompts is not None:
-        from rlhf_core.train.prompts import PromptError, load_prompts
-
         try:
             load_prompts(cfg.prompts)
         except PromptError as err:
             parser.error(f"argument --prompts: {err}")
     if cfg.batch_size % cfg.effective_mini_batch_size:
         parser.error(f"argument --mini_batch_size: {cfg.mini_batch_size} must divide --batch_size {cfg.batch_size}")
+    if cfg.engine == "ray":
+        if importlib.util.find_spec("ray") is None:
+            parser.error("argument --engine: ray is not installed (pip install 'rlhf-systems-kit[ray]')")
+    elif cfg.off_policy_steps:
+        parser.error("argument --off_policy_steps: needs --engine ray")
     if cfg.debug_slow_seconds and cfg.debug_slow_rank is None:
         parser.error("argument --debug_slow_seconds: needs --debug_slow_rank")
     if cfg.device == "cuda":

@@ -9,15 +9,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from rlhf_core.runformat.clock import ClockOffset, measure_offset
 from rlhf_core.runformat.keys import REDUCTIONS, reduction
-
-if TYPE_CHECKING:
-    from rlhf_core.runformat.clock import ClockOffset
 
 T = TypeVar("T")
 
@@ -61,8 +59,6 @@ def measure_clock_offset(info: DistInfo) -> ClockOffset:
     NCCL moves only CUDA tensors, asynchronously, so host time stamps around it would measure the launch; the
     ping-pong then runs over a gloo group made for it (CPU tensors, so each time stamp follows the transfer).
     """
-    from rlhf_core.runformat.clock import ClockOffset, measure_offset
-
     if not info.enabled:
         return ClockOffset()
     return measure_offset(info.rank, info.world_size, host_group(info))

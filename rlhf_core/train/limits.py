@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from memory.estimator import predict
+from memory.run_memory import spec_from_train_config
+from rlhf_core.tiny_model import is_tiny, resolve_model_path
 from rlhf_core.train.config import TrainConfig
 
 MARGIN = 1.0  # refuse only what the estimate says cannot fit at all: the estimate is calibrated, not a bound
@@ -19,14 +22,10 @@ MARGIN = 1.0  # refuse only what the estimate says cannot fit at all: the estima
 def _model_config(cfg: TrainConfig) -> Any:
     """The model's config without its weights (the tiny model's is a constant); None when it cannot be read
     (loading the model reports that)."""
-    from rlhf_core.tiny_model import is_tiny
-
     if is_tiny(cfg.model):
         return None  # memory.run_memory uses TINY_CONFIG for None
     try:
         from transformers import AutoConfig
-
-        from rlhf_core.tiny_model import resolve_model_path
 
         return AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     except Exception:  # noqa: BLE001 - unreadable config: the model load gives the one-line error
@@ -49,9 +48,6 @@ def _gib(n: float) -> str:
 def step_memory_problem(cfg: TrainConfig, device: torch.device, available: int | None = None) -> str | None:
     """One line when the estimated peak of a step exceeds ``available`` (default: what the device has free),
     else None."""
-    from memory.estimator import predict
-    from memory.run_memory import spec_from_train_config
-
     model_config = _model_config(cfg)
     if model_config is False:
         return None

@@ -15,24 +15,29 @@ from __future__ import annotations
 import gc
 import json
 import math
-import random
 import signal
 import sys
 import threading
 import time
-from collections import defaultdict
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from rlhf_core.runformat.keys import reduce_values
+from memory.run_memory import write_run_memory
+from profiler import tracing
+from profiler.phases import PhaseTimer
+from profiler.sampler import SystemSampler
+from profiler.timeline import TimelineRecorder
+from rlhf_core.runformat.keys import PHASES
+from rlhf_core.runformat.run_reader import Run
 from rlhf_core.runformat.run_writer import RunWriter
-from rlhf_core.runformat.samples import text_stats
 from rlhf_core.stability.analysis import LiveAlerts
 from rlhf_core.stability.rules.base import is_alerting
+from rlhf_core.tiny_model import is_tiny, resolve_model_path
 from rlhf_core.train import distributed as dist_utils
 from rlhf_core.train import ppo
 from rlhf_core.train.checkpoint import (
@@ -44,20 +49,39 @@ from rlhf_core.train.checkpoint import (
     prepare_resume,
     save_checkpoint,
 )
-from rlhf_core.train.config import TrainConfig
+from rlhf_core.train.config import TrainConfig, computation_changes
+from rlhf_core.train.experience import (
+    Experience,
+    RunnerError,
+    Samples,
+    Scores,
+    UpdateStats,
+    generate_samples,
+    reference_logp,
+    score_samples,
+    step_seed,
+)
 from rlhf_core.train.finite_guard import MAX_NONFINITE_UPDATES, WeightGuard
 from rlhf_core.train.flat_params import FlatParams
+from rlhf_core.train.limits import step_memory_problem
+from rlhf_core.train.policy import (
+    PolicyWithValue,
+    load_causal_lm,
+    load_tokenizer,
+    make_reference,
+    response_hidden,
+    score_tokens,
+)
 from rlhf_core.train.probes import kl_estimates, layer_metrics, rollout_mismatch
-from rlhf_core.train.prompts import batch_for_step, get_prompts
-from rlhf_core.train.rewards import RewardError, RewardFn, get_reward, score
+from rlhf_core.train.prompts import get_prompts
+from rlhf_core.train.rewards import RewardFn, get_reward
 
+# the phases one step of this runner times, in order: every phase of the run format but the weight sync, which a
+# runner that samples with the trained model itself does not have (the Ray engine adds it)
+LOCAL_PHASES = tuple(p for p in PHASES if p != "weight_sync")
 # phases holding a collective every rank enters (the non-finite checks, DDP's gradient all-reduce): where a rank
 # waits for a slower one (rlhf_core.runformat.timeline); "logging" too when the adaptive KL all-reduces the KL
 COLLECTIVE_PHASES = ("advantages", "update", "optimizer")
-
-
-class RunnerError(Exception):
-    """A problem with the inputs of a run (model not loadable, world size mismatch…): one line for the user."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -88,8 +112,6 @@ def resolve_device(name: str) -> torch.device:
 def configure_threads(cfg: TrainConfig) -> int:
     """Set torch's CPU threads: ``--threads``, else 1 for the built-in tiny model (its matmuls are so small that a
     second thread only adds synchronisation, which turns into milliseconds per op on a busy machine)."""
-    from rlhf_core.tiny_model import is_tiny
-
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     elif is_tiny(cfg.model):
@@ -104,23 +126,11 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def step_seed(seed: int, stream: str, step: int, rank: int) -> int:
-    """A seed that depends only on (seed, stream, step, rank): resume needs no sampler state."""
-    return random.Random(f"{stream}/{seed}/{rank}/{step}").getrandbits(63)
-
-
-def _finite_stats(values: list[float]) -> dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {
-        "reward/mean": t.mean().item(),
-        "reward/std": t.std().item() if len(values) > 1 else 0.0,
-        "reward/min": t.min().item(),
-        "reward/max": t.max().item(),
-    }
-
-
 class PPORunner:
     """Builds everything a run needs from a TrainConfig, then :meth:`run` trains and writes the run dir."""
+
+    ROLE = "runner"  # the process's role in the run's timeline
+    announce = True  # console lines (the Ray engine's trainer actor leaves them to the driver)
 
     def __init__(self, cfg: TrainConfig, reward_fn: RewardFn | None = None):
         self.cfg = cfg
@@ -139,8 +149,6 @@ class PPORunner:
         self.prompts = dist_utils.shard(get_prompts(cfg.prompts), self.info)
         if not self.prompts:
             raise RunnerError(f"rank {self.info.rank} got no prompts: fewer prompts than processes")
-        from rlhf_core.train.limits import step_memory_problem
-
         problem = step_memory_problem(cfg, self.device)  # before the models: an oversized batch fails in a line
         if problem:
             raise RunnerError(problem)
@@ -161,7 +169,7 @@ class PPORunner:
             self.run_dir, source="rlhf_core", config=cfg.to_dict(), rank=self.info.rank,
             world_size=self.info.world_size, device=str(self.device), tensorboard=not cfg.no_tensorboard,
             resume=bool(cfg.resume), overwrite=cfg.overwrite,
-            extra_meta={"torch_threads": self.threads},
+            extra_meta={"torch_threads": self.threads, "engine": cfg.engine},
             tb_purge_step=self.start_step + 1 if cfg.resume else None,
         )
         if cfg.resume:
@@ -169,21 +177,19 @@ class PPORunner:
         self.live = LiveAlerts(self.writer)  # the rules read the KL budget and clip norm from the run's meta
         if cfg.resume and self.info.is_main:
             self._replay_history()
-        from profiler.phases import PhaseTimer
-        from profiler.timeline import TimelineRecorder
-
         collective = COLLECTIVE_PHASES + (("logging",) if cfg.adaptive_kl else ())
         self.timeline = TimelineRecorder(
-            self.writer.run_dir, rank=self.info.rank, world_size=self.info.world_size, role="runner",
+            self.writer.run_dir, rank=self.info.rank, world_size=self._timeline_processes(), role=self.ROLE,
             clock=self.clock, collective=collective, exchange_waits=self.info.enabled,
             group=dist_utils.host_group(self.info), source="rlhf_core")
         self.timer = PhaseTimer(self.device, timeline=self.timeline)
 
+    def _timeline_processes(self) -> int:
+        """How many processes write this run's timeline (the Ray engine: its actors)."""
+        return self.info.world_size
+
     # ---------------------------------------------------------------- setup
     def _build_models(self) -> None:
-        from rlhf_core.tiny_model import resolve_model_path
-        from rlhf_core.train.policy import PolicyWithValue, load_causal_lm, load_tokenizer, make_reference
-
         cfg = self.cfg
         path = resolve_model_path(cfg.model)
         try:
@@ -207,8 +213,6 @@ class PPORunner:
             raise RunnerError(f"cannot train {cfg.model!r}: {err}") from None
         self.trained: torch.nn.Module = self.policy
         if self.info.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.trained = DistributedDataParallel(self.policy, device_ids=ids)
 
@@ -265,8 +269,6 @@ class PPORunner:
         """``meta.json`` of a resumed run: the config now in force, and where this session took over from
         (the status and reason the run had; ``running`` there means its process died without closing it) and
         the settings ``--resume_override`` let change."""
-        from rlhf_core.train.config import computation_changes
-
         previous = self.writer.previous or {}
         reason = previous.get("reason")
         if previous.get("status") == "running":
@@ -282,77 +284,45 @@ class PPORunner:
 
     def _replay_history(self) -> None:
         """Feed the kept records to the rules without writing their alerts again (events.jsonl has them)."""
-        from rlhf_core.runformat.run_reader import Run
-
         self.live.replay(Run(self.run_dir).metrics())
 
     # ---------------------------------------------------------------- one step
-    def _rollout(self, step: int):
-        from rlhf_core.train.policy import DTYPES
-        from rlhf_core.train.sampling import generate, pad_and_concat
+    def _samples(self, step: int) -> Samples:
+        samples = generate_samples(self.cfg, self.policy.model, self.tokenizer, self.prompts, step, self.info.rank,
+                                   self.device)
+        if self.cfg.debug_slow_rank == self.info.rank and self.cfg.debug_slow_seconds > 0:
+            time.sleep(self.cfg.debug_slow_seconds)
+        return samples
 
-        cfg, tok = self.cfg, self.tokenizer
-        # --rollout_dtype: the sampler in its own precision, returning its log-probs to measure the mismatch
-        dtype = DTYPES[cfg.rollout_dtype] if cfg.rollout_dtype else None
-        prompts = batch_for_step(self.prompts, cfg.batch_size, cfg.seed, step, self.info.rank)
-        enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
-        gen = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, "sample", step, self.info.rank))
-        chunk = cfg.effective_rollout_batch_size
-        parts = [
-            generate(self.policy.model, enc.input_ids[i: i + chunk], enc.attention_mask[i: i + chunk],
-                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, generator=gen, temperature=cfg.temperature,
-                     top_k=cfg.top_k, top_p=cfg.top_p, dtype=dtype, with_logprobs=dtype is not None)
-            for i in range(0, len(prompts), chunk)
-        ]
-        if cfg.debug_slow_rank == self.info.rank and cfg.debug_slow_seconds > 0:
-            time.sleep(cfg.debug_slow_seconds)
-        return prompts, pad_and_concat(parts, tok.pad_token_id)
+    def _inputs(self, step: int) -> tuple[Samples, Scores, torch.Tensor]:
+        """Generation, reward and reference log-probs of the step, each in its phase (the Ray engine runs them
+        in its actors instead)."""
+        timer = self.timer
+        with timer.phase("rollout"):
+            samples = self._samples(step)
+        with timer.phase("reward"):
+            scores = score_samples(self.cfg, samples, self.tokenizer, self.reward_fn, self.heldout_fn)
+        with timer.phase("ref_logprobs"):
+            ref_logp = reference_logp(self.cfg, self.ref, samples, self.device)
+        return samples, scores, ref_logp
 
     def _any_nonfinite(self, value: float) -> bool:
         return dist_utils.any_nonfinite(value, self.info, self.device)
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One PPO iteration; returns this rank's metrics (times included)."""
-        from rlhf_core.train.policy import reference_logprobs, response_hidden, score_tokens
-
-        cfg, timer, policy = self.cfg, self.timer, self.policy
-        timer.start_step(step)
-
-        with timer.phase("rollout"):
-            prompts, roll = self._rollout(step)
-            mask = roll.response_mask.float()
-
-        with timer.phase("reward"):
-            texts = self.tokenizer.batch_decode(roll.response_ids * roll.response_mask, skip_special_tokens=True)
-            try:
-                scores = score(self.reward_fn, prompts, texts)
-            except RewardError as err:
-                raise RunnerError(f"step {step}: {err}") from None
-            if cfg.inject_nan_step == step:
-                scores[0] = math.nan
-            side = text_stats(texts)
-            if self.heldout_fn is not None:
-                try:
-                    side["reward/heldout"] = sum(score(self.heldout_fn, prompts, texts)) / len(texts)
-                except RewardError as err:
-                    raise RunnerError(f"step {step}: held-out reward: {err}") from None
-            scores_t = torch.tensor(scores, dtype=torch.float32, device=self.device)
-
-        with timer.phase("ref_logprobs"):
-            ref_logp = reference_logprobs(self.ref, roll.input_ids, roll.attention_mask, roll.prompt_len,
-                                          impl=cfg.logprob_impl, temperature=cfg.temperature,
-                                          out_device=self.device)
-
+    def _experience(self, samples: Samples, scores: Scores, ref_logp: torch.Tensor) -> Experience:
+        """Old-policy log-probs and values, KL-penalised rewards, GAE: the batch the update trains on."""
+        cfg, timer, policy, roll, mask = self.cfg, self.timer, self.policy, samples.rollout, samples.mask
         with timer.phase("old_logprobs"), torch.no_grad():
             # CleanRL-style: the policy's log-probs and values at sampling time; the sampler kept the hidden
             # states, so only the head runs here (a fresh forward where it did not, or --old_logprobs recompute,
-            # or --rollout_dtype: the trainer's own log-probs of the sampled tokens, to set against the sampler's)
+            # or when the sampler returned its own log-probs: the trainer's log-probs of the sampled tokens, to
+            # set against the sampler's)
             hidden = roll.hidden if cfg.old_logprobs_from_rollout and roll.logprobs is None else None
             if hidden is None:
                 hidden = response_hidden(policy.model, roll.input_ids, roll.attention_mask, roll.prompt_len)
             old_logp, entropy = score_tokens(policy.model, hidden, roll.response_ids, impl=cfg.logprob_impl,
                                              temperature=cfg.temperature, with_entropy=True)
+            assert entropy is not None  # asked for
 
         with timer.phase("values"), torch.no_grad():
             old_values = policy.values_from_hidden(hidden) * mask
@@ -360,49 +330,61 @@ class PPORunner:
 
         with timer.phase("advantages"):
             kl_coef = self.kl_ctl.value
-            reward_bad = self._any_nonfinite(sum(scores))
-            token_rewards, kl_tok = ppo.kl_penalised_rewards(scores_t, old_logp, ref_logp, mask, kl_coef)
+            reward_bad = self._any_nonfinite(sum(scores.rewards))
+            rewards_t = torch.tensor(scores.rewards, dtype=torch.float32, device=self.device)
+            token_rewards, kl_tok = ppo.kl_penalised_rewards(rewards_t, old_logp, ref_logp, mask, kl_coef)
             advantages, returns = ppo.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
-            raw_adv_mean = ppo.masked_mean(advantages, mask).item()
-            raw_adv_std = ppo.masked_var(advantages, mask).sqrt().item()
+            adv_mean = ppo.masked_mean(advantages, mask).item()
+            adv_std = ppo.masked_var(advantages, mask).sqrt().item()
             advantages = ppo.masked_whiten(advantages, mask)
+        return Experience(samples, scores, ref_logp, old_logp, entropy, old_values, kl_coef, kl_tok, advantages,
+                          returns, adv_mean, adv_std, reward_finite=not reward_bad)
 
-        stats: dict[str, list[float]] = defaultdict(list)
-        layer_norms: dict[str, list[float]] = defaultdict(list)
-        if reward_bad:
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One PPO iteration; returns this rank's metrics (times included)."""
+        cfg, timer = self.cfg, self.timer
+        timer.start_step(step)
+        samples, scores, ref_logp = self._inputs(step)
+        exp = self._experience(samples, scores, ref_logp)
+        if exp.reward_finite:
+            stats = self._ppo_update(step, exp)
+        else:
             with timer.phase("update"):
-                skipped = cfg.ppo_epochs * (cfg.batch_size // cfg.effective_mini_batch_size)
+                stats = UpdateStats(skipped=cfg.ppo_epochs * (cfg.batch_size // cfg.effective_mini_batch_size))
                 self.writer.event(step, "skip", severity="warning", rule="nonfinite",
                                   message=f"non-finite reward at step {step}: PPO update skipped",
-                                  data={"reward_sum": sum(scores), "skipped_updates": skipped})
-        else:
-            skipped = self._ppo_update(step, roll, mask, old_logp, old_values, advantages, returns, stats, layer_norms)
+                                  data={"reward_sum": sum(scores.rewards), "skipped_updates": stats.skipped})
+        self._after_update(step)
 
         with timer.phase("logging"):
-            record = self._step_metrics(step, scores, roll, mask, old_logp, ref_logp, entropy, old_values,
-                                        returns, kl_coef, raw_adv_mean, raw_adv_std, stats, layer_norms, skipped)
-            record.update(side)
-            if roll.logprobs is not None:  # --rollout_dtype: the sampler's log-probs vs the trainer's recompute
-                record.update(rollout_mismatch(old_logp, roll.logprobs, mask))
-            self._log_samples(step, prompts, texts, scores, kl_tok, mask)
-            seq_kl = (kl_tok.sum(-1).mean().item())
+            record = self._step_metrics(step, exp, stats)
+            self._log_samples(exp)
+            seq_kl = (exp.kl_tok.sum(-1).mean().item())
             if cfg.adaptive_kl:  # every rank must move the coefficient by the same, global KL
                 seq_kl = dist_utils.all_reduce_metrics({"kl": seq_kl}, self.info, self.device)["kl"]
             self.kl_ctl.update(seq_kl, cfg.batch_size * self.info.world_size)
-            tokens = float(mask.sum().item())
-        record.update(timer.end_step())
+            tokens = float(exp.mask.sum().item())
+        record.update(self._step_times(timer.end_step()))
         record["throughput/tokens_per_s"] = tokens / max(record["time/step"], 1e-9)
         return record
 
-    def _ppo_update(self, step, roll, mask, old_logp, old_values, advantages, returns, stats, layer_norms) -> int:
-        """``ppo_epochs`` passes over shuffled minibatches; returns how many optimizer steps were skipped.
+    def _after_update(self, step: int) -> None:
+        """After the update, before the record: where the Ray engine sends the new weights to its sampler."""
+
+    def _step_times(self, times: dict[str, float]) -> dict[str, float]:
+        """This process's phase times of the step (the Ray engine adds its actors')."""
+        return times
+
+    def _ppo_update(self, step: int, exp: Experience) -> UpdateStats:
+        """``ppo_epochs`` passes over shuffled minibatches; returns their statistics and how many optimizer
+        steps were skipped.
 
         All work, bookkeeping included, sits inside the ``update`` and ``optimizer`` phases, so the phase
         times add up to the step time.
         """
-        cfg, timer = self.cfg, self.timer
+        cfg, timer, roll, mask = self.cfg, self.timer, exp.rollout, exp.mask
         shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, "shuffle", step, self.info.rank))
-        mb, skipped = cfg.effective_mini_batch_size, 0
+        mb, stats = cfg.effective_mini_batch_size, UpdateStats()
         for epoch in range(cfg.ppo_epochs):
             for start in range(0, cfg.batch_size, mb):
                 last = epoch == cfg.ppo_epochs - 1 and start + mb >= cfg.batch_size
@@ -413,8 +395,9 @@ class PPORunner:
                     m = mask[idx]
                     out = self.trained(roll.input_ids[idx], roll.attention_mask[idx], roll.prompt_len,
                                        with_entropy=cfg.ent_coef > 0)
-                    pl = ppo.policy_loss(out.logp, old_logp[idx], advantages[idx], m, cfg.cliprange)
-                    vl, v_clipfrac = ppo.value_loss(out.values, old_values[idx], returns[idx], m, cfg.cliprange_value)
+                    pl = ppo.policy_loss(out.logp, exp.old_logp[idx], exp.advantages[idx], m, cfg.cliprange)
+                    vl, v_clipfrac = ppo.value_loss(out.values, exp.old_values[idx], exp.returns[idx], m,
+                                                    cfg.cliprange_value)
                     ent_term = (-cfg.ent_coef * ppo.masked_mean(out.entropy, m) if cfg.ent_coef > 0
                                 else pl.loss.new_zeros(()))
                     loss = pl.loss + cfg.vf_coef * vl + ent_term
@@ -428,7 +411,7 @@ class PPORunner:
                     total, per_block = self.params.grad_norms() if last and not loss_bad else (None, {})
                     grad_norm = math.nan if loss_bad else self.params.clip_grads(cfg.max_grad_norm, total)
                     if loss_bad or self._any_nonfinite(grad_norm):
-                        skipped += 1
+                        stats.skipped += 1
                         self.writer.event(step, "skip", severity="warning", rule="nonfinite",
                                           message=f"non-finite loss or gradient at step {step}: optimizer step skipped",
                                           data={"loss": loss.item(), "grad_norm": grad_norm})
@@ -436,26 +419,21 @@ class PPORunner:
                     self.guard.save()
                     self.optimizer.step()
                     if self._any_nonfinite(0.0 if self.guard.finite() else math.nan):
-                        skipped += 1
+                        stats.skipped += 1
                         self._undo_nonfinite_update(step, grad_norm)
                         continue
                     self._nonfinite_streak = 0
-                    stats["loss/total"].append(loss.item())
-                    stats["loss/policy"].append(pl.loss.item())
-                    stats["loss/value"].append(vl.item())
-                    stats["loss/entropy"].append(float(ent_term.item()))
-                    stats["policy/approx_kl"].append(pl.approx_kl.item())
-                    stats["policy/clipfrac"].append(pl.clipfrac.item())
-                    stats["policy/ratio_mean"].append(pl.ratio_mean.item())
-                    stats["policy/ratio_min"].append(pl.ratio_min.item())
-                    stats["policy/ratio_max"].append(pl.ratio_max.item())
-                    stats["value/clipfrac"].append(v_clipfrac.item())
-                    stats["grad/norm"].append(grad_norm)
-                    stats["grad/clipped"].append(float(grad_norm > cfg.max_grad_norm))
-                    for block, value in per_block.items():
-                        layer_norms[block].append(value)
+                    stats.add({
+                        "loss/total": loss.item(), "loss/policy": pl.loss.item(), "loss/value": vl.item(),
+                        "loss/entropy": float(ent_term.item()), "policy/approx_kl": pl.approx_kl.item(),
+                        "policy/clipfrac": pl.clipfrac.item(), "policy/ratio_mean": pl.ratio_mean.item(),
+                        "policy/ratio_min": pl.ratio_min.item(), "policy/ratio_max": pl.ratio_max.item(),
+                        "value/clipfrac": v_clipfrac.item(), "grad/norm": grad_norm,
+                        "grad/clipped": float(grad_norm > cfg.max_grad_norm)})
+                    if per_block:
+                        stats.layer_norms = per_block
         self.params.release_grads()
-        return skipped
+        return stats
 
     def _undo_nonfinite_update(self, step: int, grad_norm: float) -> None:
         """The weights went non-finite in an optimizer step: restore them and the optimizer state from before
@@ -479,41 +457,43 @@ class PPORunner:
                               f"steps in a row (each undone; learning rate {lr:g} too high?); the last finite "
                               "weights are those of the newest checkpoint")
 
-    def _log_samples(self, step: int, prompts: list[str], texts: list[str], scores: list[float],
-                     kl_tok: torch.Tensor, mask: torch.Tensor) -> None:
+    def _log_samples(self, exp: Experience) -> None:
         """A bounded sample of this step's completions to ``samples.jsonl`` (rank 0): the text shows reward
         hacking and collapse before the scalars do. ``kl`` is the sequence's summed per-token KL penalty term."""
         if not self.info.is_main:
             return
-        kl = kl_tok.sum(-1).tolist()
-        lengths = mask.sum(-1).long().tolist()
-        self.writer.log_samples(step, [{"prompt": p, "completion": t, "reward": r, "kl": k, "length": n}
-                                       for p, t, r, k, n in zip(prompts, texts, scores, kl, lengths)])
+        kl = exp.kl_tok.sum(-1).tolist()
+        lengths = exp.mask.sum(-1).long().tolist()
+        self.writer.log_samples(exp.samples.step, [
+            {"prompt": p, "completion": t, "reward": r, "kl": k, "length": n}
+            for p, t, r, k, n in zip(exp.samples.prompts, exp.scores.texts, exp.scores.rewards, kl, lengths)])
 
-    def _step_metrics(self, step, scores, roll, mask, old_logp, ref_logp, entropy, old_values, returns, kl_coef,
-                      adv_mean, adv_std, stats, layer_norms, skipped) -> dict[str, Any]:
-        cfg = self.cfg
+    def _step_metrics(self, step: int, exp: Experience, stats: UpdateStats) -> dict[str, Any]:
+        """The step's record: the update's statistics, reduced as each key declares, and the batch's probes."""
+        cfg, mask = self.cfg, exp.mask
         record: dict[str, Any] = {"epoch": (step - 1) // cfg.steps_per_epoch + 1}
-        for key, values in stats.items():  # over the step's minibatches, as the key declares (keys.reduction)
-            record[key] = reduce_values(key, values)
-        record.update(layer_metrics("grad", {b: v[-1] for b, v in layer_norms.items()}))  # the step's last update
-        record.update(_finite_stats(scores))
-        record.update(kl_estimates(old_logp, ref_logp, mask))
-        record["kl/coef"] = kl_coef
-        record["policy/entropy"] = ppo.masked_mean(entropy, mask).item()
-        record["value/explained_var"] = ppo.explained_variance(old_values, returns, mask)
-        record["value/mean"] = ppo.masked_mean(old_values, mask).item()
-        record["adv/mean"], record["adv/std"] = adv_mean, adv_std
+        record.update(stats.reduced())
+        record.update(layer_metrics("grad", stats.layer_norms))  # the step's last update
+        record.update(exp.scores.reward_stats())
+        record.update(kl_estimates(exp.old_logp, exp.ref_logp, mask))
+        record["kl/coef"] = exp.kl_coef
+        record["policy/entropy"] = ppo.masked_mean(exp.entropy, mask).item()
+        record["value/explained_var"] = ppo.explained_variance(exp.old_values, exp.returns, mask)
+        record["value/mean"] = ppo.masked_mean(exp.old_values, mask).item()
+        record["adv/mean"], record["adv/std"] = exp.adv_mean, exp.adv_std
         record["grad/max_norm"] = cfg.max_grad_norm
         drift, per_block = self.params.drift()
         record["drift/rel"] = drift
         record.update(layer_metrics("drift", per_block))
         record["response/length_mean"] = mask.sum(-1).mean().item()
-        record["response/eos_rate"] = roll.eos.float().mean().item()
+        record["response/eos_rate"] = exp.rollout.eos.float().mean().item()
         record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["skipped"] = skipped
+        record["skipped"] = stats.skipped
         if self.info.enabled:
             record["src/param_checksum"] = dist_utils.param_checksum(self.policy)
+        record.update(exp.scores.side)
+        if exp.rollout.logprobs is not None:  # the sampler's log-probs vs the trainer's (rollout/*)
+            record.update(rollout_mismatch(exp.old_logp, exp.rollout.logprobs, mask))
         return record
 
     # ---------------------------------------------------------------- the loop
@@ -544,7 +524,7 @@ class PPORunner:
     def _print(self, line: str) -> None:
         """One console line. Around the progress bar (stderr) only when both share a terminal: clearing and
         redrawing the bar for every line costs ~0.2 ms a step, and in a log file it only adds noise."""
-        if not self.info.is_main:
+        if not self.info.is_main or not self.announce:
             return
         if _isatty(sys.stdout) and _isatty(sys.stderr):
             from tqdm import tqdm
@@ -580,9 +560,7 @@ class PPORunner:
         cfg = self.cfg
         if not cfg.profile:
             return nullcontext()
-        from profiler.tracing import TraceSession
-
-        return TraceSession(self.writer.traces_dir, wait=cfg.profile_wait, warmup=cfg.profile_warmup,
+        return tracing.TraceSession(self.writer.traces_dir, wait=cfg.profile_wait, warmup=cfg.profile_warmup,
                             active=cfg.profile_active, repeat=cfg.profile_repeat, device=self.device,
                             rank=self.info.rank, step_offset=self.start_step + 1, with_stack=cfg.profile_full,
                             memory_timeline=cfg.profile_full, writer=self.writer)
@@ -597,14 +575,13 @@ class PPORunner:
         old_term = self._catch_sigterm()
         try:
             if cfg.sample_interval > 0:
-                from profiler.sampler import SystemSampler
-
                 sampler = SystemSampler(self.writer, cfg.sample_interval)
                 sampler.start()
             with ExitStack() as stack:
                 tracer = stack.enter_context(self._trace_session())
                 bar = stack.enter_context(tqdm(total=total, initial=self.start_step, desc="PPO", unit="step",
-                                               disable=not self.info.is_main, file=sys.stderr, leave=False))
+                                               disable=not (self.info.is_main and self.announce), file=sys.stderr,
+                                               leave=False))
                 for step in range(self.start_step + 1, total + 1):
                     record = self.train_step(step)
                     run_record, shown = self._log(step, record)
@@ -674,8 +651,6 @@ class PPORunner:
         """
         if self.info.is_main:
             try:
-                from memory.run_memory import write_run_memory
-
                 write_run_memory(self.writer.run_dir, self.cfg.to_dict(), self.policy.model.config)
             except Exception as err:  # noqa: BLE001 - a failed report must not fail the run
                 print(f"memory.json not written: {type(err).__name__}: {err}", file=sys.stderr)
@@ -688,18 +663,8 @@ class PPORunner:
         except OSError as err:  # not even an in-place rewrite of meta.json fit: say so, keep the run's own error
             print(f"meta.json not updated to {status!r}: {err}", file=sys.stderr)
         torch.set_num_threads(self._threads_before)
-        if self.info.is_main:
-            run = Path(self.run_dir)
-            ckpts = [path for _, path in list_checkpoints(run)]
-            print(f"\nRun {status}: {run}")
-            print(f"  metrics:     {self.writer.run_dir / 'metrics.jsonl'}")
-            events = run / "events.jsonl"
-            n_events = sum(1 for _ in events.open()) if events.exists() else 0
-            print(f"  events:      {events} ({n_events} event(s))" if n_events else "  events:      (none)")
-            print(f"  tensorboard: {self.writer.tb_dir if not self.cfg.no_tensorboard else '(off)'}")
-            print(f"  checkpoints: {', '.join(str(p) for p in ckpts) or '(none)'}")
-            if self.cfg.save_model and status == "finished":
-                print(f"  model:       {run / 'model'} (save_pretrained)")
+        if self.info.is_main and self.announce:
+            print_summary(Path(self.run_dir), status, self.cfg)
         if self.info.enabled:
             # DDP's reducer keeps the gloo process group and its last async work (with tensors) alive; freed at
             # interpreter teardown they abort the process ("terminate called without an active exception").
@@ -710,6 +675,25 @@ class PPORunner:
         dist_utils.shutdown()
 
 
+def print_summary(run: Path, status: str, cfg: TrainConfig) -> None:
+    """Where everything of a finished (or stopped) run is: the console's last lines."""
+    ckpts = [path for _, path in list_checkpoints(run)]
+    print(f"\nRun {status}: {run}")
+    print(f"  metrics:     {run / 'metrics.jsonl'}")
+    events = run / "events.jsonl"
+    n_events = sum(1 for _ in events.open()) if events.exists() else 0
+    print(f"  events:      {events} ({n_events} event(s))" if n_events else "  events:      (none)")
+    print(f"  tensorboard: {run / 'tb' if not cfg.no_tensorboard else '(off)'}")
+    print(f"  checkpoints: {', '.join(str(p) for p in ckpts) or '(none)'}")
+    if cfg.save_model and status == "finished":
+        print(f"  model:       {run / 'model'} (save_pretrained)")
+
+
 def train(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> RunResult:
-    """Train with ``cfg`` (and optionally any Python callable as the reward); returns where the run went."""
+    """Train with ``cfg`` (and optionally any Python callable as the reward); returns where the run went.
+    ``--engine ray`` runs the same step in Ray actors (:mod:`rlhf_core.train.ray_engine`, imported only then)."""
+    if cfg.engine == "ray":
+        from rlhf_core.train.ray_engine import train_ray  # lazy: ray is an optional extra
+
+        return train_ray(cfg, reward_fn)
     return PPORunner(cfg, reward_fn).run()
