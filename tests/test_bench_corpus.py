@@ -39,3 +39,50 @@ def test_every_outcome_kind_has_accepted_rules():
     from benchmarks.corpus.labels import KINDS
 
     assert set(ACCEPTED) == set(KINDS) and all(ACCEPTED.values())
+
+
+def test_spike_check_counts_healthy_runs_whose_gradient_norm_passed_the_spike_bar():
+    from benchmarks.bench_corpus import spike_section, spiked
+
+    split = {"split": "spike_check", "per_run": {
+        "a": {"label": "healthy", "alerts": ["grad_spike:info@40", "kl_budget:info@90"]},
+        "b": {"label": "healthy", "alerts": ["kl_budget:info@12"]},
+        "c": {"label": "healthy", "alerts": ["grad_spike:warning@7"]},
+        "d": {"label": "unstable", "alerts": ["grad_spike:warning@3"]},
+    }}
+    assert spiked(split) == 2
+    rows = spike_section(split)
+    assert "| a | info@40 | - |" in rows and "| b | - | - |" in rows
+    assert "| c | warning@7 | grad_spike:warning@7 |" in rows and not any(r.startswith("| d ") for r in rows)
+
+
+def test_spike_check_seeds_are_their_own_split_and_only_runner_settings():
+    from benchmarks.corpus.grid import DEV_SEEDS, SEEDS, SPIKE_CHECK_SEEDS, specs, split_of
+
+    assert not set(SPIKE_CHECK_SEEDS) & set(SEEDS) and {split_of(s) for s in SPIKE_CHECK_SEEDS} == {"spike_check"}
+    assert {split_of(s) for s in SEEDS} == {"dev", "heldout"} and {split_of(s) for s in DEV_SEEDS} == {"dev"}
+    spike = specs(spike_check=True)
+    assert {s["trainer"] for s in spike} == {"runner"} and {s["split"] for s in spike} == {"spike_check"}
+    assert {s["setting"] for s in spike} == {"lr1e-3_kl0.05_sentiment", "lr3e-2_kl0.1_sentiment",
+                                              "lr1e-2_kl0.02_length"}
+    assert len(spike) == 3 * len(SPIKE_CHECK_SEEDS) and len(specs()) == 18 * len(SEEDS)
+
+
+def test_spike_check_without_its_runs_is_carried_over_marked_with_its_date(tmp_path):
+    import json
+
+    from benchmarks.bench_corpus import markdown, spike_split
+
+    previous = tmp_path / "corpus.json"
+    assert spike_split(tmp_path / "absent", previous) is None
+    split = {"split": "spike_check", "runs": 1, "unstable": 0, "healthy": 1, "detected": 0, "recall": None,
+             "lead": None, "false_alarms": 0, "false_alarm_rate": 0.0, "by_trainer": {}, "per_rule": {},
+             "per_run": {"a": {"label": "healthy", "alerts": []}}}
+    previous.write_text(json.dumps({"measured_at": "2026-11-30 20:30:00",
+                                    "details": {"splits": [{"split": "dev"}, split]}}))
+    got = spike_split(tmp_path / "absent", previous)
+    assert got is not None and got["carried_over"] == "2026-11-30 20:30:00"
+    assert "carried over from the run of 2026-11-30 20:30:00" in markdown("corpus", [got])
+    # carried over twice: still the date of the run that scored it
+    previous.write_text(json.dumps({"measured_at": "2026-12-01 09:00:00", "details": {"splits": [got]}}))
+    assert spike_split(tmp_path / "absent", previous)["carried_over"] == "2026-11-30 20:30:00"

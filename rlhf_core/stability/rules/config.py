@@ -29,6 +29,12 @@ class DetectorConfig:
     nonfinite_prefixes: tuple[str, ...] = ("loss/", "grad/norm", "reward/", "kl/", "policy/", "adv/", "value/",
                                            "drift/")
     nonfinite_ignore: tuple[str, ...] = ("value/explained_var",)  # NaN by definition when the returns are constant
+    # skipped updates: the producer's per-step count of optimizer steps it dropped because the loss, the
+    # gradient or the weights went non-finite (the runner's finite guard writes it as `skipped`; the values it
+    # then logs are finite, so the keys above never show it): a warning at the first step with a skip, critical
+    # once nonfinite_skip_steps steps of one episode had skips (no longer an odd batch: the run keeps hitting it)
+    skipped_key: str = "skipped"
+    nonfinite_skip_steps: int = 3
 
     # gradient / loss spike: value > median + spike_sigma * robust sigma (IQR/1.349) of the previous values
     spike_keys: tuple[str, ...] = ("grad/norm", "loss/total")

@@ -21,13 +21,28 @@ from rlhf_core.stability.rules.knobs import Knobs
 
 
 class NonFinite(Rule):
-    """NaN/Inf in losses, gradient norm, rewards, KL or policy statistics (verl skips such steps)."""
+    """NaN/Inf in losses, gradient norm, rewards, KL or policy statistics (verl skips such steps); and updates
+    that a producer's finite guard skipped.
+
+    A guard that drops a non-finite update (the runner restores the weights and logs finite values) leaves no
+    NaN in the record: only its count of skipped optimizer steps (``skipped_key``) shows that the run is
+    hitting non-finite values. The first step with a skip is a ``warning`` (the guard did its job once); skips
+    on ``nonfinite_skip_steps`` steps of one episode are ``critical``. NaN values and skips have their own
+    episodes, so an early skip warning does not silence a later NaN; when both come at once, the critical
+    alert about the values names the skips too.
+    """
 
     name = "nonfinite"
 
     def __init__(self, cfg: DetectorConfig):
         self.prefixes, self.ignore = cfg.nonfinite_prefixes, frozenset(cfg.nonfinite_ignore)
         self.trigger = Trigger(1, cfg.rearm_steps)
+        self.skipped_key, self.skip_limit = cfg.skipped_key, cfg.nonfinite_skip_steps
+        self.skip_trigger = Trigger(1, cfg.rearm_steps)
+        self.skip_first: int | None = None  # first step with a skip in this episode
+        self.skip_steps = 0                 # steps with a skip in this episode
+        self.skip_total = 0.0               # optimizer steps skipped in this episode
+        self.skip_critical = False          # this episode already had its critical alert
         self.knobs = Knobs(cfg.producer)
 
     def _keys(self, rec: Mapping[str, Any]) -> list[str]:
@@ -40,17 +55,46 @@ class NonFinite(Rule):
                     keys.add(key)
         return sorted(k for k in keys if k.startswith(self.prefixes) and k not in self.ignore)
 
+    def _suggestion(self) -> str:
+        return (f"lower {self.knobs['learning_rate']} and check {self.knobs['max_grad_norm']}; check the reward "
+                "function and the log-probs for NaN/Inf (fp16 overflow, log of 0, division by a zero std)")
+
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
         keys = self._keys(rec)
-        if self.trigger.observe(bool(keys), step) is None:
-            return []
-        return [Alert(
-            self.name, "critical", step,
-            f"non-finite values at step {step}: {', '.join(keys)}",
-            f"lower {self.knobs['learning_rate']} and check {self.knobs['max_grad_norm']}; check the reward "
-            "function and the log-probs for NaN/Inf (fp16 overflow, log of 0, division by a zero std)",
-            {"keys": keys},
-        )]
+        value = finite(rec, self.skipped_key)
+        skipped = value if value is not None and value > 0 else 0.0
+        if self.skip_trigger.armed and skipped:  # a new episode of skipped updates
+            self.skip_first, self.skip_steps, self.skip_total, self.skip_critical = step, 0, 0.0, False
+        if skipped:
+            self.skip_steps += 1
+            self.skip_total += skipped
+        skip_start = self.skip_trigger.observe(bool(skipped), step)
+        alerts = []
+        if self.trigger.observe(bool(keys), step) is not None:
+            note = f"; {skipped:g} optimizer step(s) skipped" if skipped else ""
+            self.skip_critical = self.skip_critical or bool(skipped)
+            alerts.append(Alert(self.name, "critical", step, f"non-finite values at step {step}: "
+                                f"{', '.join(keys)}{note}", self._suggestion(),
+                                {"keys": keys, **({"skipped": rnd(skipped)} if skipped else {})}))
+        if skipped and not self.skip_critical and self.skip_steps >= self.skip_limit:
+            self.skip_critical = True
+            first = self.skip_first if self.skip_first is not None else step
+            alerts.append(Alert(
+                self.name, "critical", first,
+                f"optimizer steps skipped for non-finite values on {self.skip_steps} steps from step {first} "
+                f"({self.skip_total:g} in all, {skipped:g} at step {step}): the run keeps producing a non-finite "
+                "loss, gradient or weights",
+                self._suggestion() + "; the producer's skip events say which of the three went non-finite",
+                {"key": self.skipped_key, "skipped_steps": self.skip_steps, "skipped_total": rnd(self.skip_total),
+                 "skipped": rnd(skipped)}))
+        elif skip_start is not None and not alerts:
+            alerts.append(Alert(
+                self.name, "warning", step,
+                f"{skipped:g} optimizer step(s) skipped at step {step}: the producer dropped an update whose "
+                "loss, gradient or weights were non-finite (the logged values are finite)",
+                self._suggestion() + "; the producer's skip events say which of the three went non-finite",
+                {"key": self.skipped_key, "skipped": rnd(skipped)}))
+        return alerts
 
 
 class Spike(Rule):
