@@ -41,6 +41,9 @@ FLAGS: dict[str, dict[str, str | None]] = {
     "engine_tp": {"trl": "vllm_tensor_parallel_size: {v}", "openrlhf": "--vllm_tensor_parallel_size {v}",
                   "verl": "actor_rollout_ref.rollout.tensor_model_parallel_size={v}"},
     "no_gather_for_generation": {"trl": "ds3_gather_for_generation: false", "openrlhf": None, "verl": None},
+    "layered_summon": {"trl": None, "openrlhf": None,
+                       "verl": "actor_rollout_ref.rollout.layered_summon=True "
+                               "actor_rollout_ref.rollout.load_format=safetensors"},
     "more_gpus": {"trl": "accelerate launch --num_processes {v}",
                   "openrlhf": "--actor_num_nodes/--actor_num_gpus_per_node for {v} GPUs",
                   "verl": "trainer.nnodes x trainer.n_gpus_per_node = {v}"},
@@ -137,6 +140,10 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
                         dep.with_(reference=replace(dep.reference, offload=True)), None, "reload per step"))
         out.append(("no_reference", "no reference model (no KL term)", dep.with_(reference=None), None,
                     "changes the objective: drops the KL penalty"))
+    if verl and a.lora_rank and e.kind == "vllm" and not dep.layered_summon:
+        out.append(("layered_summon", "sync LoRA one layer at a time (base preloaded in vLLM)",
+                    dep.with_(layered_summon=True), None,
+                    "fsdp_vllm.py: no whole-model summon before each generation; vLLM loads the base once"))
     if e.kind != "hf" and e.group != a.group and dep.groups[e.group] >= 2 * e.tp:
         tp = 2 * e.tp
         out.append(("engine_tp", f"engine tensor parallel {tp}", dep.with_(engine=replace(e, tp=tp)), tp,

@@ -147,10 +147,15 @@ class Deployment:
     attn: str = "flash"
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk
     framework: str = "trl"             # trl | openrlhf | verl | deepspeed (names the flags of suggestions)
+    # veRL's weight sync (see sync_terms): actor.strategy fsdp (FSDP1, 1) or fsdp2 (2), rollout.layered_summon
+    fsdp_version: int = 2
+    layered_summon: bool = False
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
             raise ValueError(f"unknown optimizer_impl {self.optimizer_impl!r}; choose fused, foreach, single_tensor")
+        if self.fsdp_version not in (1, 2):
+            raise ValueError(f"fsdp_version must be 1 or 2; got {self.fsdp_version}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         for role in self.roles():
@@ -403,6 +408,48 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     return int(a.layers * (tokens * per_layer + lora) + head), 0, 0
 
 
+def sync_terms(role: Role, dep: Deployment, n: int, engine_weights: int) -> dict[str, int]:
+    """Actor bytes on each GPU at the weight-sync peak besides its shards and the engine's woken weights.
+
+    Why per framework: what the sync materialises decides whether it can run out of memory. Generic rule:
+    one gathered unit and its prefetch. veRL with vLLM (verl/workers/sharding_manager/fsdp_vllm.py,
+    ``FSDPVLLMShardingManager.__enter__``, read at 49b08e9) collects the actor's tensors *before*
+    ``inference_engine.wake_up(tags=["weights"])``, loads them, ``del params``, offloads the actor and only
+    then wakes the KV cache. A tensor freed before the wake-up is a separate, earlier peak; in a table whose
+    phase total is a sum of rows, such a row carries only its excess over the engine's weights.
+    """
+    a = role.arch
+    s = role.storage_bytes or role.dtype_bytes   # FSDP unshards for state_dict/summon in the stored dtype
+    verl = dep.framework == "verl" and dep.engine.kind == "vllm" and dep.sharding.kind.startswith("fsdp")
+    if not verl:
+        return {"actor.gathered_for_sync": 2 * a.largest_param * role.dtype_bytes} if dep.sharding.shards_params else {}
+    if role.lora_rank:
+        # __collect_lora_params: layered_summon_lora_params (verl/utils/fsdp_utils.py) summons one decoder layer
+        # at a time in full precision and copies its adapters to the CPU; without it
+        # FSDP.summon_full_params(self.module) unshards every unit at once. Either is freed (empty_cache)
+        # before vLLM wakes; the adapters then go in by add_lora from CPU tensors.
+        per_layer = role.lora_params() // max(a.layers, 1)
+        held = (a.layer_params + per_layer) * s if dep.layered_summon else (a.params + role.lora_params()) * s
+        return {"actor.gathered_for_sync": max(0, held - engine_weights)}
+    out: dict[str, int] = {}
+    if dep.fsdp_version == 1:
+        # FSDP1 state_dict() (SHARDED_STATE_DICT for n > 1, FULL_STATE_DICT for n == 1, set in the manager's
+        # __init__) unshards each unit in full precision and clones this rank's chunk
+        # (torch/distributed/fsdp/_shard_utils.py _create_chunk_dtensor; _full_post_state_dict_hook clones):
+        # a second copy of the shards, alive until ``del params`` after load_weights
+        out["actor.state_dict_copy"] = a.params * s // n
+        # the root unit (embeddings, head) stays unsharded in full precision until its own post-hook, which
+        # clones each full tensor before chunking it: measured on CPU ranks, peak = copy + root + largest
+        # (benchmarks/bench_memory_fsdp1_verl.py)
+        before_wake = (a.root_params + a.largest_param) * s if n > 1 else 0
+    else:
+        before_wake = 0  # FSDP2 state_dict() returns the sharded DTensors themselves
+    # update_params: model.load_weights(param.full_tensor() ...) gathers one full parameter at a time (n > 1)
+    after_wake = a.largest_param * s if n > 1 else 0
+    out["actor.gathered_for_sync"] = max(after_wake, before_wake - engine_weights)
+    return out
+
+
 # ---- engines --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -564,8 +611,11 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
                 gen_w = ((full - st.weights) if dep.gather_for_generation else unit) \
                     if sh.shards_params and not role.lora_rank else 0
                 _add(table, "actor.gathered_for_generation", "generation", max(gen_w, 0))
-            if role.name == "actor" and sh.shards_params:
-                _add(table, "actor.gathered_for_sync", "weight_sync", 2 * role.arch.largest_param * role.dtype_bytes)
+            if role.name == "actor":
+                # an engine that does not sleep holds its weights before the sync too: nothing to net out
+                ew = engine.weights if dep.engine.kind != "hf" and dep.engine.group == name and dep.engine.sleep else 0
+                for comp, nbytes in sync_terms(role, dep, n, ew).items():
+                    _add(table, comp, "weight_sync", nbytes)
         else:
             w = frozen_weights(role, sh, n)
             phases = ("scoring",) if role.offload else PHASES

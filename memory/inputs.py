@@ -329,4 +329,8 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                       prompt_len=int(get("data.max_prompt_length", 512)),
                       response_len=int(get("data.max_response_length", 512)), rollout_per_gpu=1,
                       gradient_checkpointing=flag("actor_rollout_ref.model.enable_gradient_checkpointing"),
-                      attn="flash", framework="verl")
+                      attn="flash", framework="verl",
+                      fsdp_version=2 if str(get("actor_rollout_ref.actor.strategy", "fsdp")) == "fsdp2" else 1,
+                      # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
+                      layered_summon=flag("actor_rollout_ref.rollout.layered_summon") and "dummy" not in str(
+                          get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))

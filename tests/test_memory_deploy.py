@@ -249,3 +249,63 @@ def test_colocated_roles_update_one_after_another():
     critic_states = sum(g.table[f"critic.{c}"]["optimizer_step"] for c in ("weights", "optimizer", "reduce_bucket"))
     assert g.totals["optimizer_step"] == a.totals["optimizer_step"] + critic_states  # critic grads not added
     assert g.table["critic.activations"]["update"] == 0 and g.table["actor.activations"]["update"] > 0
+
+
+def _verl(dep_kw=None, **actor_kw):
+    """A veRL hybrid-engine deployment: fp32 FSDP actor, vLLM asleep outside generation and weight sync."""
+    kw = dict(groups={"all": 8}, sharding=Sharding("fsdp_full"), framework="verl", phase_offload_params=True,
+              phase_offload_optimizer=True, engine=Engine("vllm", tp=2, gpu_memory_utilization=0.4, sleep=True))
+    kw.update(dep_kw or {})
+    return Deployment(actor=actor(storage_bytes=4, **actor_kw), **kw)
+
+
+def test_verl_weight_sync_fsdp1_holds_a_cloned_copy_of_the_shards():
+    """veRL full fine-tuning (fsdp_vllm.py __enter__): FSDP1's sharded state_dict() clones each rank's chunk in
+    fp32 and keeps it until after load_weights, next to the woken engine weights; FSDP2's state_dict() returns
+    the shards themselves; both gather one full parameter at a time while loading."""
+    p, big = Q7.params, Q7.largest_param
+    one = plan_deployment(_verl({"fsdp_version": 1})).groups[0]
+    two = plan_deployment(_verl({"fsdp_version": 2})).groups[0]
+    assert one.table["actor.state_dict_copy"]["weight_sync"] == p * 4 // 8
+    assert "actor.state_dict_copy" not in two.table
+    assert one.table["actor.gathered_for_sync"]["weight_sync"] == two.table["actor.gathered_for_sync"]["weight_sync"] \
+        == big * 4
+    assert one.totals["weight_sync"] - two.totals["weight_sync"] == p * 4 // 8
+    assert all(one.table["actor.state_dict_copy"][ph] == 0 for ph in ("generation", "scoring", "update"))
+    # one GPU: FULL_STATE_DICT clones the whole (unsharded) model and nothing is gathered
+    single = plan_deployment(_verl({"fsdp_version": 1, "groups": {"all": 1},
+                                    "engine": Engine("vllm", tp=1, sleep=True)})).groups[0]
+    assert single.table["actor.state_dict_copy"]["weight_sync"] == p * 4
+    assert single.table["actor.gathered_for_sync"]["weight_sync"] == 0
+
+
+def test_verl_lora_sync_summons_before_the_engine_wakes():
+    """veRL LoRA: layered_summon gathers one fp32 layer before vLLM wakes (smaller than the engine's weights:
+    nothing extra at the peak); without it summon_full_params unshards the whole fp32 model at once."""
+    layered = plan_deployment(_verl({"layered_summon": True}, lora_rank=32)).groups[0]
+    whole = plan_deployment(_verl({"layered_summon": False}, lora_rank=32)).groups[0]
+    eng = plan_deployment(_verl({}, lora_rank=32)).engine.weights
+    lora = actor(lora_rank=32).lora_params()
+    assert layered.table["actor.gathered_for_sync"]["weight_sync"] == 0
+    assert whole.table["actor.gathered_for_sync"]["weight_sync"] == (Q7.params + lora) * 4 - eng
+    shards = whole.table["actor.weights"]["weight_sync"]
+    assert whole.totals["weight_sync"] == shards + (Q7.params + lora) * 4  # the earlier, pre-wake-up peak
+    # other frameworks keep the generic rule: one gathered unit and its prefetch
+    trl = plan_deployment(_verl({"framework": "trl"}, lora_rank=32)).groups[0]
+    assert trl.table["actor.gathered_for_sync"]["weight_sync"] == 2 * Q7.largest_param * 2
+
+
+def test_verl_lora_without_layered_summon_is_told_to_use_it():
+    """The whole-model fp32 summon of veRL's LoRA sync runs a 14B actor on 2 x 80 GB out of memory; the
+    suggestion with veRL's keys makes it fit."""
+    q14 = load_arch("Qwen2.5-14B")
+    dep = Deployment(actor=actor(q14, storage_bytes=4, lora_rank=32), groups={"all": 2}, framework="verl",
+                     sharding=Sharding("fsdp_full"), phase_offload_params=True, phase_offload_optimizer=True,
+                     engine=Engine("vllm", tp=2, gpu_memory_utilization=0.25, sleep=True), micro_batch=8,
+                     prompt_len=128, response_len=128)
+    plan = plan_deployment(dep)
+    assert not plan.fits and plan.groups[0].peak_phase == "weight_sync"
+    top = suggest(dep, plan)[0]
+    assert top.key == "layered_summon" and top.fits_after
+    assert top.flag == FLAGS["layered_summon"]["verl"] and "layered_summon=True" in top.flag
+    assert all(c.key != "layered_summon" for c in suggest(dep.with_(layered_summon=True)))

@@ -3,12 +3,14 @@
 Each measurement runs in its own interpreter: the fake process group is process-wide and must not leak into
 other tests. benchmarks/bench_memory_fsdp.py does the same at real size."""
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks.bench_memory_fsdp1_verl import run
 from memory.arch import arch_from_config
 from memory.deploy import Deployment, Engine, Role, Sharding, plan_deployment
 
@@ -49,3 +51,18 @@ def test_fsdp_phases_within_10_percent_of_fsdp_memtracker(cfg, gpus, batch, seq,
     # sharding arithmetic, measured: each rank holds 1/N of the fp32 parameters
     if not lora:
         assert m["breakdown"]["optimizer_step"]["SHARDED_PARAM"] == pytest.approx(arch.params * 4 / gpus, rel=0.01)
+
+
+def test_fsdp1_state_dict_and_summon_match_verls_weight_sync_terms():
+    """veRL's FSDP1 LoRA actor on two gloo CPU ranks (benchmarks/bench_memory_fsdp1_verl.py): state_dict()
+    keeps a P*4/N clone (memory.deploy.sync_terms' actor.state_dict_copy), peaking with the root unit and the
+    largest tensor in fp32; the layered summon holds one fp32 layer beyond gloo's measured gather copy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run(2, 4, port)
+    copy = r["params"] * 4 / 2
+    assert r["state_dict_held"] == pytest.approx(copy, rel=0.05)
+    assert r["state_dict_peak"] == pytest.approx(copy + (r["root_params"] + r["largest_param"]) * 4, rel=0.05)
+    net = r["layered_summon_peak"] - r["gather_temp_per_output_byte"] * r["layer_params"] * 4
+    assert net == pytest.approx(r["layer_params"] * 4, rel=0.1)

@@ -155,3 +155,10 @@ def test_verl_overrides(capsys):
     assert any(s["flag"] and s["flag"].startswith("actor_rollout_ref.") for s in rep["suggestions"])
     with pytest.raises(ValueError, match="model.path"):
         from_verl("trainer.n_gpus_per_node=8")
+    # the weight-sync path: actor.strategy (fsdp = FSDP1 by default) and layered_summon, which veRL only
+    # accepts with a preloaded base (a non-dummy load_format)
+    assert dep.fsdp_version == 1 and not dep.layered_summon
+    assert from_verl(cmd + " actor_rollout_ref.actor.strategy=fsdp2").fsdp_version == 2
+    layered = " actor_rollout_ref.rollout.layered_summon=True"
+    assert not from_verl(cmd + layered).layered_summon  # default load_format dummy_dtensor
+    assert from_verl(cmd + layered + " actor_rollout_ref.rollout.load_format=safetensors").layered_summon
