@@ -35,3 +35,22 @@ def test_a_traced_run_prints_no_usdt_line(tmp_path, repo_root):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "traced 1" in out.stdout
     assert "USDT" not in out.stderr and "profiler_start" not in out.stderr, out.stderr
+
+
+def test_loading_a_model_draws_no_progress_bar(repo_root):
+    """transformers 5 draws a "Loading weights" bar for every from_pretrained; the runner loads quietly and
+    leaves the user's own setting as it was."""
+    code = textwrap.dedent("""
+        import torch
+        from transformers.utils import logging as hf_logging
+        from rlhf_core.tiny_model import tiny_model_path
+        from rlhf_core.train.policy import load_causal_lm
+
+        load_causal_lm(str(tiny_model_path()), "fp32", torch.device("cpu"))
+        print("bar still on:", hf_logging.is_progress_bar_enabled())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bar still on: True" in out.stdout
+    assert "Loading weights" not in out.stderr, out.stderr

@@ -105,13 +105,20 @@ def load_tokenizer(path: str):
 
 def load_causal_lm(path: str, dtype: str, device: torch.device) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     overrides = {}
     if getattr(AutoConfig.from_pretrained(path), "activation_function", None) == "gelu_new":
         # the same tanh-approximated GELU as one fused op instead of seven: ~8% less CPU per sampled token on
         # the tiny model, logits within 2e-7 (transformers' own equivalent, "gelu_pytorch_tanh")
         overrides["activation_function"] = "gelu_pytorch_tanh"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **overrides)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar per model: noise, not progress
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **overrides)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     disable_dropout(model)
     return model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to): typeshed sees it unbound
 
