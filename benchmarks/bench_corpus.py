@@ -5,10 +5,11 @@ An unstable run counts as detected when a warning or critical alert whose rule n
 kinds (:data:`ACCEPTED`) comes from a record no later than the run's outcome step + :data:`GRACE`; the step
 used is the one of the record whose update returned the alert (when the user could have seen it), not the
 alert's back-dated ``step``. A healthy run with any warning or critical alert is a false alarm. Dev and
-held-out splits are reported separately; only dev may be used to tune the rules. The spike check (runner runs of
-seeds no rule change has seen, grid.SPIKE_CHECK_SEEDS; docs/corpus.md) is reported as a third, separate split.
+held-out splits are reported separately; only dev may be used to tune the rules. The spike checks (runner runs
+of seeds no rule change had seen when they were made: grid.SPIKE_CHECK_SEEDS, then grid.SPIKE_CHECK2_SEEDS;
+docs/corpus.md) are reported as separate splits.
 
-    python benchmarks/bench_corpus.py [--runs DIR] [--spike-runs DIR] [--name corpus]
+    python benchmarks/bench_corpus.py [--runs DIR] [--spike-runs DIR] [--spike2-runs DIR] [--name corpus]
 """
 from __future__ import annotations
 
@@ -132,10 +133,14 @@ def evaluate(runs_dir: Path, split: str) -> dict[str, Any]:
     }
 
 
+SPIKE_SPLITS = ("spike_check", "spike_check2")
+
+
 def spike_section(s: Mapping[str, Any]) -> list[str]:
-    """The spike check's healthy runs one by one: whether a gradient-norm spike passed the bar (a ``grad_spike``
-    alert of any severity: a clipped, routine one is an ``info`` note) and which warnings/criticals came."""
-    lines = ["", "## spike_check: healthy runs", "",
+    """A spike check's healthy runs one by one: whether a gradient-norm spike passed the bar (a ``grad_spike``
+    alert of any severity: a clipped one without consequence is an ``info`` note) and which warnings/criticals
+    came."""
+    lines = ["", f"## {s['split']}: healthy runs", "",
              "| run | grad_spike alerts (severity@step) | warning/critical alerts |", "|---|---|---|"]
     for name, r in s["per_run"].items():
         if r["label"] != "healthy":
@@ -174,11 +179,12 @@ def markdown(name: str, splits: list[dict[str, Any]]) -> str:
             lines.append(f"| {rule} | {r['fired_runs']} | {r['fired_on_healthy']} | {r['fired_on_unstable']} | "
                          f"{_pct(r['precision'])} | "
                          f"{_pct(r['recall'])} ({r['correct_runs']}/{r['eligible_runs']}) |")
-        if s["split"] == "spike_check":
+        if s["split"] in SPIKE_SPLITS:
             lines += spike_section(s)
             if s.get("carried_over"):
-                lines += ["", f"(spike check carried over from the run of {s['carried_over']}: its runs were not on "
-                          "disk; `python -m benchmarks.corpus.generate --spike-check` regenerates them)"]
+                flag = "--spike-check2" if s["split"] == "spike_check2" else "--spike-check"
+                lines += ["", f"({s['split']} carried over from the run of {s['carried_over']}: its runs were not "
+                          f"on disk; `python -m benchmarks.corpus.generate {flag}` regenerates them)"]
     return "\n".join(lines) + "\n"
 
 
@@ -197,17 +203,17 @@ def ensure_runs(runs_dir: Path) -> None:
     extract_archive()
 
 
-def spike_split(runs_dir: Path, previous: Path) -> dict[str, Any] | None:
-    """The spike check scored from its runs; when they are not on disk (they are not archived:
+def spike_split(runs_dir: Path, previous: Path, split: str = "spike_check") -> dict[str, Any] | None:
+    """A spike check scored from its runs; when they are not on disk (they are not archived:
     benchmarks/corpus/generate.py), the split of the last results file, marked ``carried_over`` with its date,
     so a rerun without the runs neither drops nor silently re-dates it; None when there is neither."""
     if (runs_dir / "labels.json").exists():
-        return evaluate(runs_dir, "spike_check")
+        return evaluate(runs_dir, split)
     if not previous.exists():
         return None
     old = json.loads(previous.read_text())
     for s in old.get("details", {}).get("splits", []):
-        if s["split"] == "spike_check":
+        if s["split"] == split:
             return {**s, "carried_over": s.get("carried_over") or old.get("measured_at")}
     return None
 
@@ -218,18 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spike-runs", type=Path, default=CORPUS / "runs" / "spike_check",
                     help="the spike check's runs (generate.py --spike-check); when absent, its scores are carried "
                          "over from the last results file")
+    ap.add_argument("--spike2-runs", type=Path, default=CORPUS / "runs" / "spike_check2",
+                    help="the second spike check's runs (generate.py --spike-check2); likewise")
     ap.add_argument("--name", default="corpus", help="result name: benchmarks/results/<name>.json and .md "
                     "(a name with a folder, e.g. baseline/corpus, stays out of the README table)")
     args = ap.parse_args(argv)
     ensure_runs(args.runs)
     (Path(__file__).resolve().parent / "results" / args.name).parent.mkdir(parents=True, exist_ok=True)
     splits = [evaluate(args.runs, split) for split in ("dev", "heldout")]
-    spike = spike_split(args.spike_runs, Path(__file__).resolve().parent / "results" / f"{args.name}.json")
-    if spike is not None:
-        splits.append(spike)
+    previous = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+    for split, runs_dir in (("spike_check", args.spike_runs), ("spike_check2", args.spike2_runs)):
+        spike = spike_split(runs_dir, previous, split)
+        if spike is not None:
+            splits.append(spike)
     rows = []
     for s in splits:
-        tag = {"heldout": "held-out", "spike_check": "spike check"}.get(s["split"], s["split"])
+        tag = {"heldout": "held-out", "spike_check": "spike check",
+               "spike_check2": "second spike check"}.get(s["split"], s["split"])
         lead = s["lead"]
         rows += [
             row(f"{tag}: unstable runs detected in time", f"{s['detected']}/{s['unstable']}", "",
@@ -243,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                 met=s["false_alarm_rate"] is not None and s["false_alarm_rate"] <= TARGET_FALSE_ALARM,
                 notes=f"false-alarm rate {_pct(s['false_alarm_rate'])}"),
         ]
-        if s["split"] == "spike_check":
+        if s["split"] in SPIKE_SPLITS:
             if s.get("carried_over"):
                 for r in rows[-3:]:
                     r["notes"] += f"; carried over from {s['carried_over']} (runs not on disk)"
             rows.append(row(f"{tag}: healthy runs with a gradient-norm spike past the bar",
                             f"{spiked(s)}/{s['healthy']}", "",
-                            notes="a grad_spike alert of any severity (clipped and routine: an info note)"))
+                            notes="a grad_spike alert of any severity (clipped, no consequence: an info note)"))
     for r in rows:
         print(f"{r['metric']:52} {r['value']} {r['unit']}  {r['notes']}")
     labels = json.loads((args.runs / "labels.json").read_text())

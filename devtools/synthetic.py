@@ -72,7 +72,11 @@ def _nonfinite(c, at):
 
 
 def _grad_spike(c, at):
+    # a 10x norm that clipping (max_grad_norm 1) capped, after which the policy moved: the next step's KL is 3x
+    # (one step, so kl_explosion stays silent); a clipped spike with no consequence is only a note
     c["grad/norm"][at] *= 10
+    for key in ("kl/ref_k3", "kl/ref_k1"):
+        c[key][at + 1] *= 3
 
 
 def _loss_spike(c, at):

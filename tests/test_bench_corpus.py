@@ -2,6 +2,8 @@
 alert's back-dated step, rule names per outcome kind, false alarms."""
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.bench_corpus import ACCEPTED, GRACE, judge
 
 
@@ -86,3 +88,57 @@ def test_spike_check_without_its_runs_is_carried_over_marked_with_its_date(tmp_p
     # carried over twice: still the date of the run that scored it
     previous.write_text(json.dumps({"measured_at": "2026-12-01 09:00:00", "details": {"splits": [got]}}))
     assert spike_split(tmp_path / "absent", previous)["carried_over"] == "2026-11-30 20:30:00"
+
+
+def test_second_spike_check_has_fresh_seeds_of_the_same_settings():
+    from benchmarks.corpus.grid import SEEDS, SPIKE_CHECK2_SEEDS, SPIKE_CHECK_SEEDS, specs, split_of
+
+    assert not set(SPIKE_CHECK2_SEEDS) & (set(SPIKE_CHECK_SEEDS) | set(SEEDS))
+    assert {split_of(s) for s in SPIKE_CHECK2_SEEDS} == {"spike_check2"}
+    second, first = specs(spike_check="spike_check2"), specs(spike_check=True)
+    assert {s["split"] for s in second} == {"spike_check2"} and {s["seed"] for s in second} == set(SPIKE_CHECK2_SEEDS)
+    assert {(s["setting"], s["steps"]) for s in second} == {(s["setting"], s["steps"]) for s in first}
+    with pytest.raises(ValueError, match="unknown spike check"):
+        specs(spike_check="spike_check3")
+
+
+def test_labels_name_the_second_spike_check_split():
+    from benchmarks.corpus.labels import _splits
+
+    assert _splits("spike_check2") == {"spike_check2": "seeds 28-47, runner settings only (not for tuning)"}
+    assert set(_splits()) == {"dev", "heldout"}
+
+
+def test_second_spike_check_carried_over_on_its_own(tmp_path):
+    import json
+
+    from benchmarks.bench_corpus import markdown, spike_split
+
+    previous = tmp_path / "corpus.json"
+    first = {"split": "spike_check", "per_run": {}}
+    second = {"split": "spike_check2", "runs": 1, "unstable": 0, "healthy": 1, "detected": 0, "recall": None,
+              "lead": None, "false_alarms": 0, "false_alarm_rate": 0.0, "by_trainer": {}, "per_rule": {},
+              "per_run": {"a": {"label": "healthy", "alerts": ["grad_spike:info@9"]}}}
+    previous.write_text(json.dumps({"measured_at": "2026-11-30 21:30:00", "details": {"splits": [first, second]}}))
+    got = spike_split(tmp_path / "absent", previous, "spike_check2")
+    assert got is not None and got["split"] == "spike_check2" and got["carried_over"] == "2026-11-30 21:30:00"
+    md = markdown("corpus", [got])
+    assert "## spike_check2: healthy runs" in md and "--spike-check2" in md and "| a | info@9 | - |" in md
+
+
+def test_committed_spike_check_labels_hold_their_own_seeds_and_settings():
+    """Each spike check's committed labels name only its split, its seeds and the three runner settings."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.corpus.grid import SPIKE_CHECKS, specs
+
+    here = Path(__file__).resolve().parent.parent / "benchmarks" / "corpus"
+    for split in SPIKE_CHECKS:
+        path = here / f"{split}_labels.json"
+        if not path.exists():
+            continue
+        labels = json.loads(path.read_text())
+        assert set(labels["splits"]) == {split}
+        assert set(labels["runs"]) == {s["name"] for s in specs(spike_check=split)}
+        assert {e["split"] for e in labels["runs"].values()} == {split}

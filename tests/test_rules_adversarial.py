@@ -292,51 +292,7 @@ def test_grad_explosion_is_growth_against_its_own_baseline(with_limit):
     assert any(a.rule == "grad_clipping" for a in alerts) == with_limit
 
 
-def _spiky_norms(earlier: int) -> list[float]:
-    """A norm of ~1 for 60 steps with ``earlier`` 3x excursions (a heavy-tailed learning run), then 20x."""
-    norms = [1.0 + 0.05 * (i % 3) for i in range(60)]
-    for k in range(earlier):
-        norms[10 + 12 * k] = 3.0
-    return norms + [20.0, 1.0, 1.0]
-
-
-@pytest.mark.parametrize("clip, earlier, severity", [
-    (5.0, 3, "info"),       # clipping capped it and spikes are this run's routine: a note
-    (None, 3, "warning"),   # no clip threshold: the whole spike went into the update
-    (50.0, 3, "warning"),   # a threshold the spike did not reach: not clipped either
-    (5.0, 1, "warning"),    # clipped, but out of a steady history: news
-])
-def test_grad_spike_is_a_note_only_when_clipped_and_routine(clip, earlier, severity):
-    norms = _spiky_norms(earlier)
-    recs = records(len(norms), **{"grad/norm": norms})
-    for rec in recs:
-        del rec["grad/max_norm"]
-        if clip is not None:
-            rec["grad/max_norm"] = clip
-    [a] = [a for a in diagnose(recs) if a.rule == "grad_spike"]
-    assert (a.step, a.severity) == (61, severity), a.message
-    if severity == "info":
-        assert a.evidence["earlier_large"] == earlier and "bounded" in a.message
-
-
-def test_a_spike_note_does_not_hide_a_later_warning():
-    """The once-per-episode trigger would stay quiet for 50 steps after the note; a spike that is a warning
-    (here: above a clip threshold raised to 100, so nothing capped it) is still reported, once."""
-    norms = _spiky_norms(3) + [1.0] * 5 + [30.0, 1.0, 40.0, 1.0]
-    limit = [5.0] * 63 + [100.0] * 9
-    recs = records(len(norms), **{"grad/norm": norms, "grad/max_norm": limit})
-    got = [(a.step, a.severity) for a in diagnose(recs) if a.rule == "grad_spike"]
-    assert got == [(61, "info"), (69, "warning")]
-
-
-def test_grad_spike_clipped_per_the_producers_clipped_fraction():
-    """The runner logs the mean pre-clip norm of its minibatch updates, which can stay under the threshold
-    while one update was clipped; its ``grad/clipped`` fraction says so."""
-    norms = _spiky_norms(3)
-    recs = records(len(norms), **{"grad/norm": norms, "grad/max_norm": [30.0] * len(norms),
-                                  "grad/clipped": [0.0] * 60 + [0.25, 0.0, 0.0]})
-    [a] = [a for a in diagnose(recs) if a.rule == "grad_spike"]
-    assert a.severity == "info" and a.evidence["clipped_frac"] == 0.25
+# gradient spikes, clipped or not, and their consequences: tests/test_rules_grad_spike.py
 
 
 def test_reward_up_while_heldout_reward_down_is_reward_hacking():

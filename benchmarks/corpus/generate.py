@@ -3,6 +3,7 @@
 
     python -m benchmarks.corpus.generate [--jobs 2] [--only SUBSTRING] [--no-archive] [--label-only] [--runs DIR]
     python -m benchmarks.corpus.generate --spike-check [--seeds 8,9]   # the spike check: runs/spike_check/
+    python -m benchmarks.corpus.generate --spike-check2                # the second one: runs/spike_check2/
 
 Each run is its own process (a crash or a NaN stays in that run; two run at a time on this 2-core machine);
 its console output goes to ``runs/_logs/<name>.log``. Only ``metrics.jsonl``, ``meta.json`` and
@@ -30,6 +31,8 @@ SPIKE_RUNS = RUNS / "spike_check"
 # The spike check's runs are not archived (60 runner runs: 1.4 MiB of xz even without clocks and memory counters,
 # on top of the corpus's 3.3 MiB); their labels are kept here and their scores in benchmarks/results/corpus.json
 SPIKE_LABELS = HERE / "spike_check_labels.json"
+SPIKE2_RUNS = RUNS / "spike_check2"
+SPIKE2_LABELS = HERE / "spike_check2_labels.json"
 FIXTURES = ROOT / "tests" / "fixtures" / "real_runs"
 KEEP = ("metrics.jsonl", "meta.json", "events.jsonl")
 HELDOUT_REWARD = "benchmarks.corpus.textstats:word_variety_reward"
@@ -132,6 +135,10 @@ FIXTURE_PICKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
     "runner_unstable": ("runner_lr3e-2_kl0.1_sentiment_s0", 30, ()),
     "runner_spiky_healthy": ("runner_lr1e-3_kl0.05_sentiment_s4", 116,
                              ("time/", "mem/", "throughput/", "grad/layer/")),
+    # spike check, seed 12: its first large norm (9.2x the median at step 104, one of 4 updates clipped) with KL
+    # and entropy flat after it; a false grad_spike warning under the rule before the consequence test
+    "runner_first_spike_healthy": ("spike_check/runner_lr1e-3_kl0.05_sentiment_s12", 110,
+                                   ("time/", "mem/", "throughput/", "grad/layer/")),
 }
 
 
@@ -139,9 +146,12 @@ def write_fixtures(labels: dict[str, Any]) -> None:
     """Copy a few short recorded runs (first N steps, their events and meta) into tests/fixtures/real_runs."""
     FIXTURES.mkdir(parents=True, exist_ok=True)
     index = {}
+    spike_labels = json.loads(SPIKE_LABELS.read_text())["runs"] if SPIKE_LABELS.exists() else {}
     for fixture, (name, keep, drop) in FIXTURE_PICKS.items():
         src = RUNS / name
-        if not (src / "metrics.jsonl").exists():
+        run_labels = spike_labels if name.startswith("spike_check/") else labels["runs"]
+        name = name.split("/")[-1]
+        if not (src / "metrics.jsonl").exists() or name not in run_labels:
             continue
         dst = FIXTURES / fixture
         shutil.rmtree(dst, ignore_errors=True)
@@ -156,7 +166,7 @@ def write_fixtures(labels: dict[str, Any]) -> None:
             kept = [ln for ln in src.joinpath("events.jsonl").read_text().splitlines()
                     if (json.loads(ln).get("step") or 0) <= keep]
             dst.joinpath("events.jsonl").write_text("".join(f"{ln}\n" for ln in kept))
-        entry = dict(labels["runs"][name])
+        entry = dict(run_labels[name])
         entry["source_run"], entry["steps_kept"] = name, keep
         index[fixture] = entry
     (FIXTURES / "labels.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-archive", action="store_true", help="skip corpus.tar.xz and the fixtures")
     ap.add_argument("--spike-check", action="store_true",
                     help="run the spike check (grid.SPIKE_CHECK_SEEDS of the runner settings) instead of the grid")
+    ap.add_argument("--spike-check2", action="store_true",
+                    help="run the second spike check (grid.SPIKE_CHECK2_SEEDS, the same runner settings) instead")
     ap.add_argument("--label-only", action="store_true", help="relabel the existing runs, run nothing")
     ap.add_argument("--runs", type=Path, default=None,
                     help="where the runs go (default runs/, runs/spike_check/ with --spike-check); the archive, "
@@ -185,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     from .labels import write_labels
 
     seeds = None if args.seeds is None else {int(x) for x in args.seeds.split(",")}
-    grid = specs(spike_check=args.spike_check)
+    check = "spike_check2" if args.spike_check2 else "spike_check" if args.spike_check else None
+    grid = specs(spike_check=check or False)
     todo = [s for s in grid if (args.only is None or args.only in s["name"])
             and (seeds is None or s["seed"] in seeds)]
-    default_runs = SPIKE_RUNS if args.spike_check else RUNS
+    default_runs = {"spike_check": SPIKE_RUNS, "spike_check2": SPIKE2_RUNS}.get(check or "", RUNS)
     runs: Path = (args.runs or default_runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -220,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(labels['runs'])} runs labelled in {time.perf_counter() - t0:.0f} s: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if not args.no_archive and args.only is None and runs == default_runs:
-        if args.spike_check:
-            path = SPIKE_LABELS
+        if check is not None:
+            path = SPIKE2_LABELS if check == "spike_check2" else SPIKE_LABELS
             shutil.copy(runs / "labels.json", path)
         else:
             path = write_archive(list(labels["runs"]))
             write_fixtures(labels)
-        also = "" if args.spike_check else f" and {FIXTURES}"
+        also = "" if check is not None else f" and {FIXTURES}"
         print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB){also}")
     return 0
 

@@ -11,6 +11,8 @@ fresh pair of seeds, which no rule change has seen, became the held-out split.
 The *spike check* (``SPIKE_CHECK_SEEDS``) reruns only the runner settings, with seeds no rule change has seen,
 to test the clipped-spike change out of sample: the borderline lr 1e-3 setting is the one whose gradient-norm
 spikes were false alarms, the two unstable runner settings check that recall holds for the same seeds.
+The *second spike check* (``SPIKE_CHECK2_SEEDS``, 28-47) is the same three settings again, made after the
+consequence-based ``grad_spike`` was frozen: the first spike check was looked at while designing it.
 Sized so the whole corpus regenerates in about half an hour on a shared 2-core CPU (two runs at a time).
 """
 from __future__ import annotations
@@ -20,13 +22,16 @@ from typing import Any
 SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
 DEV_SEEDS = frozenset({0, 1, 2, 3, 4, 5})
 SPIKE_CHECK_SEEDS = tuple(range(8, 28))  # 20 seeds: as many as fit in about 15 minutes
+SPIKE_CHECK2_SEEDS = tuple(range(28, 48))  # the second spike check: 20 seeds no rule change has seen
+SPIKE_CHECKS = {"spike_check": SPIKE_CHECK_SEEDS, "spike_check2": SPIKE_CHECK2_SEEDS}
 SPIKE_CHECK_SETTINGS = frozenset({("runner", "lr1e-3_kl0.05_sentiment"), ("runner", "lr3e-2_kl0.1_sentiment"),
                                   ("runner", "lr1e-2_kl0.02_length")})
 
 
 def split_of(seed: int) -> str:
-    if seed in SPIKE_CHECK_SEEDS:
-        return "spike_check"
+    for split, seeds in SPIKE_CHECKS.items():
+        if seed in seeds:
+            return split
     return "dev" if seed in DEV_SEEDS else "heldout"
 
 
@@ -56,14 +61,18 @@ SETTINGS: list[tuple[str, str, str, dict[str, Any]]] = [
 ]
 
 
-def specs(spike_check: bool = False) -> list[dict[str, Any]]:
+def specs(spike_check: bool | str = False) -> list[dict[str, Any]]:
     """One dict per run: everything a producer needs plus the bookkeeping labels.json records; with
-    ``spike_check``, the runs of the spike check instead of the main grid."""
+    ``spike_check`` (True or ``"spike_check"``: the first, ``"spike_check2"``: the second), the runs of that
+    spike check instead of the main grid."""
+    check = "spike_check" if spike_check is True else spike_check or None
+    if check is not None and check not in SPIKE_CHECKS:
+        raise ValueError(f"unknown spike check {check!r}; choose from {', '.join(SPIKE_CHECKS)}")
     out = []
     for trainer, setting, intent, s in SETTINGS:
-        if spike_check and (trainer, setting) not in SPIKE_CHECK_SETTINGS:
+        if check is not None and (trainer, setting) not in SPIKE_CHECK_SETTINGS:
             continue
-        for seed in SPIKE_CHECK_SEEDS if spike_check else SEEDS:
+        for seed in SPIKE_CHECKS[check] if check is not None else SEEDS:
             out.append({"name": f"{trainer}_{setting}_s{seed}", "trainer": trainer, "setting": setting,
                         "intent": intent, "seed": seed, "split": split_of(seed), "lr": s["lr"], "kl": s["kl"],
                         "beta": s["kl"], "kl_coef": s["kl"], "reward": s["reward"], "steps": s["steps"],

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_core.runformat.keys import TEXT_KEY_ALIASES
 
-from .grid import DEV_SEEDS, SEEDS, SPIKE_CHECK_SEEDS
+from .grid import DEV_SEEDS, SEEDS, SPIKE_CHECKS
 
 # --- the criteria (docs/corpus.md explains each number)
 KL_LIMIT = 1.0             # nats per token: KL(π‖π_ref) estimate above this
@@ -169,11 +169,11 @@ def _generation(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) ->
     return {"batches": batches, "wall_s_total": round(sum(b.get("wall_s", 0.0) for b in batches), 1)}
 
 
-def _splits(spike_check: bool = False) -> dict[str, str]:
+def _splits(spike_check: str | None = None) -> dict[str, str]:
     """Which seeds form each split (grid.py), as labels.json states it."""
-    if spike_check:
-        return {"spike_check": f"seeds {SPIKE_CHECK_SEEDS[0]}-{SPIKE_CHECK_SEEDS[-1]}, runner settings only "
-                               "(not for tuning)"}
+    if spike_check is not None:
+        seeds = SPIKE_CHECKS[spike_check]
+        return {spike_check: f"seeds {seeds[0]}-{seeds[-1]}, runner settings only (not for tuning)"}
     dev = [s for s in SEEDS if s in DEV_SEEDS]
     held = [s for s in SEEDS if s not in DEV_SEEDS]
     return {"dev": "seeds " + ", ".join(map(str, dev)),
@@ -206,7 +206,7 @@ def write_labels(runs_dir: Path, specs: Iterable[Mapping[str, Any]], generation:
                      "hack_heldout_drop": HACK_HELDOUT_DROP, "heldout_keys": list(HELDOUT_KEYS),
                      "identical_limit": IDENTICAL_LIMIT, "distinct2_limit": DISTINCT2_LIMIT,
                      "doc": "docs/corpus.md"},
-        "splits": _splits(spike_check=bool(specs) and all(s["split"] == "spike_check" for s in specs)),
+        "splits": _splits(next((c for c in SPIKE_CHECKS if specs and all(s["split"] == c for s in specs)), None)),
         "generation": _generation(old.get("generation"), generation),
         "runs": runs,
     }

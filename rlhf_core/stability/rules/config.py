@@ -46,9 +46,20 @@ class DetectorConfig:
     spike_loss_grad_ratio: float = 5.0    # a loss spike is a warning when grad/norm is also >= 5x its median
                                           # (the bar of a gradient spike); RL surrogate losses jump with the
                                           # batch drawn, so a jump the update did not feel is only a note
-    spike_routine_ratio: float = 2.5      # a gradient spike is only a note (info) when clipping bounded its
-    spike_routine_count: int = 2          # update and the window already holds this many norms above 2.5x
-                                          # its median (half the spike bar): spikes are this run's routine
+    # a gradient spike that clipping bounded (grad/clipped > 0, or without that key the pre-clip norm above
+    # max_grad_norm) is a note (info); it becomes a warning when, on one of the next spike_watch_steps records,
+    # the policy visibly moved: against the median and robust sigma (IQR/1.349, floored at 5% of |median|) of
+    # each key's previous <= spike_watch_window values (from spike_watch_min_history on), KL up by
+    # spike_watch_sigma and to >= spike_watch_kl_ratio x its median, entropy down by spike_watch_sigma and by
+    # >= spike_watch_entropy_drop of its median, loss/total off by spike_watch_sigma, or the mean PPO ratio off
+    # by spike_watch_sigma and more than ratio_mean_dev from 1. 3 records: a warning stays within the 3 steps
+    # the corpus benchmark allows after an outcome
+    spike_watch_steps: int = 3
+    spike_watch_window: int = 20
+    spike_watch_min_history: int = 5
+    spike_watch_sigma: float = 6.0
+    spike_watch_kl_ratio: float = 2.0     # healthy runner runs at lr 1e-3: KL within 1.8x its median after a spike
+    spike_watch_entropy_drop: float = 0.1  # ... and entropy within 4% of it
 
     # gradient explosion: pre-clip grad/norm sustained above grad_explosion_factor x the median of the
     # previous grad_explosion_window norms (its own baseline; no clip threshold needed)
@@ -195,7 +206,7 @@ class DetectorConfig:
 
 
 _SIGNED = ("neg_kl_threshold", "critic_ev_min")
-_FRACTIONS = ("kl_note_frac", "grad_clip_frac")
+_FRACTIONS = ("kl_note_frac", "grad_clip_frac", "spike_watch_entropy_drop")
 _OPTIONAL = ("kl_budget", "max_grad_norm")  # None switches them off / means "from the record"
 
 

@@ -12,6 +12,7 @@ from rlhf_core.stability.rules.base import (
     Rule,
     Trigger,
     finite,
+    first_finite,
     is_alerting,
     num,
     rnd,
@@ -97,6 +98,16 @@ class NonFinite(Rule):
         return alerts
 
 
+class _Watch:
+    """A clipped gradient spike waiting for its consequence: the baselines of the watched keys at the spike
+    and how many records are left to look at."""
+
+    __slots__ = ("step", "alert", "baselines", "left")
+
+    def __init__(self, step: int, alert: Alert, baselines: dict[str, tuple[float, float]], left: int):
+        self.step, self.alert, self.baselines, self.left = step, alert, baselines, left
+
+
 class Spike(Rule):
     """One value far above the robust spread of the previous window: median + k x IQR/1.349.
 
@@ -110,12 +121,12 @@ class Spike(Rule):
     surrogate losses (PPO/GRPO) sit near 0 and jump with the batch's composition (the lengths and rewards
     that happened to be drawn) without moving the policy.
 
-    A gradient spike is ``info`` when clipping bounded the update (the producer's ``grad/clipped`` > 0, or
-    the pre-clip norm above ``max_grad_norm``/``grad/max_norm``) *and* spikes are the run's routine (the
-    window already holds ``spike_routine_count`` norms above ``spike_routine_ratio`` x its median): a learning
-    run with heavy-tailed norms that clipping caps. An unclipped spike, or the first in a steady run, stays a
-    ``warning``. Whether the policy moved is for the KL, entropy and loss-spike rules to say. A note does not
-    use up the episode: the first later spike of it that is a warning is still reported.
+    A gradient spike is judged by its consequence. Unclipped (no clip threshold, or the producer's
+    ``grad/clipped`` is 0) the whole step went into the weights: a ``warning`` at once. Clipped (``grad/clipped``
+    > 0; without that key, the pre-clip norm above ``max_grad_norm``/``grad/max_norm``) the update was capped:
+    an ``info`` note now, and a ``warning`` (dated at the spike) if within the next ``spike_watch_steps``
+    records the policy visibly moved: KL, entropy, the loss or the mean PPO ratio far off its own recent
+    median. A note does not use up the episode: a later spike that is a warning is still reported, once.
     """
 
     def __init__(self, cfg: DetectorConfig, key: str):
@@ -124,13 +135,22 @@ class Spike(Rule):
         self.sigma, self.min_history, self.rel_floor = cfg.spike_sigma, cfg.spike_min_history, cfg.spike_min_rel_std
         self.min_ratio = cfg.spike_min_ratio if key == "grad/norm" else 0.0
         self.grad_ratio = cfg.spike_loss_grad_ratio
-        self.max_norm, self.routine_ratio, self.routine_count = (
-            cfg.max_grad_norm, cfg.spike_routine_ratio, cfg.spike_routine_count)
+        self.max_norm = cfg.max_grad_norm
         self.window = RollingQuantiles(cfg.spike_window)
         self.grads = RollingQuantiles(cfg.spike_window) if key != "grad/norm" else None
         self.trigger = Trigger(1, cfg.rearm_steps)
         self.noted_only = False  # this episode has so far given only an info note
         self.knobs = Knobs(cfg.producer)
+        # what a clipped gradient spike is watched for: each key's recent values and the open watches
+        self.kl_keys, self.entropy_key = cfg.kl_keys, cfg.entropy_key
+        self.watch_steps, self.watch_min = cfg.spike_watch_steps, cfg.spike_watch_min_history
+        self.watch_sigma, self.watch_kl_ratio = cfg.spike_watch_sigma, cfg.spike_watch_kl_ratio
+        self.watch_drop, self.ratio_dev = cfg.spike_watch_entropy_drop, cfg.ratio_mean_dev
+        self.kl_floor, self.kl_abs_floor = cfg.kl_z_floor, cfg.kl_min_std
+        self.recent: dict[str, RollingQuantiles] = (
+            {k: RollingQuantiles(cfg.spike_watch_window) for k in ("kl", "entropy", "loss", "ratio")}
+            if key == "grad/norm" else {})
+        self.watches: deque[_Watch] = deque(maxlen=max(1, cfg.spike_watch_steps + 1))
 
     def _severity(self, rec: Mapping[str, Any]) -> tuple[str, float | None]:
         """``warning`` when the step's gradient norm is also up (or unknown), else ``info``; and that ratio."""
@@ -142,22 +162,62 @@ class Spike(Rule):
         ratio = norm / self.grads.median
         return ("warning" if ratio >= self.grad_ratio else "info"), ratio
 
-    def _routine_clipped(self, value: float, median: float, rec: Mapping[str, Any]) -> dict[str, Any] | None:
-        """For a gradient spike that clipping bounded in a run whose norm spikes routinely: the evidence
-        (clip threshold, clipped fraction, earlier large norms); else None (the spike is a warning)."""
+    def _clipped(self, value: float, rec: Mapping[str, Any]) -> dict[str, Any] | None:
+        """For a gradient spike that clipping bounded: the evidence (clip threshold, clipped fraction); else None.
+
+        The producer's ``grad/clipped`` says it when logged (the runner's is the fraction of its minibatch
+        updates that were clipped, while ``grad/norm`` is their mean, which can stay under the threshold);
+        otherwise a pre-clip norm above the threshold was clipped."""
         if self.key != "grad/norm":
             return None
         limit = self.max_norm if self.max_norm is not None else finite(rec, "grad/max_norm")
         clipped = finite(rec, "grad/clipped")
-        bounded = (clipped is not None and clipped > 0) or (limit is not None and 0 < limit < value)
-        earlier = self.window.count_above(self.routine_ratio * median)
-        if not bounded or earlier < self.routine_count:
-            return None
-        return {"max_grad_norm": limit, "clipped_frac": clipped, "earlier_large": earlier,
-                "routine_ratio": self.routine_ratio}
+        bounded = clipped > 0 if clipped is not None else (limit is not None and 0 < limit < value)
+        return {"max_grad_norm": limit, "clipped_frac": clipped} if bounded else None
+
+    def _values(self, rec: Mapping[str, Any]) -> dict[str, float]:
+        """The watched keys of a record that are logged: KL (k3, else k1, else a probe), entropy, loss, ratio."""
+        out = {}
+        found = first_finite(rec, self.kl_keys)
+        if found is not None:
+            out["kl"] = found[1]
+        for name, key in (("entropy", self.entropy_key), ("loss", "loss/total"), ("ratio", "policy/ratio_mean")):
+            value = finite(rec, key)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def _baselines(self) -> dict[str, tuple[float, float]]:
+        """Median and robust sigma of each watched key with enough history (floored like the spike's own)."""
+        out = {}
+        for name, window in self.recent.items():
+            if len(window) >= self.watch_min:
+                median = window.median
+                floor = self.kl_abs_floor if name == "kl" else 1e-12
+                out[name] = (median, max(window.sigma, self.rel_floor * abs(median), floor))
+        return out
+
+    def _moved(self, values: Mapping[str, float], baselines: Mapping[str, tuple[float, float]]) -> str | None:
+        """What moved far from its baseline on this record (a phrase for the message), or None."""
+        k = self.watch_sigma
+        for name, value in values.items():
+            if name not in baselines:
+                continue
+            median, sigma = baselines[name]
+            z = (value - median) / sigma
+            if name == "kl" and z > k and value > self.kl_floor and value >= self.watch_kl_ratio * max(
+                    median, self.kl_abs_floor):
+                return f"KL {value:.4g} ({value / max(median, self.kl_abs_floor):.3g}x its median {median:.4g})"
+            if name == "entropy" and -z > k and value < (1 - self.watch_drop) * median:
+                return f"entropy {value:.4g} ({1 - value / median:.0%} below its median {median:.4g})"
+            if name == "loss" and abs(z) > k:
+                return f"loss {value:.4g} ({abs(z):.1f} robust sigma from its median {median:.4g})"
+            if name == "ratio" and abs(z) > k and abs(value - 1) > self.ratio_dev:
+                return f"mean PPO ratio {value:.4g} (median {median:.4g})"
+        return None
 
     def _alert(self, first: int, step: int, value: float, median: float, sigma: float, z: float,
-               rec: Mapping[str, Any]) -> Alert:
+               rec: Mapping[str, Any], clipped: dict[str, Any] | None) -> Alert:
         severity, grad_ratio = self._severity(rec)
         what = "gradient norm" if self.key == "grad/norm" else self.key
         evidence = {"key": self.key, "value": rnd(value), "median": rnd(median), "sigma": rnd(sigma),
@@ -168,17 +228,18 @@ class Spike(Rule):
             felt = f"; the gradient norm was {grad_ratio:.2g}x its median"
         suggestion = ("inspect the batch of this step (degenerate samples, extreme rewards); if spikes "
                       f"repeat, lower {self.knobs['learning_rate']} or skip steps whose gradient norm spikes")
-        routine = self._routine_clipped(value, median, rec)
-        if routine is not None:
+        if self.key == "grad/norm" and clipped is None:
+            felt = "; no clipping bounded it, so the whole step went into the weights"
+            suggestion += f", or set {self.knobs['max_grad_norm']}"
+        elif clipped is not None:
             severity = "info"
-            evidence.update(routine)
-            cap = (f"max_grad_norm={routine['max_grad_norm']:g}" if routine["max_grad_norm"] is not None
+            evidence.update(clipped)
+            cap = (f"max_grad_norm={clipped['max_grad_norm']:g}" if clipped["max_grad_norm"] is not None
                    else "the clip threshold")
-            felt = (f"; clipping at {cap} bounded the update, and {routine['earlier_large']} of the "
-                    f"previous {len(self.window)} norms were already above {self.routine_ratio:g}x "
-                    "the median (this run's norm spikes routinely)")
-            suggestion = ("a note: nothing to do while KL, entropy and the loss stay steady (their rules "
-                          f"say when they do not); if the spikes grow, lower {self.knobs['learning_rate']}")
+            felt = (f"; clipping at {cap} bounded the update (a note: it becomes a warning if KL, entropy, the "
+                    f"loss or the PPO ratio jump within {self.watch_steps} steps)")
+            suggestion = ("a note: nothing to do while KL, entropy and the loss stay steady; if spikes grow or "
+                          f"repeat, lower {self.knobs['learning_rate']}")
         return Alert(
             self.name, severity, first,
             f"{what} spiked to {value:.4g} at step {step} ({z:.1f} robust sigma above the median "
@@ -187,28 +248,65 @@ class Spike(Rule):
             evidence,
         )
 
+    def _consequence(self, step: int, values: Mapping[str, float]) -> list[Alert]:
+        """The open watches look at this record: the first that sees the policy move becomes a warning."""
+        for watch in list(self.watches):
+            moved = self._moved(values, watch.baselines)
+            if moved is not None:
+                self.watches.clear()
+                self.noted_only = False
+                note = watch.alert
+                return [Alert(
+                    self.name, "warning", note.step,
+                    note.message.split("; clipping", 1)[0]
+                    + f"; clipping capped the update, but the policy moved: {moved} at step {step}",
+                    f"inspect the batch of step {watch.step} (degenerate samples, extreme rewards); lower "
+                    f"{self.knobs['learning_rate']} or {self.knobs['max_grad_norm']}, or skip steps whose "
+                    "gradient norm spikes",
+                    {**note.evidence, "moved_at": step, "moved": moved},
+                )]
+            watch.left -= 1
+        while self.watches and self.watches[0].left <= 0:
+            self.watches.popleft()
+        return []
+
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
-        value = finite(rec, self.key)
-        if value is None:
-            return []
         out: list[Alert] = []
-        if len(self.window) >= self.min_history:
-            median = self.window.median
-            sigma = max(self.window.sigma, self.rel_floor * abs(median), 1e-12)
-            z = (value - median) / sigma
-            bad = z > self.sigma and (self.min_ratio == 0.0 or value > self.min_ratio * median)
-            first = self.trigger.observe(bad, step)
-            # a note must not hide what follows: within an episode that so far gave only a note, a spike
-            # that is a warning is still reported (once)
-            if bad and (first is not None or self.noted_only):
-                alert = self._alert(first if first is not None else step, step, value, median, sigma, z, rec)
-                if first is not None or is_alerting(alert.severity):
-                    out.append(alert)
-                    self.noted_only = not is_alerting(alert.severity)
-        self.window.push(value)
+        values = self._values(rec) if self.recent else {}
+        if self.watches:
+            out += self._consequence(step, values)
+        value = finite(rec, self.key)
+        if value is not None:
+            out += self._spike(step, value, rec)
+            self.window.push(value)
+        for name, v in values.items():
+            self.recent[name].push(v)
         if self.grads is not None and (norm := finite(rec, "grad/norm")) is not None:
             self.grads.push(norm)
         return out
+
+    def _spike(self, step: int, value: float, rec: Mapping[str, Any]) -> list[Alert]:
+        if len(self.window) < self.min_history:
+            return []
+        median = self.window.median
+        sigma = max(self.window.sigma, self.rel_floor * abs(median), 1e-12)
+        z = (value - median) / sigma
+        bad = z > self.sigma and (self.min_ratio == 0.0 or value > self.min_ratio * median)
+        first = self.trigger.observe(bad, step)
+        # a note must not hide what follows: within an episode that so far gave only a note, a spike that is a
+        # warning is still reported (once), and a clipped one is watched for its consequence
+        if not bad or (first is None and not self.noted_only):
+            return []
+        clipped = self._clipped(value, rec)
+        alert = self._alert(first if first is not None else step, step, value, median, sigma, z, rec, clipped)
+        if clipped is not None and self.watch_steps > 0:
+            self.watches.append(_Watch(step, alert, self._baselines(), self.watch_steps))
+        if first is None and not is_alerting(alert.severity):
+            return []
+        self.noted_only = not is_alerting(alert.severity)
+        if not self.noted_only:
+            self.watches.clear()
+        return [alert]
 
 
 class GradExplosion(Rule):
