@@ -6,10 +6,11 @@ kinds (:data:`ACCEPTED`) comes from a record no later than the run's outcome ste
 used is the one of the record whose update returned the alert (when the user could have seen it), not the
 alert's back-dated ``step``. A healthy run with any warning or critical alert is a false alarm. Dev and
 held-out splits are reported separately; only dev may be used to tune the rules. The spike checks (runner runs
-of seeds no rule change had seen when they were made: grid.SPIKE_CHECK_SEEDS, then grid.SPIKE_CHECK2_SEEDS;
-docs/corpus.md) are reported as separate splits.
+of seeds no rule change had seen when they were made: grid.SPIKE_CHECK_SEEDS, then grid.SPIKE_CHECK2_SEEDS,
+then grid.SPIKE_CHECK3_SEEDS; docs/corpus.md) are reported as separate splits.
 
-    python benchmarks/bench_corpus.py [--runs DIR] [--spike-runs DIR] [--spike2-runs DIR] [--name corpus]
+    python benchmarks/bench_corpus.py [--runs DIR] [--spike-runs DIR] [--spike2-runs DIR] [--spike3-runs DIR]
+                                      [--name corpus]
 """
 from __future__ import annotations
 
@@ -133,21 +134,28 @@ def evaluate(runs_dir: Path, split: str) -> dict[str, Any]:
     }
 
 
-SPIKE_SPLITS = ("spike_check", "spike_check2")
+SPIKE_SPLITS = ("spike_check", "spike_check2", "spike_check3")
+SPIKE_FLAGS = {"spike_check": "--spike-check", "spike_check2": "--spike-check2", "spike_check3": "--spike-check3"}
+SPIKE_TAGS = {"spike_check": "spike check", "spike_check2": "second spike check", "spike_check3": "third spike check"}
+# the rules that judge a clipped event (or tail-only ratios) by its consequence and so may leave an info note
+NOTED_RULES = ("grad_explosion", "loss_spike", "ppo_ratio_extreme")
 
 
 def spike_section(s: Mapping[str, Any]) -> list[str]:
     """A spike check's healthy runs one by one: whether a gradient-norm spike passed the bar (a ``grad_spike``
-    alert of any severity: a clipped one without consequence is an ``info`` note) and which warnings/criticals
-    came."""
+    alert of any severity: a clipped one without consequence is an ``info`` note), the notes of the other rules
+    that judge a clipped event by its consequence, and which warnings/criticals came."""
     lines = ["", f"## {s['split']}: healthy runs", "",
-             "| run | grad_spike alerts (severity@step) | warning/critical alerts |", "|---|---|---|"]
+             "| run | grad_spike alerts (severity@step) | warning/critical alerts | "
+             f"notes of {', '.join(NOTED_RULES)} |", "|---|---|---|---|"]
     for name, r in s["per_run"].items():
         if r["label"] != "healthy":
             continue
         spikes = [a.split(":", 1)[1] for a in r["alerts"] if a.startswith("grad_spike:")]
         severe = [a for a in r["alerts"] if a.split(":", 1)[1].split("@")[0] in SEVERE]
-        lines.append(f"| {name} | {', '.join(spikes) or '-'} | {', '.join(severe) or '-'} |")
+        notes = [a for a in r["alerts"] if a.split(":", 1)[0] in NOTED_RULES and ":info@" in a]
+        lines.append(f"| {name} | {', '.join(spikes) or '-'} | {', '.join(severe) or '-'} | "
+                     f"{', '.join(notes) or '-'} |")
     return lines
 
 
@@ -182,7 +190,7 @@ def markdown(name: str, splits: list[dict[str, Any]]) -> str:
         if s["split"] in SPIKE_SPLITS:
             lines += spike_section(s)
             if s.get("carried_over"):
-                flag = "--spike-check2" if s["split"] == "spike_check2" else "--spike-check"
+                flag = SPIKE_FLAGS[s["split"]]
                 lines += ["", f"({s['split']} carried over from the run of {s['carried_over']}: its runs were not "
                           f"on disk; `python -m benchmarks.corpus.generate {flag}` regenerates them)"]
     return "\n".join(lines) + "\n"
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                          "over from the last results file")
     ap.add_argument("--spike2-runs", type=Path, default=CORPUS / "runs" / "spike_check2",
                     help="the second spike check's runs (generate.py --spike-check2); likewise")
+    ap.add_argument("--spike3-runs", type=Path, default=CORPUS / "runs" / "spike_check3",
+                    help="the third spike check's runs (generate.py --spike-check3); likewise")
     ap.add_argument("--name", default="corpus", help="result name: benchmarks/results/<name>.json and .md "
                     "(a name with a folder, e.g. baseline/corpus, stays out of the README table)")
     args = ap.parse_args(argv)
@@ -233,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     (Path(__file__).resolve().parent / "results" / args.name).parent.mkdir(parents=True, exist_ok=True)
     splits = [evaluate(args.runs, split) for split in ("dev", "heldout")]
     previous = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
-    for split, runs_dir in (("spike_check", args.spike_runs), ("spike_check2", args.spike2_runs)):
+    for split, runs_dir in (("spike_check", args.spike_runs), ("spike_check2", args.spike2_runs),
+                            ("spike_check3", args.spike3_runs)):
         spike = spike_split(runs_dir, previous, split)
         if spike is not None:
             splits.append(spike)
     rows = []
     for s in splits:
-        tag = {"heldout": "held-out", "spike_check": "spike check",
-               "spike_check2": "second spike check"}.get(s["split"], s["split"])
+        tag = {"heldout": "held-out", **SPIKE_TAGS}.get(s["split"], s["split"])
         lead = s["lead"]
         rows += [
             row(f"{tag}: unstable runs detected in time", f"{s['detected']}/{s['unstable']}", "",

@@ -80,8 +80,12 @@ def _grad_spike(c, at):
 
 
 def _loss_spike(c, at):
+    # a loss spike the update felt as a gradient spike (one it did not is only a note); the norm is clipped
+    # (max_grad_norm 1), so it is a warning only with a consequence: the next step's KL is 3x, as for grad_spike
     c["loss/total"][at] += 3.0
-    c["grad/norm"][at] *= 6  # a loss spike the update felt as a gradient spike (one it did not is only a note)
+    c["grad/norm"][at] *= 6
+    for key in ("kl/ref_k3", "kl/ref_k1"):
+        c[key][at + 1] *= 3
 
 
 def _grad_explosion(c, at):
@@ -114,7 +118,10 @@ def _ppo_ratio(c, at):
 
 
 def _ppo_ratio_extreme(c, at):
-    c["policy/ratio_max"][at:at + 6] = 8.0  # sustained, and beyond the single-token outliers of healthy runs
+    # sustained, beyond the single-token outliers of healthy runs, and with the bulk of the batch past the clip
+    # (clip fraction over 0.3): extremes on a few tail tokens under a normal clip fraction are only a note
+    c["policy/ratio_max"][at:at + 6] = 8.0
+    c["policy/clipfrac"][at:at + 6] = 0.45
 
 
 def _clipfrac(c, at):

@@ -54,8 +54,19 @@ def test_spike_check_counts_healthy_runs_whose_gradient_norm_passed_the_spike_ba
     }}
     assert spiked(split) == 2
     rows = spike_section(split)
-    assert "| a | info@40 | - |" in rows and "| b | - | - |" in rows
-    assert "| c | warning@7 | grad_spike:warning@7 |" in rows and not any(r.startswith("| d ") for r in rows)
+    assert "| a | info@40 | - | - |" in rows and "| b | - | - | - |" in rows
+    assert "| c | warning@7 | grad_spike:warning@7 | - |" in rows and not any(r.startswith("| d ") for r in rows)
+
+
+def test_spike_check_lists_the_notes_of_the_rules_that_judge_clipped_events():
+    from benchmarks.bench_corpus import spike_section
+
+    split = {"split": "spike_check3", "per_run": {
+        "a": {"label": "healthy", "alerts": ["grad_explosion:info@97", "loss_spike:info@5", "kl_budget:info@9",
+                                             "ppo_ratio_extreme:critical@40"]},
+    }}
+    row = "| a | - | ppo_ratio_extreme:critical@40 | grad_explosion:info@97, loss_spike:info@5 |"
+    assert row in spike_section(split)
 
 
 def test_spike_check_seeds_are_their_own_split_and_only_runner_settings():
@@ -99,7 +110,18 @@ def test_second_spike_check_has_fresh_seeds_of_the_same_settings():
     assert {s["split"] for s in second} == {"spike_check2"} and {s["seed"] for s in second} == set(SPIKE_CHECK2_SEEDS)
     assert {(s["setting"], s["steps"]) for s in second} == {(s["setting"], s["steps"]) for s in first}
     with pytest.raises(ValueError, match="unknown spike check"):
-        specs(spike_check="spike_check3")
+        specs(spike_check="spike_check4")
+
+
+def test_third_spike_check_has_fresh_seeds_of_the_same_settings():
+    from benchmarks.corpus.grid import SEEDS, SPIKE_CHECK2_SEEDS, SPIKE_CHECK3_SEEDS, SPIKE_CHECK_SEEDS, specs, split_of
+
+    assert len(SPIKE_CHECK3_SEEDS) == 20
+    assert not set(SPIKE_CHECK3_SEEDS) & (set(SPIKE_CHECK_SEEDS) | set(SPIKE_CHECK2_SEEDS) | set(SEEDS))
+    assert {split_of(s) for s in SPIKE_CHECK3_SEEDS} == {"spike_check3"}
+    third, first = specs(spike_check="spike_check3"), specs(spike_check=True)
+    assert {s["split"] for s in third} == {"spike_check3"} and {s["seed"] for s in third} == set(SPIKE_CHECK3_SEEDS)
+    assert {(s["setting"], s["steps"]) for s in third} == {(s["setting"], s["steps"]) for s in first}
 
 
 def test_labels_name_the_second_spike_check_split():
@@ -123,7 +145,7 @@ def test_second_spike_check_carried_over_on_its_own(tmp_path):
     got = spike_split(tmp_path / "absent", previous, "spike_check2")
     assert got is not None and got["split"] == "spike_check2" and got["carried_over"] == "2026-11-30 21:30:00"
     md = markdown("corpus", [got])
-    assert "## spike_check2: healthy runs" in md and "--spike-check2" in md and "| a | info@9 | - |" in md
+    assert "## spike_check2: healthy runs" in md and "--spike-check2" in md and "| a | info@9 | - | - |" in md
 
 
 def test_committed_spike_check_labels_hold_their_own_seeds_and_settings():

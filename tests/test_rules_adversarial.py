@@ -287,8 +287,14 @@ def test_grad_explosion_is_growth_against_its_own_baseline(with_limit):
         for rec in recs:
             del rec["grad/max_norm"]
     alerts = diagnose(recs)
-    [a] = [a for a in alerts if a.rule == "grad_explosion"]
+    found = [a for a in alerts if a.rule == "grad_explosion"]
+    [a] = [a for a in found if is_alerting(a.severity)]
     assert a.severity == "warning" and norms[a.step - 1] > 5 * 0.5
+    # clipped (the norm above grad/max_norm): first a note, then a warning once it lasted 10 steps, both dated
+    # at its first step; unclipped: a warning at once
+    assert [x.severity for x in found] == (["info", "warning"] if with_limit else ["warning"])
+    assert all(x.step == a.step for x in found)
+    assert ("not a burst" in a.message) == with_limit
     assert any(a.rule == "grad_clipping" for a in alerts) == with_limit
 
 

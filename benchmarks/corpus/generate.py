@@ -4,6 +4,7 @@
     python -m benchmarks.corpus.generate [--jobs 2] [--only SUBSTRING] [--no-archive] [--label-only] [--runs DIR]
     python -m benchmarks.corpus.generate --spike-check [--seeds 8,9]   # the spike check: runs/spike_check/
     python -m benchmarks.corpus.generate --spike-check2                # the second one: runs/spike_check2/
+    python -m benchmarks.corpus.generate --spike-check3                # the third one: runs/spike_check3/
 
 Each run is its own process (a crash or a NaN stays in that run; two run at a time on this 2-core machine);
 its console output goes to ``runs/_logs/<name>.log``. Only ``metrics.jsonl``, ``meta.json`` and
@@ -33,6 +34,8 @@ SPIKE_RUNS = RUNS / "spike_check"
 SPIKE_LABELS = HERE / "spike_check_labels.json"
 SPIKE2_RUNS = RUNS / "spike_check2"
 SPIKE2_LABELS = HERE / "spike_check2_labels.json"
+SPIKE3_RUNS = RUNS / "spike_check3"
+SPIKE3_LABELS = HERE / "spike_check3_labels.json"
 FIXTURES = ROOT / "tests" / "fixtures" / "real_runs"
 KEEP = ("metrics.jsonl", "meta.json", "events.jsonl")
 HELDOUT_REWARD = "benchmarks.corpus.textstats:word_variety_reward"
@@ -139,6 +142,16 @@ FIXTURE_PICKS: dict[str, tuple[str, int, tuple[str, ...]]] = {
     # and entropy flat after it; a false grad_spike warning under the rule before the consequence test
     "runner_first_spike_healthy": ("spike_check/runner_lr1e-3_kl0.05_sentiment_s12", 110,
                                    ("time/", "mem/", "throughput/", "grad/layer/")),
+    # second spike check, three healthy runs whose warnings came from rules that ignored clipping: seed 29's
+    # clipped 3-step burst of large norms (grad_explosion), seed 40's loss jump on a clipped gradient spike
+    # (loss_spike), seed 38's extreme single-token ratios on 4 steps under a normal clip fraction
+    # (ppo_ratio_extreme); nothing moved after any of them
+    "runner_clipped_burst_healthy": ("spike_check2/runner_lr1e-3_kl0.05_sentiment_s29", 106,
+                                     ("time/", "mem/", "throughput/", "grad/layer/", "drift/layer/")),
+    "runner_clipped_loss_spike_healthy": ("spike_check2/runner_lr1e-3_kl0.05_sentiment_s40", 118,
+                                          ("time/", "mem/", "throughput/", "grad/layer/", "drift/layer/")),
+    "runner_tail_ratios_healthy": ("spike_check2/runner_lr1e-3_kl0.05_sentiment_s38", 50,
+                                   ("time/", "mem/", "throughput/", "grad/layer/", "drift/layer/")),
 }
 
 
@@ -146,10 +159,11 @@ def write_fixtures(labels: dict[str, Any]) -> None:
     """Copy a few short recorded runs (first N steps, their events and meta) into tests/fixtures/real_runs."""
     FIXTURES.mkdir(parents=True, exist_ok=True)
     index = {}
-    spike_labels = json.loads(SPIKE_LABELS.read_text())["runs"] if SPIKE_LABELS.exists() else {}
+    check_labels = {check: json.loads(path.read_text())["runs"] if path.exists() else {}
+                    for check, path in (("spike_check", SPIKE_LABELS), ("spike_check2", SPIKE2_LABELS))}
     for fixture, (name, keep, drop) in FIXTURE_PICKS.items():
         src = RUNS / name
-        run_labels = spike_labels if name.startswith("spike_check/") else labels["runs"]
+        run_labels = check_labels.get(name.split("/")[0], {}) if "/" in name else labels["runs"]
         name = name.split("/")[-1]
         if not (src / "metrics.jsonl").exists() or name not in run_labels:
             continue
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the spike check (grid.SPIKE_CHECK_SEEDS of the runner settings) instead of the grid")
     ap.add_argument("--spike-check2", action="store_true",
                     help="run the second spike check (grid.SPIKE_CHECK2_SEEDS, the same runner settings) instead")
+    ap.add_argument("--spike-check3", action="store_true",
+                    help="run the third spike check (grid.SPIKE_CHECK3_SEEDS, the same runner settings) instead")
     ap.add_argument("--label-only", action="store_true", help="relabel the existing runs, run nothing")
     ap.add_argument("--runs", type=Path, default=None,
                     help="where the runs go (default runs/, runs/spike_check/ with --spike-check); the archive, "
@@ -197,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     from .labels import write_labels
 
     seeds = None if args.seeds is None else {int(x) for x in args.seeds.split(",")}
-    check = "spike_check2" if args.spike_check2 else "spike_check" if args.spike_check else None
+    check = ("spike_check3" if args.spike_check3 else "spike_check2" if args.spike_check2
+             else "spike_check" if args.spike_check else None)
     grid = specs(spike_check=check or False)
     todo = [s for s in grid if (args.only is None or args.only in s["name"])
             and (seeds is None or s["seed"] in seeds)]
-    default_runs = {"spike_check": SPIKE_RUNS, "spike_check2": SPIKE2_RUNS}.get(check or "", RUNS)
+    default_runs = {"spike_check": SPIKE_RUNS, "spike_check2": SPIKE2_RUNS,
+                    "spike_check3": SPIKE3_RUNS}.get(check or "", RUNS)
     runs: Path = (args.runs or default_runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if not args.no_archive and args.only is None and runs == default_runs:
         if check is not None:
-            path = SPIKE2_LABELS if check == "spike_check2" else SPIKE_LABELS
+            path = {"spike_check2": SPIKE2_LABELS, "spike_check3": SPIKE3_LABELS}.get(check, SPIKE_LABELS)
             shutil.copy(runs / "labels.json", path)
         else:
             path = write_archive(list(labels["runs"]))

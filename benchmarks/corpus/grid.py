@@ -13,6 +13,8 @@ to test the clipped-spike change out of sample: the borderline lr 1e-3 setting i
 spikes were false alarms, the two unstable runner settings check that recall holds for the same seeds.
 The *second spike check* (``SPIKE_CHECK2_SEEDS``, 28-47) is the same three settings again, made after the
 consequence-based ``grad_spike`` was frozen: the first spike check was looked at while designing it.
+The *third spike check* (``SPIKE_CHECK3_SEEDS``, 48-67) is the same three settings once more, made while the
+consequence test was extended to ``grad_explosion`` and ``loss_spike`` (both earlier checks were looked at then).
 Sized so the whole corpus regenerates in about half an hour on a shared 2-core CPU (two runs at a time).
 """
 from __future__ import annotations
@@ -23,7 +25,9 @@ SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
 DEV_SEEDS = frozenset({0, 1, 2, 3, 4, 5})
 SPIKE_CHECK_SEEDS = tuple(range(8, 28))  # 20 seeds: as many as fit in about 15 minutes
 SPIKE_CHECK2_SEEDS = tuple(range(28, 48))  # the second spike check: 20 seeds no rule change has seen
-SPIKE_CHECKS = {"spike_check": SPIKE_CHECK_SEEDS, "spike_check2": SPIKE_CHECK2_SEEDS}
+SPIKE_CHECK3_SEEDS = tuple(range(48, 68))  # the third: 20 seeds, scored once after the rules were frozen
+SPIKE_CHECKS = {"spike_check": SPIKE_CHECK_SEEDS, "spike_check2": SPIKE_CHECK2_SEEDS,
+                "spike_check3": SPIKE_CHECK3_SEEDS}
 SPIKE_CHECK_SETTINGS = frozenset({("runner", "lr1e-3_kl0.05_sentiment"), ("runner", "lr3e-2_kl0.1_sentiment"),
                                   ("runner", "lr1e-2_kl0.02_length")})
 
@@ -63,8 +67,8 @@ SETTINGS: list[tuple[str, str, str, dict[str, Any]]] = [
 
 def specs(spike_check: bool | str = False) -> list[dict[str, Any]]:
     """One dict per run: everything a producer needs plus the bookkeeping labels.json records; with
-    ``spike_check`` (True or ``"spike_check"``: the first, ``"spike_check2"``: the second), the runs of that
-    spike check instead of the main grid."""
+    ``spike_check`` (True or ``"spike_check"``: the first; ``"spike_check2"``, ``"spike_check3"``: the later
+    ones), the runs of that spike check instead of the main grid."""
     check = "spike_check" if spike_check is True else spike_check or None
     if check is not None and check not in SPIKE_CHECKS:
         raise ValueError(f"unknown spike check {check!r}; choose from {', '.join(SPIKE_CHECKS)}")

@@ -47,7 +47,9 @@ class DetectorConfig:
                                           # (the bar of a gradient spike); RL surrogate losses jump with the
                                           # batch drawn, so a jump the update did not feel is only a note
     # a gradient spike that clipping bounded (grad/clipped > 0, or without that key the pre-clip norm above
-    # max_grad_norm) is a note (info); it becomes a warning when, on one of the next spike_watch_steps records,
+    # max_grad_norm) is a note (info), and so are a loss spike on such a step and a grad_explosion streak
+    # clipped on every step (one shared test, numeric.Consequence); it becomes a warning when, on one of the
+    # next spike_watch_steps records,
     # the policy visibly moved: against the median and robust sigma (IQR/1.349, floored at 5% of |median|) of
     # each key's previous <= spike_watch_window values (from spike_watch_min_history on), KL up by
     # spike_watch_sigma and to >= spike_watch_kl_ratio x its median, entropy down by spike_watch_sigma and by
@@ -67,6 +69,10 @@ class DetectorConfig:
     grad_explosion_window: int = 100
     grad_explosion_min_history: int = 3
     grad_explosion_patience: int = 3      # consecutive steps: one step is a spike, not an explosion
+    # when clipping bounded every step of the streak, a burst is a note judged by its consequence like a
+    # clipped spike (the spike_watch_* settings), unless it lasts this many steps: then clipping is setting every
+    # step of the run, no longer absorbing a burst (the corpus's longest streak: 8 steps, a blown-up RLOO run)
+    grad_explosion_sustained_steps: int = 10
 
     # frequent clipping (info): pre-clip norm > max_grad_norm on > grad_clip_frac of the last grad_clip_window
     max_grad_norm: float | None = None    # None: use the record's grad/max_norm when logged

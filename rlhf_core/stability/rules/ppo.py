@@ -99,15 +99,26 @@ class PPORatioMean(Rule):
 
 
 class PPORatioExtreme(Rule):
-    """Token ratios above ratio_max or below ratio_min step after step: the policy keeps moving some tokens'
-    probabilities by far more than the clip range allows. Single batches with one such token are common in
-    healthy runs (the max over a few hundred tokens is heavy-tailed); a streak of ``ratio_patience`` is not."""
+    """Token ratios above ratio_max or below ratio_min step after step: some tokens' probabilities moved by far
+    more than the clip range allows. Single batches with one such token are common in healthy runs (the max
+    over a few hundred tokens is heavy-tailed); a streak of ``ratio_patience`` is not.
+
+    What a streak means depends on the bulk of the tokens. When the clip fraction passed ``clipfrac_max`` on a
+    step of the streak (or is not logged), the updates are pushing the whole batch past the clip: ``critical``.
+    When it stayed under it, the extremes are a few tail tokens that the clipped objective bounds (veRL's
+    dual-clip ``clip_ratio_c`` and truncated importance sampling bound the rest): an ``info`` note, which
+    becomes ``critical`` (once, dated at the streak's start) if the clip fraction passes the bar while the
+    streak goes on or in a later streak of the same episode.
+    """
 
     name = "ppo_ratio_extreme"
 
     def __init__(self, cfg: DetectorConfig):
         self.hi, self.lo = cfg.ratio_max, cfg.ratio_min
+        self.patience, self.clipfrac_limit = cfg.ratio_patience, cfg.clipfrac_max
         self.trigger = Trigger(cfg.ratio_patience, cfg.rearm_steps)
+        self.bulk: float | None = None  # the largest clip fraction of the current streak (None: not logged)
+        self.noted_only = False         # this episode has so far given only an info note
         self.knobs = Knobs(cfg.producer)
 
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
@@ -116,21 +127,43 @@ class PPORatioExtreme(Rule):
             return []
         high = rmax is not None and rmax > self.hi
         low = rmin is not None and rmin < self.lo
+        frac = finite(rec, "policy/clipfrac")
+        if (high or low) and self.trigger.streak == 0:
+            self.bulk = None
+        if (high or low) and frac is not None:
+            self.bulk = frac if self.bulk is None else max(self.bulk, frac)
         first = self.trigger.observe(high or low, step)
-        if first is None:
+        bulk_moved = self.bulk is None or self.bulk > self.clipfrac_limit
+        if first is None and not (self.noted_only and (high or low) and self.trigger.streak >= self.patience
+                                  and bulk_moved):
             return []
+        start = first if first is not None else (self.trigger.start if self.trigger.start is not None else step)
         parts = ([f"ratio_max {rmax:.4g} > {self.hi:g}"] if high else []) + \
                 ([f"ratio_min {rmin:.4g} < {self.lo:g}"] if low else [])
-        evidence = {"ratio_max_limit": self.hi, "ratio_min_limit": self.lo}
+        evidence: dict[str, Any] = {"ratio_max_limit": self.hi, "ratio_min_limit": self.lo}
         if rmax is not None:
             evidence["ratio_max"] = rnd(rmax)
         if rmin is not None:
             evidence["ratio_min"] = rnd(rmin)
+        message = (f"extreme PPO ratios for {self.trigger.streak} steps from step {start}; at step {step}: "
+                   f"{'; '.join(parts)}")
+        suggestion = (f"{_smaller_steps(self.knobs)}; check for a mismatch between sampling and training "
+                      "log-probs (dropout left on, different dtype or attention mask)")
+        if self.bulk is not None:
+            evidence.update(clipfrac_max=rnd(self.bulk), clipfrac_limit=self.clipfrac_limit)
+        if bulk_moved:
+            self.noted_only = False
+            if self.bulk is not None:
+                message += f"; up to {self.bulk:.3g} of the tokens clipped"
+            return [Alert(self.name, "critical", start, message, suggestion, evidence)]
+        self.noted_only = True
         return [Alert(
-            self.name, "critical", first, f"extreme PPO ratios for {self.trigger.streak} steps from step {first}; at "
-            f"step {step}: {'; '.join(parts)}",
-            f"{_smaller_steps(self.knobs)}; check for a mismatch between sampling and training log-probs "
-            "(dropout left on, different dtype or attention mask)",
+            self.name, "info", start,
+            message + f"; but at most {self.bulk:.3g} of the tokens were clipped (not over {self.clipfrac_limit:g}): "
+            "a few tail tokens, which the clipped objective bounds (a note: critical if the clip fraction "
+            "follows)",
+            "a note: nothing to do while the clip fraction, KL and entropy stay steady; a dual clip bound for "
+            "negative advantages (veRL's clip_ratio_c) caps such tokens' loss",
             evidence,
         )]
 
