@@ -196,6 +196,7 @@ def main() -> int:
     from devtools.headless import ServerThread, chromium
     from rlhf_core.runformat.run_reader import Run
 
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_dashboard_") as tmp:
         root = Path(tmp) / "runs"
         t0 = time.perf_counter()
@@ -275,7 +276,8 @@ def main() -> int:
 
     rows = [
         row("first render, cold server (100k steps x 50 keys, default --render auto)", round(auto_cold["median"], 2),
-            "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; a fresh server process on the address the "
+            "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; load average {load_start[0]:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end (2 cores); a fresh server process on the address the "
             f"browser used before (its scripts cached); drew '{renderer}' traces (headless Chromium has software WebGL "
             f"only); includes reading the run: a columnar parse, {columns_s:.2f} s alone (a dict per line, "
             f"Run.metrics(): {parse_s:.2f} s)"),
@@ -308,7 +310,8 @@ def main() -> int:
                "timings_s": timings, "auto_trace_type": renderer, "tensorboard_s": tb_s,
                "tensorboard_points": tb[0][1], "tensorboard_steps": TB_STEPS,
                "page_script_mb": round(script_bytes / 1e6, 2),
-               "load_average": os.getloadavg(), "note": "CPU shared with other jobs while measured"}
+               "load_average_start": load_start, "load_average": os.getloadavg(),
+               "note": "CPU shared with other jobs while measured"}
     write_result("dashboard", rows, details)
     for r in rows:
         print(f"{r['metric']}: {r['value']} {r['unit']} ({r['notes']})")

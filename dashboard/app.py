@@ -5,6 +5,8 @@ Binds to 127.0.0.1 unless ``--host`` says otherwise; only files under ``--runs``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import socket
 import sys
@@ -33,6 +35,7 @@ def create_app(runs_root: str | Path, render: str = "auto") -> Dash:
     """
     if render not in TRACE_TYPES:
         raise ValueError(f"render must be one of {', '.join(TRACE_TYPES)}, not {render!r}")
+    _import_pandas()
     cache = RunCache(runs_root)
     # dash documents update_title=None (no "Updating..." tab title while callbacks run) but annotates it str
     app = Dash(__name__, title="RLHF Systems Kit", update_title=None,  # type: ignore[arg-type]
@@ -86,6 +89,15 @@ def create_app(runs_root: str | Path, render: str = "auto") -> Dash:
             "Content-Disposition": f"attachment; filename=\"{_safe_name(name)}.csv\""})
 
     return app
+
+
+def _import_pandas() -> None:
+    """Import pandas (when installed) with the server, not during a page: pyarrow's column conversion imports
+    it on the first columnar read, ~0.35 s holding the GIL inside a big run's first render, and meanwhile
+    plotly's JSON encoder, in another request thread, took the half-imported module from ``sys.modules`` and
+    failed (the page said "Error loading layout")."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("pandas")
 
 
 def _rank_arg(value: str | None) -> Any:

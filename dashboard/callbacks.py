@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import numpy as np
 from dash import ALL as ALL_IDS
 from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
-from dash.exceptions import PreventUpdate
+from dash.exceptions import MissingCallbackContextException, PreventUpdate
 
 from rlhf_core.runformat.run_reader import RunError
 from rlhf_core.runformat.timeline import parse_steps
@@ -54,11 +55,23 @@ def guarded(name: str, n_outputs: int) -> Callable:
             except Exception as err:  # the page must survive any bad input (logged with its traceback)
                 log.exception("dashboard callback %s failed", name)
                 message = f"{name} view failed: {type(err).__name__}: {err}"
-            return [no_update] * (n_outputs - 1) + [html.Div(f"error: {message}", className="error")]
+            return [*_unchanged(n_outputs - 1), html.Div(f"error: {message}", className="error")]
 
         return wrapper
 
     return deco
+
+
+def _unchanged(n: int) -> list[Any]:
+    """``no_update`` for the first ``n`` outputs of the running callback; a list of them for a wildcard
+    output (Dash refuses a bare ``no_update`` there)."""
+    try:
+        specs = list(ctx.outputs_list)[:n]
+    except MissingCallbackContextException:  # called outside a callback (tests): plain outputs
+        specs = []
+    if len(specs) != n:
+        return [no_update] * n
+    return [[no_update] * len(s) if isinstance(s, list) else no_update for s in specs]
 
 
 def _started(ts: Any) -> str:
@@ -163,7 +176,7 @@ class Builder:
             traces[panel.id] = trace_map
         heat_maps = {}
         for heat in F.HEATMAPS:
-            fig, heat_map = F.heatmap_figure(heat, series[0] if series else None, alerts, uirev)
+            fig, heat_map = F.heatmap_figure(heat, series, alerts, uirev)
             figs.append(fig)
             heat_maps[heat.id] = heat_map
         cursor = {
@@ -210,12 +223,9 @@ class Builder:
         for panel in F.PANELS:
             patch, _ = F.line_patch(panel, cursor["traces"][panel.id], views, starts, stops, opts)
             outputs.append(patch if patch is not None else no_update)
+        orders = {k: s.order for k, s in series.items()}
         for heat in F.HEATMAPS:
-            heat_map = cursor["heat"][heat.id]
-            run_key = heat_map.get("run")
-            view = views.get(run_key) if run_key else None
-            patch, added = F.heatmap_patch(heat, heat_map, view, starts.get(run_key, 0), stops.get(run_key),
-                                           series[run_key].order if run_key in series else None)
+            patch, added = F.heatmap_patch(heat, cursor["heat"][heat.id], views, starts, stops, orders)
             if added < 0:
                 return self._rebuild(cursor)
             outputs.append(patch if patch is not None else no_update)
@@ -273,8 +283,8 @@ class Builder:
 
     def zoom(self, cursor: dict[str, Any], run_key: str, step: int) -> list[Any]:
         """Patches zooming to ``step`` of ``run_key``'s alert: the window is a 20th of that run (not of the
-        longest selected run); line charts rescale y to the data inside the window; a heatmap zooms only if
-        it shows that run (another, shorter run's heatmap went blank)."""
+        longest selected run); line charts rescale y to the data inside the window; in a heatmap only that
+        run's row zooms (another, shorter run's heatmap went blank)."""
         n = (cursor.get("runs") or {}).get(run_key, {}).get("n", 100)
         half = max(ZOOM_MIN_HALF, n // ZOOM_FRACTION)
         lo, hi = step - half, step + half
@@ -300,8 +310,8 @@ class Builder:
                     ranges["yaxis" if r == 1 else f"yaxis{r}"] = y_range(values, log=panel.id in opts.log and r == 1)
                 out.append(_zoom_patch(panel.id, x_lo, x_hi, ranges) if x_lo is not None else no_update)
         for heat in F.HEATMAPS:
-            shown = (cursor.get("heat") or {}).get(heat.id, {}).get("run")
-            out.append(_zoom_patch(heat.id, lo, hi) if shown == run_key else no_update)
+            shown = [e.get("run") for e in ((cursor.get("heat") or {}).get(heat.id) or {}).get("runs", [])]
+            out.append(_heat_zoom_patch({shown.index(run_key): (lo, hi)}) if run_key in shown else no_update)
         return out
 
     def _rebuild(self, cursor: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -356,6 +366,19 @@ def _zoom_patch(fig_id: str, lo: float | None, hi: float | None,
         else:
             patch["layout"][f"yaxis{suffix}"]["range"] = wanted
             patch["layout"][f"yaxis{suffix}"]["autorange"] = False
+    return patch
+
+
+def _heat_zoom_patch(ranges: dict[int, tuple[float, float] | None]) -> Patch:
+    """Heatmap rows (by run index) to an x range (None: autorange); the layer axes stay as they are."""
+    patch = Patch()
+    for index, window in ranges.items():
+        axis = patch["layout"][f"xaxis{F.heat_axes(index)}"]
+        if window is None:
+            axis["autorange"] = True
+        else:
+            axis["range"] = list(window)
+            axis["autorange"] = False
     return patch
 
 
@@ -418,34 +441,42 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
                     problems.append(f"run {w!r} is not in the run list of {cache.root}")
                 except RunError as err:
                     problems.append(str(err))
-        first = selection is None
-        if first or (not selection and not old_rows and rows and not wanted):  # first call, or first run
+        chosen = not isinstance(selection, list) or (not selection and not old_rows and rows and not wanted)
+        if chosen:
             selection = [w for w in wanted if w in ids] if wanted else ids[:1]
             cache.warm(selection, builder.prepare)
         selected = [ids.index(k) for k in selection if k in ids]
         data_out = rows if rows != old_rows else no_update
         sel_out = selected if selected != (old_selected or []) or data_out is not no_update else no_update
-        # An empty selection never changes the table's selected rows, so nothing would render: set it here,
-        # and the panels say "no runs selected" instead of staying "loading...".
-        store_out: Any = [] if first and not selection else no_update
+        # A chosen selection goes to the store at once (the table's select callback then finds it there): the
+        # charts start one round trip earlier. An empty one must be set here too: it never changes the table's
+        # selected rows, so nothing would render and the panels would stay "loading...".
+        store_out: Any = selection if chosen else no_update
         if not rows:
             problems.append(f"no runs under {cache.root} yet (a run is a folder with meta.json)")
         return data_out, sel_out, _problem_list(problems), store_out, ""
 
-    @app.callback(
+    # The table's ticked rows as the selection, in the browser (no round trip per click); runs stay in the
+    # order they were selected, so the first-selected run stays primary. Until the run list has chosen
+    # (``current`` not a list yet) an empty table changes nothing.
+    app.clientside_callback(
+        """
+        function(selected, rows, current) {
+            const nothing = window.dash_clientside.no_update;
+            if (!Array.isArray(rows) || !Array.isArray(selected)) { return nothing; }
+            const ticked = selected.filter(i => i >= 0 && i < rows.length).map(i => rows[i].id);
+            if (!Array.isArray(current) && !ticked.length) { return nothing; }
+            const previous = Array.isArray(current) ? current.filter(k => ticked.includes(k)) : [];
+            const ordered = previous.concat(ticked.filter(k => !previous.includes(k)));
+            if (Array.isArray(current) && ordered.length === current.length
+                    && ordered.every((k, i) => k === current[i])) { return nothing; }
+            return ordered;
+        }
+        """,
         Output("selection", "data"),
         Input("run-table", "selected_rows"), State("run-table", "data"), State("selection", "data"),
         prevent_initial_call=True,
     )
-    def select(selected_rows, rows, current):
-        if rows is None or selected_rows is None:
-            raise PreventUpdate
-        ordered = [rows[i]["id"] for i in selected_rows if 0 <= i < len(rows)]
-        previous = [k for k in (current or []) if k in ordered]
-        ordered = previous + [k for k in ordered if k not in previous]  # keep the first-selected run primary
-        if current is not None and ordered == current:
-            raise PreventUpdate
-        return ordered
 
     optional = [p.id for p in F.PANELS if p.optional]
 
@@ -461,7 +492,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
     @guarded("render", len(FIG_OUTPUTS) + len(optional) + 4)
     def render_all(selection, rank, detected, smoothing, x_mode, log_charts):
         trace_type = detected if render == "auto" else render
-        if selection is None or trace_type not in ("scatter", "scattergl"):
+        if not isinstance(selection, list) or trace_type not in ("scatter", "scattergl"):
             raise PreventUpdate
         rank = _rank_value(rank)
         opts = chart_options(smoothing, x_mode, log_charts)
@@ -564,9 +595,9 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
                 logged = any(k in s.view.keys for s in series for k in panel_spec.keys)
                 p["layout"]["shapes"] = F.panel_shapes(panel_spec, series, by_run, opts.x) if logged else []
                 patches.append(p)
-        for _ in F.HEATMAPS:
+        for heat in F.HEATMAPS:
             p = Patch()
-            p["layout"]["shapes"] = F.alert_shapes(series[:1], by_run)
+            p["layout"]["shapes"] = F.heatmap_shapes((cursor.get("heat") or {}).get(heat.id) or {}, series, by_run)
             patches.append(p)
         return (panel, state, *patches, "")
 
@@ -582,7 +613,10 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         if trigger is None or not ctx.triggered or not ctx.triggered[0].get("value"):
             raise PreventUpdate
         if trigger == "reset-zoom":
-            return (*[_zoom_patch(fid, None, None) for fid in F.FIGURE_IDS], "")
+            heat = (cursor or {}).get("heat") or {}
+            return (*[_zoom_patch(p.id, None, None) for p in F.PANELS],
+                    *[_heat_zoom_patch(dict.fromkeys(range(max(1, len((heat.get(h.id) or {}).get("runs") or []))),
+                                                     None)) for h in F.HEATMAPS], "")
         alerts = (store or {}).get("alerts", [])
         index = trigger["index"]
         if index >= len(alerts) or alerts[index].get("step") is None or not cursor:
@@ -593,6 +627,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
     @app.callback(
         Output({"type": "csv", "chart": ALL_IDS}, "href"), Output("metric-downloads", "children"),
         Input("cursor", "data"), State({"type": "csv", "chart": ALL_IDS}, "href"),
+        prevent_initial_call=True,
     )
     def downloads(cursor, shown):
         """CSV links of every chart and of each selected run's metrics, for the drawn selection and rank
@@ -625,19 +660,21 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
     @app.callback(
         Output("key-browser", "children"), Output("key-filter-note", "children"), Output("key-sig", "data"),
         Output("err-keys", "children"),
-        Input("cursor", "data"), Input("key-filter", "value"), Input("list-interval", "n_intervals"),
-        State("pinned", "data"), State("key-sig", "data"),
+        Input("selection", "data"), Input("rank", "value"), Input("key-filter", "value"),
+        Input("list-interval", "n_intervals"), State("pinned", "data"), State("key-sig", "data"),
         prevent_initial_call=True,
     )
     @guarded("keys", 4)
-    def key_browser(cursor, pattern, _n, pinned, shown):
+    def key_browser(selection, rank, pattern, _n, pinned, shown):
         """The key browser: every logged key grouped by prefix (as TensorBoard groups its scalars). Redrawn
-        only when the keys or the filter change, so a poll does not close the groups the user opened."""
-        if not cursor or not cursor.get("sel"):
+        only when the keys or the filter change, so a poll does not close the groups the user opened. It
+        follows the selection, not the charts' render: the two requests run side by side on a first load
+        (after the charts it cost a round trip and the browser's drawing of every chart first)."""
+        if not selection:
             if shown == []:
                 raise PreventUpdate
             return html.Div("select a run", style={"color": "#666"}), "", [], ""
-        keys = builder.logged_keys(cursor["sel"], cursor["rank"])
+        keys = builder.logged_keys(selection, _rank_value(rank))
         matched, note = filter_keys(keys, pattern)
         sig = [matched, pattern or ""]
         if sig == shown:
@@ -651,21 +688,27 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
                                 style={"color": "#666"})
         return children, note, sig, ""
 
-    @app.callback(
+    # Ticked keys are charted, in the order they were ticked; keys hidden by the filter stay pinned. In the
+    # browser: every redraw of the key browser fired it, a round trip each (on a first load too).
+    app.clientside_callback(
+        """
+        function(values, options, pinned) {
+            const current = Array.isArray(pinned) ? pinned : [];
+            const visible = new Set((options || []).flatMap(opts => (opts || []).map(o => o.value)));
+            const ticked = (values || []).flatMap(v => v || []);
+            const kept = current.filter(k => !visible.has(k) || ticked.includes(k));
+            const pins = kept.concat(ticked.filter(k => !kept.includes(k)));
+            if (pins.length === current.length && pins.every((k, i) => k === current[i])) {
+                return window.dash_clientside.no_update;
+            }
+            return pins;
+        }
+        """,
         Output("pinned", "data"),
         Input({"type": "keys", "group": ALL_IDS}, "value"), State({"type": "keys", "group": ALL_IDS}, "options"),
         State("pinned", "data"),
         prevent_initial_call=True,
     )
-    def pin(values, options, pinned):
-        """Ticked keys are charted, in the order they were ticked; keys hidden by the filter stay pinned."""
-        visible = {o["value"] for opts in options or [] for o in opts}
-        ticked = [k for vals in values or [] for k in (vals or [])]
-        kept = [k for k in pinned or [] if k not in visible or k in ticked]
-        new = kept + [k for k in ticked if k not in kept]
-        if new == (pinned or []):
-            raise PreventUpdate
-        return new
 
     @app.callback(
         Output("pinned-grid", "children"), Output("pin-cursor", "data"), Output("err-pins", "children"),
@@ -710,27 +753,39 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
 
     @app.callback(
         Output("fig-phases", "figure"), Output("fig-rank_phases", "figure"), Output("fig-system", "figure"),
-        Output("fig-flame", "figure"), Output("trace-links", "children"), Output("err-profiler", "children"),
+        Output("fig-flame", "figure"), Output("trace-links", "children"), Output("profiler-title", "children"),
+        Output("profiler-more", "children"), Output(run_figure_id("profiler", ALL_IDS, ALL_IDS), "figure"),
+        Output({"type": "run-links", "run": ALL_IDS}, "children"), Output("err-profiler", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("rank", "value"),
         Input("list-interval", "n_intervals"),
+        prevent_initial_call=True,
     )
-    @guarded("profiler", 6)
+    @guarded("profiler", 10)
     def profiler(tab, selection, rank, _n):
+        """One section per selected run (the first in the fixed charts, the others below it): the other
+        sections are built when the selection changes and refreshed in place on a poll (zoom kept)."""
         if tab != "profiler":
             raise PreventUpdate
         runs, problems = builder.load(selection or [])
+        drawn, links = ctx.outputs_list[7], ctx.outputs_list[8]
         if not runs:
             msg = "; ".join(problems) or "no runs selected"
             return (*[F.empty_figure(t, msg) for t in ("Time per step by phase", "Per-rank phase time",
-                                                        "System", "Flame graph")], "", "")
-        primary = runs[0]
+                                                        "System", "Flame graph")], "", "", [],
+                    [no_update] * len(drawn), [no_update] * len(links), "")
         rank = _rank_value(rank)
-        with holding([primary]):
-            series = Builder.series([primary], rank)[0]
-            phases, per_rank = F.phase_time_figure(series), F.rank_phase_figure(primary.views)
-            system = F.system_figure(primary.system, rank if rank in primary.views else ALL)
-        folded = primary.folded_files()
-        return (phases, per_rank, system, _cached_flame(folded[-1] if folded else None), _trace_links(primary), "")
+        charts = {d.key: profiler_charts(d, rank) for d in runs}
+        first = charts[runs[0].key]
+        others = [d.key for d in runs[1:]]
+        if _section_runs(drawn) == others:
+            return (*first, run_title(runs[0].key), no_update,
+                    [charts[o["id"]["run"]][PROFILER_CHARTS.index(o["id"]["chart"])] for o in drawn],
+                    [charts[o["id"]["run"]][-1] for o in links], "")
+        sections = [run_section(k, [dcc.Graph(id=run_figure_id("profiler", k, c), figure=fig, config=GRAPH_CONFIG,
+                                              style=CARD) for c, fig in zip(PROFILER_CHARTS, charts[k][:4])]
+                                + [html.Div(charts[k][4], id={"type": "run-links", "run": k}, style=LINKS_STYLE)])
+                    for k in others]
+        return (*first, run_title(runs[0].key), sections, [no_update] * len(drawn), [no_update] * len(links), "")
 
     @app.callback(
         Output("samples-run", "options"), Output("samples-run", "value"),
@@ -742,6 +797,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         Input("tabs", "value"), Input("selection", "data"), Input("samples-run", "value"),
         Input("samples-step-left", "value"), Input("samples-step-right", "value"), Input("samples-filter", "value"),
         Input("samples-sort", "value"), Input("list-interval", "n_intervals"),
+        prevent_initial_call=True,  # a hidden tab's first call only declined
     )
     @guarded("samples", 12)
     def samples(tab, selection, run_key, left, right, text, sort, _n):
@@ -781,6 +837,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         Output("config-table", "columns"), Output("config-table", "data"), Output("config-summary", "children"),
         Output("err-config", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("config-only-diff", "value"),
+        prevent_initial_call=True,  # a hidden tab's first call only declined
     )
     @guarded("config", 4)
     def config(tab, selection, only_diff):
@@ -805,6 +862,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         Output("timeline-sig", "data"), Output("err-timeline", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("rank", "value"), Input("timeline-steps", "value"),
         Input("list-interval", "n_intervals"), State("timeline-sig", "data"),
+        prevent_initial_call=True,  # a hidden tab's first call only declined
     )
     @guarded("timeline", 5)
     def timeline(tab, selection, rank, steps_text, _n, shown):
@@ -820,28 +878,34 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         return fig, rows, summary, signature, ""
 
     @app.callback(
-        Output("fig-memory", "figure"), Output("err-memory", "children"),
+        Output("fig-memory", "figure"), Output("memory-title", "children"), Output("memory-more", "children"),
+        Output(run_figure_id("memory", ALL_IDS, ALL_IDS), "figure"), Output("err-memory", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("list-interval", "n_intervals"),
+        prevent_initial_call=True,
     )
-    @guarded("memory", 2)
+    @guarded("memory", 5)
     def memory(tab, selection, _n):
+        """Each selected run's memory.json, one section per run (the what-if below re-plans the first)."""
         if tab != "memory":
             raise PreventUpdate
         runs, problems = builder.load(selection or [])
+        drawn = ctx.outputs_list[3]
         if not runs:
-            return F.empty_figure("Memory", "; ".join(problems) or "no runs selected"), ""
-        try:
-            report = runs[0].memory()
-        except RunError as err:
-            return F.empty_figure("Memory", str(err)), ""
-        fig = F.memory_figure(report)
-        fig.update_layout(title_text=f"{fig.layout.title.text}: {runs[0].key}")
-        return fig, ""
+            return (F.empty_figure("Memory", "; ".join(problems) or "no runs selected"), "", [],
+                    [no_update] * len(drawn), "")
+        figs = {d.key: memory_chart(d) for d in runs}
+        others = [d.key for d in runs[1:]]
+        if _section_runs(drawn) == others:
+            return figs[runs[0].key], run_title(runs[0].key), no_update, [figs[o["id"]["run"]] for o in drawn], ""
+        sections = [run_section(k, [dcc.Graph(id=run_figure_id("memory", k, "memory"), figure=figs[k],
+                                              config=GRAPH_CONFIG, style=CARD)]) for k in others]
+        return figs[runs[0].key], run_title(runs[0].key), sections, [no_update] * len(drawn), ""
 
     @app.callback(
         Output("fig-whatif", "figure"), Output("whatif-summary", "children"), Output("err-whatif", "children"),
         Input("tabs", "value"), Input("selection", "data"), Input("whatif-gpus", "value"),
         Input("whatif-zero", "value"), Input("whatif-micro", "value"), Input("whatif-util", "value"),
+        prevent_initial_call=True,  # a hidden tab's first call only declined
     )
     @guarded("whatif", 3)
     def whatif(tab, selection, gpus, zero, micro, util):
@@ -861,6 +925,51 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         return whatif_figure(result), f"{runs[0].key}: {whatif_summary(result)}", ""
 
     return builder
+
+
+PROFILER_CHARTS = ("phases", "rank_phases", "system", "flame")
+LINKS_STYLE = {**CARD, "padding": "8px", "fontSize": "13px"}
+
+
+def run_figure_id(tab: str, run: Any, chart: Any) -> dict[str, Any]:
+    """The id of a chart in another selected run's section of the Profiler or Memory tab."""
+    return {"type": "run-fig", "tab": tab, "run": run, "chart": chart}
+
+
+def run_title(run_key: str) -> html.H4:
+    return html.H4(f"run: {run_key}", className="run-section-title", style={"margin": "6px 0 0"})
+
+
+def run_section(run_key: str, children: list[Any]) -> html.Div:
+    """One selected run's charts under a title naming the run."""
+    return html.Div([run_title(run_key), *children], className="run-section",
+                    style={"display": "grid", "gap": "8px", "marginTop": "12px"})
+
+
+def _section_runs(drawn: Sequence[dict[str, Any]]) -> list[str]:
+    """The runs whose sections the page shows, in order (from the ids of their charts)."""
+    return list(dict.fromkeys(o["id"]["run"] for o in drawn))
+
+
+def profiler_charts(data: RunData, rank: Any) -> tuple[Any, ...]:
+    """The Profiler tab of one run: phase time, per-rank phase time, system, flame graph, trace links."""
+    with holding([data]):
+        series = Builder.series([data], rank)[0]
+        phases, per_rank = F.phase_time_figure(series), F.rank_phase_figure(data.views)
+        system = F.system_figure(data.system, rank if rank in data.views else ALL)
+    folded = data.folded_files()
+    return phases, per_rank, system, _cached_flame(folded[-1] if folded else None), _trace_links(data)
+
+
+def memory_chart(data: RunData) -> Any:
+    """One run's memory.json as a chart titled with the run (its read error as a message)."""
+    try:
+        report = data.memory()
+    except RunError as err:
+        return F.empty_figure(f"Memory: {data.key}", str(err))
+    fig = F.memory_figure(report)
+    fig.update_layout(title_text=f"{fig.layout.title.text}: {data.key}")
+    return fig
 
 
 def timeline_outputs(data: RunData, steps_text: str | None, rank: Any = ALL
@@ -976,7 +1085,6 @@ def _trace_links(data: RunData) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _flame_at(path: str, mtime: float) -> Any:
-    from pathlib import Path
 
     return F.flame_or_message(Path(path))
 

@@ -8,6 +8,7 @@ other's records. Clients keep their own row counts, so any number of open pages 
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import gc
 import io
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 from tsdownsample import MinMaxLTTBDownsampler
 
+from profiler.flamegraph import folded_files
 from rlhf_core.runformat.metric_columns import MetricColumns
 from rlhf_core.runformat.run_reader import Run, RunError, list_runs, resolve_run_path
 from rlhf_core.runformat.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
@@ -72,12 +74,17 @@ class View:
     the new rows and a redraw costs no conversion at all. A big run's first rows may come as columns from
     one columnar parse (:meth:`load_columns`) before their records are read: the view then has more rows
     than records (``lagging``) until a background reader catches up, and the charts need not wait for it.
+
+    A column cannot tell a key logged as NaN/inf (the run format writes null and names the key in the
+    record's ``nonfinite`` list) from a key not logged at that step: both are NaN. The rows of the first
+    are kept per key (:meth:`gap_rows`), so a chart breaks its line there and skips the second.
     """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.keys: dict[str, Any] = {}  # every key seen, in first-seen order (values are irrelevant)
         self._cols: dict[str, tuple[np.ndarray, int]] = {}
+        self._gaps: dict[str, list[int]] = {}  # key -> rows (ascending) where it was logged non-finite
         self.bulk_rows = 0  # rows whose columns came from a columnar parse
 
     def __len__(self) -> int:
@@ -95,16 +102,40 @@ class View:
         self.bulk_rows = columns.rows
         self.keys.update(dict.fromkeys(columns.keys))
         self._cols = {k: (v, columns.rows) for k, v in columns.values.items()}
+        self._gaps = {k: rows.tolist() for k, rows in columns.nonfinite.items()}
 
     def drop_columns(self) -> None:
         """Forget the columnar rows (the records disagree with them): every column is rebuilt from records."""
         self.bulk_rows = 0
         self._cols = {}
+        self._gaps = {}
+        self._note_gaps(self.records, 0)
 
     def extend(self, records: Sequence[dict[str, Any]]) -> None:
+        first = len(self.records)
         self.records.extend(records)
         for rec in records:
             self.keys.update(rec)  # C-level: cheaper than adding the keys one by one
+        if first + len(records) > self.bulk_rows:  # rows the columnar parse already noted are skipped
+            skip = max(0, self.bulk_rows - first)
+            self._note_gaps(records[skip:], first + skip)
+
+    def _note_gaps(self, records: Sequence[dict[str, Any]], first_row: int) -> None:
+        """Note the rows of ``records`` (the first is row ``first_row``) whose ``nonfinite`` lists name keys."""
+        for i, rec in enumerate(records):
+            names = rec.get("nonfinite")
+            if names and isinstance(names, list):
+                for name in names:
+                    if isinstance(name, str):
+                        self._gaps.setdefault(name, []).append(first_row + i)
+
+    def gap_rows(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start <= row < stop`` where ``key`` was logged non-finite (NaN/inf), ascending."""
+        rows = self._gaps.get(key)
+        if not rows:
+            return np.empty(0, dtype=np.int64)
+        stop = len(self) if stop is None else stop
+        return np.asarray(rows[bisect.bisect_left(rows, start):bisect.bisect_left(rows, stop)], dtype=np.int64)
 
     def _state(self, key: str) -> tuple[np.ndarray, int]:
         """A column and the rows it holds; a key the columnar rows lack is NaN over them (kept, so later
@@ -437,8 +468,6 @@ class RunData:
 
     def folded_files(self) -> list[Path]:
         """The profiler's op-level folded stacks (not its ``.stacks``/``.cuda`` variants), oldest first."""
-        from profiler.flamegraph import folded_files
-
         return folded_files(self.path / "traces", "cpu")
 
     def traces(self) -> list[Path]:
@@ -582,15 +611,22 @@ def _metrics_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("metrics*.jsonl"))
 
 
-def downsample(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points that keep every spike: MinMaxLTTB over the finite values."""
+def downsample_rows(y: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
+    """Rows (ascending) of at most ``max_points`` points that keep every spike: MinMaxLTTB over the finite
+    values."""
     finite = np.isfinite(y)
-    if not finite.all():
-        x, y = x[finite], y[finite]
-    if len(y) <= max_points:
-        return x, y
-    idx = _DOWNSAMPLER.downsample(y, n_out=max_points)
-    return x[idx], y[idx]
+    if finite.all():
+        return np.arange(len(y)) if len(y) <= max_points else _DOWNSAMPLER.downsample(y, n_out=max_points)
+    rows = np.flatnonzero(finite)
+    if len(rows) <= max_points:
+        return rows
+    return rows[_DOWNSAMPLER.downsample(y[rows], n_out=max_points)]
+
+
+def downsample(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """The points of :func:`downsample_rows`."""
+    rows = downsample_rows(y, max_points)
+    return x[rows], y[rows]
 
 
 def bucket_edges(n: int, buckets: int = HEATMAP_COLUMNS) -> np.ndarray:

@@ -18,9 +18,10 @@ import plotly.graph_objects as go
 from dash import Patch
 from plotly.subplots import make_subplots
 
+from profiler.flamegraph import FoldedError, flame_figure
 from rlhf_core.runformat.keys import PHASES
 
-from .data import ALL, Alert, TimelineView, View, bucket_edges, bucket_reduce, downsample
+from .data import ALL, Alert, TimelineView, View, bucket_edges, bucket_reduce, downsample_rows
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
@@ -51,6 +52,15 @@ class Line:
         elif self.derive == "square":
             y = y * y
         return x, y
+
+    def gaps(self, view: View, y: np.ndarray, start: int = 0) -> np.ndarray:
+        """Rows (from ``start``, ascending) where a key of this line was logged non-finite and the value of
+        ``y`` (rows ``start:``) is not finite: there the line breaks. A key not logged at a row is no gap."""
+        stop = start + len(y)
+        rows = view.gap_rows(self.key, start, stop)
+        if self.other:
+            rows = np.union1d(rows, view.gap_rows(self.other, start, stop))
+        return rows[~np.isfinite(y[rows - start])] if len(rows) else rows
 
 
 @dataclass(frozen=True)
@@ -232,9 +242,22 @@ def _is_band(line: Line) -> bool:
     return line.derive in ("upper", "lower")
 
 
-def _clean(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
-    finite = np.isfinite(y)
-    return x[finite].tolist(), y[finite].tolist()
+def _points(x: np.ndarray, y: np.ndarray, rows: np.ndarray, gaps: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """JSON-ready x and y of ``rows`` (finite values), with one ``None`` y at the first of the ``gaps`` rows
+    between two drawn rows, so plotly (``connectgaps`` off) breaks the line where a value was NaN/inf
+    instead of drawing straight across it. Gaps without a finite x are left out."""
+    if len(gaps):
+        gaps = gaps[np.isfinite(x[gaps])]
+    if not len(gaps):
+        return x[rows].tolist(), y[rows].tolist()
+    at, first = np.unique(np.searchsorted(rows, gaps), return_index=True)
+    merged = np.insert(rows, at, gaps[first])
+    is_gap = np.zeros(len(merged), dtype=bool)
+    is_gap[at + np.arange(len(at))] = True
+    ys: list[Any] = y[merged].tolist()
+    for i in np.flatnonzero(is_gap).tolist():
+        ys[i] = None
+    return x[merged].tolist(), ys
 
 
 def _axis(**extra: Any) -> dict[str, Any]:
@@ -365,14 +388,17 @@ def line_figure(panel: Panel, series: Sequence[Series], alerts: dict[str, list[A
             if len(steps):
                 max_step = max(max_step, float(np.nanmax(steps)) if np.isfinite(steps).any() else 0.0)
             band = _is_band(line)
+            gaps = line.gaps(s.view, y)
             kinds = [None] if not opts.smooth else (["ema"] if band else ["raw", "ema"])
             for kind in kinds:
                 yk = ema(y, opts.smooth) if kind == "ema" else y
-                xs, ys = (a.tolist() for a in downsample(x, yk))  # lists: Patch.extend needs arrays
-                has_data = has_data or len(ys) > 0
+                rows = downsample_rows(yk)
+                has_data = has_data or len(rows) > 0
+                xs, ys = _points(x, yk, rows, gaps)  # lists: Patch.extend needs arrays
                 faint = kind == "raw"
                 trace: dict[str, Any] = {
                     "type": trace_type, "x": xs, "y": ys, "mode": "lines", "name": f"{s.label} {line.label}",
+                    "connectgaps": False,
                     "legendgroup": s.key, "showlegend": not band and not faint,
                     "line": {"color": s.colour, "dash": line.dash, "width": 0 if band else (1 if faint else 1.5)},
                 }
@@ -440,7 +466,7 @@ def line_patch(panel: Panel, trace_map: Sequence[Sequence[Any]], views: dict[str
         else:
             _, y = line.values(view, start, stop)
         x = view.steps(start, stop) if opts.x == "step" else x_values(view, opts.x, start, stop)
-        xs, ys = _clean(x, y)
+        xs, ys = _points(x, y, np.flatnonzero(np.isfinite(y)), line.gaps(view, y, start) - start)
         if not xs:
             continue
         patch["data"][i]["x"].extend(xs)
@@ -476,48 +502,116 @@ def layer_blocks(view: View, prefix: str, order: View | None = None) -> list[str
     return ranked + [b for b in names if b not in set(ranked)]
 
 
-def heatmap_figure(heat: Heatmap, series: Series | None, alerts: dict[str, list[Alert]],
+HEAT_ROW_PX = 190  # plot height of one run's heatmap when several runs are stacked
+HEAT_GAP_PX = 50  # between two runs' heatmaps: the upper one's step ticks and the lower one's run title
+
+
+def heat_axes(index: int) -> str:
+    """The axis suffix of the ``index``-th run's heatmap (``""``, ``"2"``, ...)."""
+    return "" if index == 0 else str(index + 1)
+
+
+def heatmap_figure(heat: Heatmap, series: Sequence[Series], alerts: dict[str, list[Alert]],
                    uirevision: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Layer × step heatmap of one run (step buckets keep each bucket's max) and its map for live updates."""
-    blocks = layer_blocks(series.view, heat.prefix, series.order) if series else []
-    layout = _layout(heat.title + (f": {series.label}" if series else ""), uirevision)
+    """Layer × step heatmap of every selected run (step buckets keep each bucket's max) and its map for live
+    updates. Several runs are stacked, one row each titled with its run, each on its own step axis (a short
+    run is not squeezed into a long run's range) and all on one colour scale, so equal colours are equal
+    values. Trace ``i`` is run ``i`` (empty where that run logs no ``prefix`` keys)."""
+    runs = [(s, layer_blocks(s.view, heat.prefix, s.order)) for s in series]
+    multi = len(runs) > 1
+    margin_t, margin_b = (58, 44) if multi else (36, 44)
+    height = margin_t + margin_b + HEAT_ROW_PX * len(runs) + HEAT_GAP_PX * (len(runs) - 1) if multi else PANEL_HEIGHT
+    layout = _layout(heat.title + (f": {series[0].label}" if len(series) == 1 else ""), uirevision, height=height)
     layout["hovermode"] = "closest"
     layout["yaxis"]["autorange"] = "reversed"  # first logged block (embeddings) on top
-    heat_map = {"run": series.key if series else None, "blocks": blocks}
-    if not series or not blocks:
+    heat_map = {"runs": [{"run": s.key, "blocks": blocks} for s, blocks in runs]}
+    if not any(blocks for _, blocks in runs):
         _no_data(layout, "no runs selected" if not series else f"no data yet ({heat.prefix}<block> not logged)")
         return {"data": [], "layout": layout}, heat_map
-    view = series.view
-    edges = bucket_edges(series.n)
-    x = view.steps(0, series.n)[edges[:-1]].tolist()
-    z = [_nulls(_heat_values(heat, bucket_reduce(view.column(heat.prefix + b, 0, series.n), edges, "max")))
-         for b in blocks]
-    layout["shapes"] = alert_shapes([series], alerts)
-    layout["xaxis"]["title"] = {"text": "step", "font": {"size": 10}, "standoff": 2}
-    layout["xaxis"]["tickformat"] = "d"
-    trace = {"type": "heatmap", "x": x, "y": blocks, "z": z, "colorscale": "Viridis",
-             "colorbar": {"thickness": 10}, "hovertemplate": "step %{x}<br>%{y}: %{z:.4g}<extra></extra>"}
-    return {"data": [trace], "layout": layout}, heat_map
+    layout["margin"] = {**layout["margin"], "t": margin_t}
+    plot_px = height - margin_t - margin_b
+    gap = HEAT_GAP_PX / plot_px if multi else 0.0
+    span = (1 - gap * (len(runs) - 1)) / len(runs)
+    data: list[dict[str, Any]] = []
+    shapes: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []
+    for i, (s, blocks) in enumerate(runs):
+        ax = heat_axes(i)
+        top = 1 - i * (span + gap)
+        layout[f"xaxis{ax}"] = _axis(anchor=f"y{ax}", tickformat="d")
+        layout[f"yaxis{ax}"] = _axis(domain=[top - span, top], anchor=f"x{ax}", autorange="reversed")
+        if multi:
+            notes.append({"text": f"<b>{s.label}</b>", "showarrow": False, "xref": "paper", "yref": "paper",
+                          "x": 0, "y": top, "xanchor": "left", "yanchor": "bottom", "font": {"size": 11}})
+        trace: dict[str, Any] = {"type": "heatmap", "x": [], "y": blocks, "z": [], "coloraxis": "coloraxis",
+                                 "name": s.label, "hovertemplate": f"{s.label}<br>step %{{x}}<br>%{{y}}: %{{z:.4g}}"
+                                                                   "<extra></extra>"}
+        if i:
+            trace["xaxis"], trace["yaxis"] = f"x{ax}", f"y{ax}"
+        if blocks:
+            edges = bucket_edges(s.n)
+            trace["x"] = s.view.steps(0, s.n)[edges[:-1]].tolist()
+            trace["z"] = [_nulls(_heat_values(heat, bucket_reduce(s.view.column(heat.prefix + b, 0, s.n), edges,
+                                                                   "max"))) for b in blocks]
+            shapes += _on_axes(alert_shapes([s], alerts), ax)
+        else:
+            notes.append({"text": f"no data yet ({heat.prefix}<block> not logged)", "showarrow": False,
+                          "xref": "paper", "yref": "paper", "x": 0.5, "y": top - span / 2,
+                          "font": {"size": 12, "color": "#888"}})
+        data.append(trace)
+    bottom = heat_axes(len(runs) - 1)
+    layout[f"xaxis{bottom}"]["title"] = {"text": "step", "font": {"size": 10}, "standoff": 2}
+    layout["coloraxis"] = {"colorscale": "Viridis", "colorbar": {"thickness": 10}}
+    layout["shapes"] = shapes
+    if notes:
+        layout["annotations"] = notes
+    return {"data": data, "layout": layout}, heat_map
 
 
-def heatmap_patch(heat: Heatmap, heat_map: dict[str, Any], view: View | None, start: int,
-                  stop: int | None = None, order: View | None = None) -> tuple[Patch | None, int]:
-    """Append steps ``start:stop`` as columns; (None, 0) when nothing is new, (None, -1) when blocks changed."""
-    if view is None:
-        return None, 0
-    stop = len(view) if stop is None else stop
-    if start >= stop:
-        return None, 0
-    blocks = layer_blocks(view, heat.prefix, order)
-    if blocks != heat_map.get("blocks"):
-        return None, -1
-    if not blocks:
-        return None, 0
+def _on_axes(shapes: list[dict[str, Any]], ax: str) -> list[dict[str, Any]]:
+    """Alert lines of one run moved onto its heatmap's axes (``ax``: :func:`heat_axes`)."""
+    for shape in shapes:
+        shape["xref"], shape["yref"] = f"x{ax}", f"y{ax} domain"
+    return shapes
+
+
+def heatmap_shapes(heat_map: dict[str, Any], series: Sequence[Series], alerts: dict[str, list[Alert]]
+                   ) -> list[dict[str, Any]]:
+    """The alert lines of every run drawn in a heatmap (``heat_map``: its map from :func:`heatmap_figure`)."""
+    by_key = {s.key: s for s in series}
+    shapes: list[dict[str, Any]] = []
+    for i, entry in enumerate(heat_map.get("runs") or []):
+        s = by_key.get(entry.get("run"))
+        if s is not None and entry.get("blocks"):
+            shapes += _on_axes(alert_shapes([s], alerts), heat_axes(i))
+    return shapes
+
+
+def heatmap_patch(heat: Heatmap, heat_map: dict[str, Any], views: dict[str, View], starts: dict[str, int],
+                  stops: dict[str, int] | None = None, orders: dict[str, View | None] | None = None
+                  ) -> tuple[Patch | None, int]:
+    """Append each run's steps ``starts[run]:stops[run]`` as columns of its trace; (None, 0) when nothing is
+    new, (None, -1) when a run's blocks changed (the figure must be rebuilt)."""
     patch = Patch()
-    patch["data"][0]["x"].extend(view.steps(start, stop).tolist())
-    for r, block in enumerate(blocks):
-        patch["data"][0]["z"][r].extend(_nulls(_heat_values(heat, view.column(heat.prefix + block, start, stop))))
-    return patch, stop - start
+    added = 0
+    for i, entry in enumerate(heat_map.get("runs") or []):
+        view = views.get(entry.get("run"))
+        if view is None:
+            continue
+        stop = (stops or {}).get(entry["run"], len(view))
+        start = starts.get(entry["run"], stop)
+        if start >= stop:
+            continue
+        blocks = layer_blocks(view, heat.prefix, (orders or {}).get(entry["run"]))
+        if blocks != entry.get("blocks"):
+            return None, -1
+        if not blocks:
+            continue
+        patch["data"][i]["x"].extend(view.steps(start, stop).tolist())
+        for r, block in enumerate(blocks):
+            patch["data"][i]["z"][r].extend(_nulls(_heat_values(heat, view.column(heat.prefix + block, start, stop))))
+        added += stop - start
+    return (patch, added) if added else (None, 0)
 
 
 # ---- profiler and memory tabs (small, rarely redrawn: plotly objects are fine here)
@@ -650,7 +744,6 @@ def flame_or_message(folded: Path | None) -> go.Figure:
     title = "Flame graph (latest profiled window)"
     if folded is None:
         return empty_figure(title, "no data yet: no traces/*.folded (run with the profiler on)", height=300)
-    from profiler.flamegraph import FoldedError, flame_figure
 
     try:
         fig = flame_figure(folded)

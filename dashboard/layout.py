@@ -119,15 +119,19 @@ def _stability_tab() -> dcc.Tab:
 
 
 def _profiler_tab() -> dcc.Tab:
+    """The first selected run's charts, then a section per other selected run (each titled with its run)."""
     return dcc.Tab(label="Profiler", value="profiler", children=[html.Div([
+        html.Div(id="profiler-title"),
         graph("phases"), graph("rank_phases"), graph("system"),
         html.Div(id="trace-links", style={**CARD, "padding": "8px", "fontSize": "13px"}),
         graph("flame"),
+        html.Div(id="profiler-more"),
     ], style={"display": "grid", "gap": "8px", "marginTop": "8px"})])
 
 
 def _memory_tab() -> dcc.Tab:
-    """The run's memory.json, then what-if controls that re-plan its deployment (empty: as the run)."""
+    """The first selected run's memory.json, what-if controls that re-plan its deployment (empty: as the
+    run), then a section per other selected run."""
     def knob(label: str, knob_id: str, **kw: Any) -> html.Label:
         return html.Label([label, dcc.Input(id=f"whatif-{knob_id}", type="number", debounce=True,
                                             placeholder="as run", style={"width": "80px", "marginLeft": "4px"},
@@ -146,7 +150,8 @@ def _memory_tab() -> dcc.Tab:
         html.Div(id="err-whatif", className="cb-error", style={"color": "#b00020"}),
         graph("whatif", "What-if: per-GPU memory per phase (GiB)", card=False),
     ], style={**CARD, "padding": "8px"})
-    return dcc.Tab(label="Memory", value="memory", children=[html.Div([graph("memory"), whatif],
+    return dcc.Tab(label="Memory", value="memory", children=[html.Div([html.Div(id="memory-title"), graph("memory"),
+                                                                       whatif, html.Div(id="memory-more")],
                                                                        style={"marginTop": "8px", "display": "grid",
                                                                               "gap": "8px"})])
 
@@ -257,9 +262,11 @@ def build_layout(runs_root: str) -> html.Div:
     ], style={"display": "flex", "alignItems": "center", "margin": "8px 0", "flexWrap": "wrap"})
     return html.Div([
         dcc.Location(id="url", refresh=False),
-        dcc.Store(id="selection", data=None),
+        # Not null: a Store holding null sets itself (to undefined) when it mounts, which fired every callback
+        # of the selection and the render, for nothing, while the page loaded. {}: the run list has not chosen.
+        dcc.Store(id="selection", data={}),
         dcc.Store(id="cursor", data={}),
-        dcc.Store(id="trace-type", data=None),  # scattergl or scatter, chosen in the browser
+        dcc.Store(id="trace-type", data=""),  # scattergl or scatter, chosen in the browser
         dcc.Store(id="alert-store", data={"alerts": [], "render": None}),
         dcc.Store(id="pinned", data=[]),
         dcc.Store(id="timeline-sig", data=None),  # what the Timeline tab drew (a refresh with nothing new skips)

@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 
 from memory.deploy import Deployment, DeploymentPlan, plan_deployment
 from memory.deploy_json import deployment_from_dict
+from memory.planner import human
 
 NO_DEPLOYMENT = ("this run's memory.json has no deployment to re-plan (the TRL adapter writes one at train "
                  "start; the kit's runner writes a single-device prediction)")
@@ -110,8 +111,6 @@ def what_if(report: dict[str, Any] | None, gpus: Any = None, zero: Any = None, m
 
 def summary(w: WhatIf) -> str:
     """One line: the changed peak, whether it fits, against the run's own plan."""
-    from memory.planner import human
-
     what = ", ".join(w.changes) if w.changes else "the run's settings"
     verdict = "fits" if w.fits else "does NOT fit"
     return (f"with {what}: peak {human(w.peak[1])} per GPU in {w.peak[0]}, {verdict} in {human(w.gpu_memory)} "

@@ -86,6 +86,7 @@ def page(tmp_path_factory, request):
     smoke = Path(shot_src) if shot_src else request.getfixturevalue("smoke_run_dir")
     main = smoke.name if shot_src else "smoke"
     shutil.copytree(smoke, root / main, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    _nan_run(root / "nan")
     write_run(root / "klboom", 120, kl_jump_at=90).write_memory(MEMORY_REPORT)
     writers = {"live": write_run(root / "live", 10, status=None),
                "live2k": write_run(root / "live2k", 5, status=None)}
@@ -102,6 +103,19 @@ def page(tmp_path_factory, request):
         yield Page(driver, server.url, root, main, writers, shots)
     for w in writers.values():
         w.close()
+
+
+def _nan_run(path: Path, steps: int = 30) -> None:
+    """KL logged as NaN at step 10 and not logged at all at step 20."""
+    w = RunWriter(path, source="generic", tensorboard=False)
+    for s in range(steps):
+        m = metrics(s)
+        if s == 10:
+            m["kl/ref_k3"] = float("nan")
+        if s == 20:
+            del m["kl/ref_k3"]
+        w.log(s, m)
+    w.close()
 
 
 def _dpo_run(path: Path, steps: int = 40) -> None:
@@ -414,3 +428,52 @@ def test_config_diff_of_two_runs_highlights_what_changed(page):
     page.driver.find_element("css selector", "#config-only-diff input").click()
     wait_for(lambda: "env python" not in page.text("config-table"), 30)
     assert "config trainer" in page.text("config-table").replace("\t", " ")
+
+
+LINE_PATHS_JS = ("return Array.from(document.querySelector('#fig-kl .scatterlayer .trace')"
+                 ".querySelectorAll('path.js-line')).map(p => p.getAttribute('d'))")
+
+
+def test_a_nan_value_breaks_the_line_and_a_step_without_the_key_does_not(page):
+    page.open("?run=nan")
+    page.wait_points("fig-kl", lambda p: p[0] > 0)
+    k3 = _js(page, f"return {_fig('fig-kl')}.data[0]")
+    assert 20 not in k3["x"] and k3["y"][k3["x"].index(10)] is None  # skipped vs a gap
+    assert _js(page, f"return {_fig('fig-kl')}.data[1].x.length") == 30  # k1 was logged at every step
+    if _js(page, f"return {_fig('fig-kl')}.data[0].type") == "scatter":  # SVG: the drawn path itself
+        paths = _js(page, LINE_PATHS_JS)  # two pieces: the line stops at step 9 and starts again at step 11
+        assert len(paths) == 2 and [d.count("L") for d in paths] == [9, 17]  # 10 and 18 points (no step 20)
+
+
+SECTIONS_JS = ("return Array.from(document.querySelectorAll('#{0} .run-section')).map(s => "
+               "[s.querySelector('h4').innerText, Array.from(s.querySelectorAll('.js-plotly-plot')).map(g => "
+               "[g.layout.title.text, g.data.length])])")
+
+
+def test_heatmaps_profiler_and_memory_show_every_selected_run(page):
+    page.open("?run=klboom&run=ddp")
+    page.wait_points("fig-kl", lambda p: len(p) == 4)
+    heat = wait_for(lambda: _js(page, f"const e = {_fig('fig-grad_layers')}; return e && e.data.length == 2 ? "
+                                      "[e.data.map(t => [t.name, t.y, t.x.length]), "
+                                      "e.layout.annotations.map(a => a.text)] : null"), 30)
+    assert heat[0] == [["klboom", ["h.0", "h.1"], 120], ["ddp", ["wte", "h.2", "h.10"], 20]]  # each its own row
+    assert heat[1] == ["<b>klboom</b>", "<b>ddp</b>"]  # titled with its run
+    page.driver.find_element("xpath", "//*[text()='Profiler']").click()
+    page.wait_text("profiler-title", "run: klboom")
+    sections = wait_for(lambda: (lambda s: s if s and s[0][1] and s[0][1][2][1] == 2 else None)(
+        _js(page, SECTIONS_JS.format("profiler-more"))), 30)
+    assert [title for title, _ in sections] == ["run: ddp"]
+    titles = [t for t, _ in sections[0][1]]
+    assert len(titles) == 4 and "ddp" in titles[0]  # phases, per-rank phases, system (2 ranks), flame graph
+    page.driver.find_element("xpath", "//*[text()='Memory']").click()
+    page.wait_text("memory-title", "run: klboom")
+    assert page.wait_points("fig-memory", lambda p: len(p) == 4) == [2, 2, 2, 2]
+    sections = wait_for(lambda: _js(page, SECTIONS_JS.format("memory-more")), 30)
+    assert [title for title, _ in sections] == ["run: ddp"] and "ddp" in sections[0][1][0][0]
+    assert "no data yet" in page.text("memory-more")  # ddp has no memory.json
+    page.open("?run=klboom")  # one run again: no other sections
+    page.wait_points("fig-kl", lambda p: len(p) == 2)
+    page.driver.find_element("xpath", "//*[text()='Memory']").click()
+    page.wait_text("memory-title", "run: klboom")
+    wait_for(lambda: not _js(page, SECTIONS_JS.format("memory-more")), 30)
+    assert page.errors().strip() == ""

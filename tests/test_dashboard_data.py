@@ -340,6 +340,32 @@ def test_a_big_first_read_draws_from_columns_and_reads_the_records_behind_them(t
     np.testing.assert_array_equal(view.column("grad/norm")[300:], [metrics(s)["grad/norm"] for s in range(300, 310)])
 
 
+def test_a_value_logged_nonfinite_is_a_gap_and_a_key_not_logged_is_not(tmp_path, monkeypatch):
+    """Both are NaN in a column; only the first is a gap row, whether the rows came from the line reader, a
+    columnar parse, the records read behind it, or a rebuild from the records."""
+    w = write_run(tmp_path / "gaps", 4, status=None)
+    w.log(4, {**metrics(4), "kl/ref_k3": math.nan, "grad/norm": math.inf})
+    w.log(5, {k: v for k, v in metrics(5).items() if k != "kl/ref_k3"})
+    w.log(6, {**metrics(6), "kl/ref_k3": -math.inf})
+    w.close()
+    line = D.RunCache(tmp_path).get("gaps").view()
+    assert not line.bulk_rows and np.isnan(line.column("kl/ref_k3")[[4, 5, 6]]).all()
+    assert line.gap_rows("kl/ref_k3").tolist() == [4, 6] and line.gap_rows("grad/norm").tolist() == [4]
+    assert line.gap_rows("kl/ref_k3", 5).tolist() == [6] and line.gap_rows("kl/ref_k3", 0, 4).size == 0
+    assert line.gap_rows("reward/mean").size == 0 and line.gap_rows("never/logged").size == 0
+
+    monkeypatch.setattr(D, "COLUMNAR_MIN_BYTES", 0)
+    data = D.RunCache(tmp_path).get("gaps")
+    columnar = data.view()
+    assert columnar.lagging and not columnar.records
+    assert columnar.gap_rows("kl/ref_k3").tolist() == [4, 6] and columnar.gap_rows("grad/norm").tolist() == [4]
+    _wait_alerts(data)
+    _wait_records(data)
+    assert not columnar.lagging and columnar.gap_rows("kl/ref_k3").tolist() == [4, 6]  # not noted twice
+    columnar.drop_columns()
+    assert columnar.gap_rows("kl/ref_k3").tolist() == [4, 6] and columnar.gap_rows("grad/norm").tolist() == [4]
+
+
 def test_columns_that_disagree_with_the_line_read_give_way_to_it(tmp_path, monkeypatch):
     """Two objects on one line and a blank line keep pyarrow's row count equal to the line count, yet the
     line reader (which skips both) sees two rows fewer: once the records are read the columns are dropped,

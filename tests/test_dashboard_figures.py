@@ -37,7 +37,8 @@ def test_full_render_overlays_runs_downsampled_with_thresholds(tmp_path):
     assert grad["layout"]["yaxis"]["type"] == "log"
     heat = figs[F.FIGURE_IDS.index("grad_layers")]
     assert heat["data"][0]["y"] == ["h.0", "h.1"] and len(heat["data"][0]["x"]) == 400
-    assert cursor["runs"]["a"]["n"] == 5000 and cursor["heat"]["grad_layers"]["run"] == "a"
+    assert heat["data"][1]["y"] == ["h.0", "h.1"] and len(heat["data"][1]["x"]) == 40  # each run its own row
+    assert cursor["runs"]["a"]["n"] == 5000 and [e["run"] for e in cursor["heat"]["grad_layers"]["runs"]] == ["a", "b"]
 
 
 def test_empty_selection_and_missing_keys_say_no_data(tmp_path):
@@ -192,11 +193,26 @@ def test_nonfinite_values_and_a_broken_meta_never_break_the_render(tmp_path):
     w = write_run(tmp_path / "nan", 5, status=None)
     w.log(5, {**metrics(5), "kl/ref_k3": float("nan"), "grad/norm": float("inf")})
     w.log(6, metrics(6))
+    w.log(7, {k: v for k, v in metrics(7).items() if k != "kl/ref_k3"})  # not logged at this step
+    w.log(8, metrics(8))
     builder = Builder(RunCache(tmp_path))
     figs, cursor, _ = builder.full(["nan"], ALL)
     kl = figs[F.FIGURE_IDS.index("kl")]
-    assert kl["data"][0]["x"] == [0, 1, 2, 3, 4, 6]  # the NaN step is a gap, not a null in the trace
+    k3, k1 = kl["data"][0], kl["data"][1]
+    assert k3["x"] == [0, 1, 2, 3, 4, 5, 6, 8]  # step 7 did not log k3: no point, the line goes on
+    assert [i for i, v in enumerate(k3["y"]) if v is None] == [5]  # the NaN step: a gap in the line
+    assert k3["connectgaps"] is False and None not in k1["y"] and k1["x"] == list(range(9))
+    grad = figs[F.FIGURE_IDS.index("grad")]["data"][0]
+    assert grad["x"][5] == 5 and grad["y"][5] is None  # inf too
     json.dumps(figs, allow_nan=False)  # strict JSON: no NaN/Infinity reaches the browser
+    w.log(9, {**metrics(9), "kl/ref_k3": float("-inf")})
+    w.log(10, {k: v for k, v in metrics(10).items() if k != "kl/ref_k3"})
+    w.log(11, metrics(11))
+    outputs, cursor = builder.live(cursor)
+    extends = {tuple(op["location"]): op["params"]["value"] for op in _ops(outputs[F.FIGURE_IDS.index("kl")])
+               if op["operation"] == "Extend"}
+    assert extends[("data", 0, "x")] == [9, 11] and extends[("data", 0, "y")][0] is None  # live: the same rules
+    assert None not in extends[("data", 0, "y")][1:] and len(extends[("data", 1, "x")]) == 3
     (tmp_path / "nan" / "meta.json").write_text("{half written")
     assert any("unreadable meta.json" in p for p in builder.cache.get("nan").problems())
     w.close()

@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import pytest
-from dash import no_update
 from test_dashboard_data import write_run
 
 from dashboard import figures as F
@@ -72,7 +71,7 @@ def test_alert_zoom_rescales_y_and_leaves_another_runs_heatmap_alone(tmp_path):
     write_run(tmp_path / "short", 100)
     builder = Builder(RunCache(tmp_path))
     _, cursor, _ = builder.full(["long", "short"], ALL)
-    assert cursor["heat"]["grad_layers"]["run"] == "long"
+    assert [e["run"] for e in cursor["heat"]["grad_layers"]["runs"]] == ["long", "short"]
     patches = builder.zoom(cursor, "short", 50)  # an alert of the short run
     kl = _ops(patches[F.FIGURE_IDS.index("kl")])
     lo, hi = kl[("layout", "xaxis", "range")]
@@ -80,14 +79,16 @@ def test_alert_zoom_rescales_y_and_leaves_another_runs_heatmap_alone(tmp_path):
     y_lo, y_hi = kl[("layout", "yaxis", "range")]
     assert kl[("layout", "yaxis", "autorange")] is False
     assert y_lo > 0.0 and y_hi < 0.03  # the data in the window, not the long run's KL jump (0.5+) after step 900
-    assert patches[F.FIGURE_IDS.index("grad_layers")] is no_update  # the heatmap shows the long run
+    heat = _ops(patches[F.FIGURE_IDS.index("grad_layers")])
+    assert heat == {("layout", "xaxis2", "range"): [40, 60], ("layout", "xaxis2", "autorange"): False}  # short's row
     grad = _ops(patches[F.FIGURE_IDS.index("grad")])  # log axis: the range is in log10
     g_lo, g_hi = grad[("layout", "yaxis", "range")]
     assert np.log10(0.35) < g_lo < np.log10(0.4) and np.log10(0.6) < g_hi < np.log10(0.65)
     patches = builder.zoom(cursor, "long", 900)
     heat = _ops(patches[F.FIGURE_IDS.index("grad_layers")])
     assert heat[("layout", "xaxis", "range")] == [850, 950]  # a 20th of 1000 steps each side
-    assert not any(loc[1] == "yaxis" for loc in heat)  # the heatmap's reversed layer axis stays as it is
+    assert not any(loc[1].startswith("yaxis") or loc[1] == "xaxis2" for loc in heat)  # the short run's row and
+    # the reversed layer axes stay as they are
 
 
 def test_y_range_pads_finite_values_and_handles_log_and_nothing():
@@ -146,3 +147,19 @@ def test_placeholders_carry_chart_titles_not_internal_ids(tmp_path):
     walk(layout)
     assert set(F.FIGURE_IDS) <= set(titles) and titles["kl"] == F.PANELS[0].title
     assert all(title and title != fid for fid, title in titles.items()), titles
+
+
+def test_the_server_imports_pandas_before_any_request_can_see_it_half_imported(tmp_path):
+    """pyarrow's column conversion imported pandas on a big run's first read, in the warm-up thread, while
+    plotly's JSON encoder in a request thread took the half-imported module from ``sys.modules``: a cold
+    server answered the layout request with an error ("Error loading layout"). The server imports it first."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("pandas") is None:
+        pytest.skip("pandas is not installed: nothing imports it")
+    script = ("import sys; from dashboard.app import create_app; before = 'pandas' in sys.modules; "
+              f"create_app({str(tmp_path)!r}); print(before, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"]
