@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,15 @@ def test_a_line_longer_than_max_bytes_is_read_whole(tmp_path):
     first = cursor.read_new(max_bytes=100)
     assert [r["step"] for r in first] == [0]
     assert [r["step"] for r in cursor.read_new(max_bytes=100)] == [1]
+
+
+def test_columns_read_without_pandas(tmp_path):
+    """Nulls become NaN from Arrow's validity bitmaps (sliced chunks included) and pandas is never imported."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": i, "a": (None if i % 3 == 0 else i * 0.5), "b": i, "flag": i % 2 == 0} for i in range(1, 200)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = (f"import sys, numpy as np\nfrom rlhf_core.runformat.metric_columns import read_columns\n"
+            f"c = read_columns({str(path)!r})\nprint('pandas' in sys.modules)\n"
+            "print(np.isnan(c.values['a']).sum(), c.values['a'][1], c.values['b'][-1], c.values['flag'][1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "66", "1.0", "199.0", "1.0"]
