@@ -44,7 +44,8 @@ class TimelineRecorder:
     """Buffered writer of one process's step and phase intervals (see the module docstring)."""
 
     def __init__(self, run_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1, role: str = "runner",
-                 clock: ClockOffset | None = None, collective: Iterable[str] = (), exchange_waits: bool = False,
+                 clock: ClockOffset | None = None, collective: Iterable[str] = (), waits: Iterable[str] = (),
+                 exchange_waits: bool = False,
                  group: Any = None, source: str | None = None, host: str | None = None, pid: int | None = None,
                  name: str = ""):
         """``host``/``pid``/``name`` default to this process's; importers set those of the process they replay."""
@@ -58,7 +59,7 @@ class TimelineRecorder:
             "format": FORMAT, "rank": self.rank, "world_size": self.world_size, "role": role,
             "host": host if host is not None else socket.gethostname(),
             "pid": pid if pid is not None else os.getpid(), "name": name, "source": source,
-            "clock": self.clock.as_dict(), "collective": sorted(self.collective),
+            "clock": self.clock.as_dict(), "collective": sorted(self.collective), "waits": sorted(waits),
             "wall_skew_ns": _clock._SKEW_NS,
         }, "time_ns": wall_ns()}, separators=(",", ":")) + "\n"]
         self._last_flush = time.perf_counter()

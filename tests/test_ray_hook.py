@@ -7,6 +7,7 @@ call only if the measured offset is applied.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,7 @@ def test_a_real_ray_job(tmp_path: Path) -> None:
     env = ray_hook.runtime_env(run_dir, base={"env_vars": {SKEW_ENV: str(SKEW_NS)}}, system_interval_s=0.2,
                                config={"test": True})
     calls: list[tuple[int, int, int]] = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
         gen, trainer = ray.remote(Generator).remote(), ray.remote(Trainer).remote()
@@ -167,6 +169,8 @@ def test_a_real_ray_job(tmp_path: Path) -> None:
         assert Run(run_dir).meta["status"] == "running"
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():  # ray.init installs its own; later tests in this process expect ours
+            signal.signal(sig, handler)
         summary = ray_hook.finish()
 
     tl = read_timeline(run_dir)

@@ -70,9 +70,12 @@ def cluster():
 
     from rlhf_core.train.ray_engine import _init_ray
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     assert _init_ray(parse_args(["--engine", "ray", "--run_dir", "unused"]))
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init installs its own; later tests in this process expect ours
+        signal.signal(sig, handler)
 
 
 @pytest.mark.slow
@@ -145,6 +148,23 @@ def test_off_policy_mode_overlaps_generation_with_the_update(tmp_path, cluster):
     assert run.meta["ray"]["placement"] == "separate" and len(run.meta["ray"]["bundles"]) == 4
     rollout, update = spans(run_dir, 1, "rollout"), spans(run_dir, 0, "update")
     assert all(overlaps(rollout[s + 1], update[s]) for s in (1, 2, 3))
+
+
+@pytest.mark.slow
+def test_a_slowed_actor_is_on_the_critical_path_and_the_trainer_shows_the_wait(tmp_path, cluster):
+    from rlhf_core.runformat.timeline import analyse
+    from rlhf_core.train.runner import train
+
+    run_dir = tmp_path / "slow"
+    result = train(parse_args([*BASE, "--run_dir", str(run_dir), "--engine", "ray", "--ray_placement", "separate",
+                               "--debug_slow_rank", "1", "--debug_slow_seconds", "0.3"]))
+    assert result.status == "finished"
+    report = analyse(read_timeline(run_dir))
+    per_rank = report.per_rank()
+    assert per_rank[0]["wait_share"] > 0.5 and per_rank[0]["idle_share"] < 0.2  # the trainer waits for its actors
+    assert all(per_rank[r]["wait_s"] == 0 for r in (1, 2, 3))
+    top = report.critical_path_share()[0]
+    assert (top["rank"], top["phase"]) == (1, "rollout") and top["share"] > 0.5  # the 0.3 s rollouts
 
 
 @pytest.mark.slow

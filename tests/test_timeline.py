@@ -136,6 +136,26 @@ def test_waits_busy_idle_critical_path_and_bubbles() -> None:
     assert wait_ns(0, 5, 100) == 5 and wait_ns(100, 5, 0) == 0
 
 
+def test_a_wait_phase_is_all_waiting_and_the_critical_path_follows_what_it_waited_for(tmp_path: Path) -> None:
+    """A Ray-style driver: rank 0 waits 200 ms for the actors' results (rank 1's rollout, then rank 2's reward
+    of it, which ends last), then updates. The wait is waiting, not idle, and the path runs back through the
+    reward to the rollout that fed it."""
+    r0 = StepSpan(1, 0, 230 * MS, [("actor_wait", 0, 200 * MS), ("update", 200 * MS, 30 * MS)])
+    r1 = StepSpan(1, 5 * MS, 150 * MS, [("rollout", 5 * MS, 150 * MS)])
+    r2 = StepSpan(1, 160 * MS, 39 * MS, [("reward", 160 * MS, 39 * MS)])
+    a = analyse_step(1, {0: r0, 1: r1, 2: r2}, frozenset(), waits=frozenset({"actor_wait"}))
+    assert a.wait[0] == 200 * MS and a.busy[0] == 30 * MS and a.idle[0] == 0
+    assert [(r, n) for r, n, _, _ in a.critical_path if n != "(gap)"] == [(1, "rollout"), (2, "reward"), (0, "update")]
+    plain = analyse_step(1, {0: r0, 1: r1, 2: r2}, frozenset())  # without the header's waits it is busy time
+    assert plain.wait[0] == 0 and plain.busy[0] == 230 * MS
+    rec = TimelineRecorder(tmp_path, rank=0, world_size=3, role="trainer", waits=("actor_wait",))
+    rec.record_step(1, 0.0, 0.23, [("actor_wait", 0.0, 0.2), ("update", 0.2, 0.23)])
+    rec.flush()
+    timeline = read_timeline(tmp_path)
+    assert timeline.waits == {"actor_wait"}
+    assert analyse(timeline).steps[0].wait[0] == 200 * MS
+
+
 def test_report_names_the_slowest_rank_per_phase(tmp_path: Path) -> None:
     from rlhf_core.runformat.timeline import Process, Timeline
 

@@ -12,12 +12,17 @@ Definitions (shared with the live wait exchange of :mod:`profiler.timeline`):
   it: ``clamp(last_start - own_start, 0, own_duration)``. The ranks run the same code up to the collective,
   so until the last rank arrives the others can only wait. Work hidden inside a collective-bound phase after
   all ranks entered it is not counted as waiting (the phase is the resolution).
+- A *wait phase* (listed under ``waits`` in the header) is time a process spent waiting for other processes'
+  results, e.g. a Ray trainer in ``ray.get`` for its actors: all of it is waiting, and it ended on the latest
+  phase of another process that ended inside it.
 - The *window* of a step is [earliest start, latest end] over all ranks. In it each rank is *busy* (in a phase,
   not waiting), *waiting*, or *idle* (outside every phase: before its step started, after it ended, between
   phases). The three shares add up to 1.
 - *Bubbles* are maximal stretches of the window where a rank is waiting or idle.
 - The *critical path* is walked back from the rank that ends the step last: phase by phase on that rank, and at
-  each collective-bound occurrence over to the rank that entered it last (the others were waiting for it).
+  each collective-bound occurrence over to the rank that entered it last (the others were waiting for it), at
+  each wait phase over to the phase it ended on, and from there back through the processes that fed each other
+  (a process reached through a wait continues, before its first phase, on the phase that ended just before).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ except ImportError:  # pragma: no cover - orjson is a core dependency (pyproject
 FORMAT = 1
 PREFIX, SUFFIX = "timeline.rank", ".jsonl"
 MIN_BUBBLE_NS = 1_000_000
+WAIT_SLACK_NS = 5_000_000  # a wait may end this long after the phase it waited for (clock offsets, transfer)
 
 
 def timeline_file(rank: int) -> str:
@@ -85,6 +91,7 @@ class Process:
     world_size: int = 1
     clock: dict[str, Any] = field(default_factory=dict)
     collective: frozenset[str] = frozenset()
+    waits: frozenset[str] = frozenset()  # phases that are all waiting for another process (e.g. a Ray driver's get)
     source: str | None = None
     wall_skew_ns: int = 0
     name: str = ""  # e.g. the actor class and Ray worker of an imported Ray process
@@ -122,6 +129,13 @@ class Timeline:
             out |= p.collective
         return frozenset(out)
 
+    @property
+    def waits(self) -> frozenset[str]:
+        out: set[str] = set()
+        for p in self.processes.values():
+            out |= p.waits
+        return frozenset(out)
+
     def step_numbers(self) -> list[int]:
         return sorted({s for by_step in self.steps.values() for s in by_step})
 
@@ -144,7 +158,8 @@ def _process(head: dict[str, Any], rank: int) -> Process:
     return Process(rank=int(head.get("rank", rank)), role=str(head.get("role") or "runner"),
                    host=str(head.get("host") or ""), pid=int(head.get("pid") or 0),
                    world_size=int(head.get("world_size") or 1), clock=dict(head.get("clock") or {}),
-                   collective=frozenset(head.get("collective") or ()), source=head.get("source"),
+                   collective=frozenset(head.get("collective") or ()), waits=frozenset(head.get("waits") or ()),
+                   source=head.get("source"),
                    wall_skew_ns=int(head.get("wall_skew_ns") or 0), name=str(head.get("name") or ""))
 
 
@@ -276,7 +291,7 @@ def _occurrences(span: StepSpan, rank: int) -> list[Occurrence]:
 
 
 def analyse_step(step: int, spans: dict[int, StepSpan], collective: frozenset[str],
-                 min_bubble_ns: int = MIN_BUBBLE_NS) -> StepAnalysis:
+                 min_bubble_ns: int = MIN_BUBBLE_NS, waits: frozenset[str] = frozenset()) -> StepAnalysis:
     """The analysis of one step over the ranks that recorded it (definitions in the module docstring).
 
     Written for 256 ranks x 100 steps in a few seconds: one pass to find each collective occurrence's last
@@ -303,6 +318,8 @@ def analyse_step(step: int, spans: dict[int, StepSpan], collective: frozenset[st
             name, o_start, dur = o.name, o.start, o.dur
             if name in collective:  # wait_ns, inlined: this loop runs for every occurrence of every rank
                 o.wait = ow = max(0, min(dur, last[(name, o.index)][0] - o_start))
+            elif name in waits:
+                o.wait = ow = dur
             else:
                 ow = 0
             b += dur - ow
@@ -325,13 +342,44 @@ def analyse_step(step: int, spans: dict[int, StepSpan], collective: frozenset[st
             bubbles.append((rank, cursor, end - cursor, f"idle after {prev}"))
         busy[rank], wait[rank] = b, w
         idle[rank] = max(0, (end - start) - b - w)
-    path = _critical_path(occ, last, collective)
+    path = _critical_path(occ, last, collective, waits)
     return StepAnalysis(step, start, end, busy, wait, idle, phase_busy, phase_wait, bubbles, path, occ)
 
 
+def _waited_on(occ: dict[int, list[Occurrence]], rank: int, o: Occurrence) -> tuple[int, int] | None:
+    """(rank, index) of the other process's occurrence that a wait phase ended on: the latest to end inside it
+    (up to ``WAIT_SLACK_NS`` after, for the clocks' uncertainty)."""
+    best: tuple[int, int, int] | None = None
+    for r, items in occ.items():
+        if r == rank:
+            continue
+        for i, x in enumerate(items):
+            if o.start < x.end <= o.end + WAIT_SLACK_NS and (best is None or x.end > best[0]):
+                best = (x.end, r, i)
+    return None if best is None else (best[1], best[2])
+
+
+def _fed_by(occ: dict[int, list[Occurrence]], rank: int, first: Occurrence,
+            waits: frozenset[str]) -> tuple[int, int] | None:
+    """(rank, index) of the other process's occurrence that ended last before ``first`` started (within
+    ``WAIT_SLACK_NS``): the input a process waited for sat idle for, as a Ray actor waits for another's result.
+    Only occurrences that started earlier count, and no wait phase (it feeds nothing), so walking back always
+    moves back in time."""
+    best: tuple[int, int, int] | None = None
+    for r, items in occ.items():
+        if r == rank:
+            continue
+        for i, x in enumerate(items):
+            if (x.name not in waits and x.start < first.start and x.end <= first.start + WAIT_SLACK_NS
+                    and (best is None or x.end > best[0])):
+                best = (x.end, r, i)
+    return None if best is None else (best[1], best[2])
+
+
 def _critical_path(occ: dict[int, list[Occurrence]], last: dict[tuple[str, int], tuple[int, int]],
-                   collective: frozenset[str]) -> list[tuple[int, str, int, int]]:
-    """Walk back from the latest-ending rank; at a collective occurrence, continue on its last entrant."""
+                   collective: frozenset[str], waits: frozenset[str] = frozenset()) -> list[tuple[int, str, int, int]]:
+    """Walk back from the latest-ending rank; at a collective occurrence, continue on its last entrant; at a
+    wait phase, on the occurrence of another process it waited for."""
     ranks = [r for r, items in occ.items() if items]
     if not ranks:
         return []
@@ -340,7 +388,10 @@ def _critical_path(occ: dict[int, list[Occurrence]], last: dict[tuple[str, int],
     i = len(occ[rank]) - 1
     path: list[tuple[int, str, int, int]] = []
     cursor = occ[rank][-1].end
-    while i >= 0:
+    followed_wait = False
+    steps_left = 2 * sum(len(items) for items in occ.values())  # a bound for clocks that make times disagree
+    while i >= 0 and steps_left > 0:
+        steps_left -= 1
         o = occ[rank][i]
         if o.name in collective:
             entrant = last[(o.name, o.index)][1]
@@ -348,6 +399,10 @@ def _critical_path(occ: dict[int, list[Occurrence]], last: dict[tuple[str, int],
                 rank = entrant
                 i = pos[rank][(o.name, o.index)]
                 o = occ[rank][i]
+        elif o.name in waits and (found := _waited_on(occ, rank, o)) is not None:
+            rank, i = found
+            o = occ[rank][i]
+            followed_wait = True
         end = min(o.end, cursor)
         if end < cursor:
             path.append((rank, "(gap)", max(end, o.start), cursor - max(end, o.start)))
@@ -355,6 +410,8 @@ def _critical_path(occ: dict[int, list[Occurrence]], last: dict[tuple[str, int],
             path.append((rank, o.name, o.start, end - o.start))
         cursor = min(cursor, o.start)
         i -= 1
+        if i < 0 and followed_wait and (found := _fed_by(occ, rank, o, waits)) is not None:
+            rank, i = found  # a process waited for started when another one's result came: continue on that one
     path.reverse()
     return path
 
@@ -469,7 +526,7 @@ def analyse(timeline: Timeline, min_bubble_ns: int = MIN_BUBBLE_NS) -> TimelineR
     steps = []
     for step in timeline.step_numbers():
         spans = {r: by_step[step] for r, by_step in timeline.steps.items() if step in by_step}
-        steps.append(analyse_step(step, spans, collective, min_bubble_ns))
+        steps.append(analyse_step(step, spans, collective, min_bubble_ns, timeline.waits))
     return TimelineReport(timeline.processes, steps, list(timeline.problems))
 
 

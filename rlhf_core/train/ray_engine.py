@@ -68,6 +68,7 @@ from rlhf_core.train.runner import PPORunner, RunResult, Terminated, configure_t
 
 NUM_CPUS = 2  # logical CPUs of the cluster the run starts: the four actors share them (placement groups)
 ROLES = ("trainer", "rollout", "reference", "reward")  # timeline rank = index
+WAIT_PHASE = "actor_wait"  # the trainer's wait for its actors' results: a wait phase of the timeline
 CLOCK_ROUNDS = 8
 STOP_WAIT_S = 60.0  # after a stop request, how long the driver waits for the trainer to close the run
 POLL_S = 0.2  # the trainer's wait for its actors checks for a stop request this often
@@ -226,6 +227,7 @@ def _merge_times(record: dict[str, float], times: dict[str, float]) -> None:
 
 
 class RayTrainer(PPORunner):
+    WAIT_PHASES = (WAIT_PHASE,)
     """The runner in the trainer actor: generation, reference and reward come from the other actors."""
 
     ROLE = "trainer"
@@ -325,7 +327,9 @@ class RayTrainer(PPORunner):
         self._pending = None
         if self.cfg.off_policy_steps and step < self.cfg.total_steps:
             self._pending = self._submit(step + 1)  # sampled while this step trains
+        waited = time.perf_counter()
         samples, gen_times, (ref_logp, ref_times), (scores, reward_times) = self._wait(list(pending))
+        self.timer.add_span(WAIT_PHASE, waited, time.perf_counter())  # timeline only: all of it is waiting
         self._remote_times = [gen_times, ref_times, reward_times]
         return samples, scores, ref_logp.to(self.device)
 

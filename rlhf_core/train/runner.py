@@ -130,6 +130,7 @@ class PPORunner:
     """Builds everything a run needs from a TrainConfig, then :meth:`run` trains and writes the run dir."""
 
     ROLE = "runner"  # the process's role in the run's timeline
+    WAIT_PHASES: tuple[str, ...] = ()  # its phases that are all waiting for other processes (timeline)
     announce = True  # console lines (the Ray engine's trainer actor leaves them to the driver)
 
     def __init__(self, cfg: TrainConfig, reward_fn: RewardFn | None = None):
@@ -180,7 +181,7 @@ class PPORunner:
         collective = COLLECTIVE_PHASES + (("logging",) if cfg.adaptive_kl else ())
         self.timeline = TimelineRecorder(
             self.writer.run_dir, rank=self.info.rank, world_size=self._timeline_processes(), role=self.ROLE,
-            clock=self.clock, collective=collective, exchange_waits=self.info.enabled,
+            clock=self.clock, collective=collective, waits=self.WAIT_PHASES, exchange_waits=self.info.enabled,
             group=dist_utils.host_group(self.info), source="rlhf_core")
         self.timer = PhaseTimer(self.device, timeline=self.timeline)
 
