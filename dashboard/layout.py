@@ -179,7 +179,8 @@ def _timeline_tab() -> dcc.Tab:
         html.Div([html.Div(graph("timeline", "Timeline"), style={"flex": "1", "minWidth": "0"}),
                   html.Div([html.B("Busy / waiting per rank"),
                             html.Div("share of the summed step windows; waiting: in a collective-bound phase "
-                                     "before the last rank entered it (docs/timeline.md)", style=SMALL),
+                                     "before the last rank entered it, or blocked on other processes' results "
+                                     "(docs/timeline.md)", style=SMALL),
                             table], style={**CARD, "padding": "8px", "width": "380px", "flex": "none"})],
                  style={"display": "flex", "gap": "8px", "alignItems": "flex-start", "marginTop": "6px"}),
     ], style={"marginTop": "8px"})])
