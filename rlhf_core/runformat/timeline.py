@@ -346,34 +346,33 @@ def analyse_step(step: int, spans: dict[int, StepSpan], collective: frozenset[st
     return StepAnalysis(step, start, end, busy, wait, idle, phase_busy, phase_wait, bubbles, path, occ)
 
 
-def _waited_on(occ: dict[int, list[Occurrence]], rank: int, o: Occurrence) -> tuple[int, int] | None:
-    """(rank, index) of the other process's occurrence that a wait phase ended on: the latest to end inside it
-    (up to ``WAIT_SLACK_NS`` after, for the clocks' uncertainty)."""
+def _latest_other(occ: dict[int, list[Occurrence]], rank: int,
+                  keep: Callable[[Occurrence], bool]) -> tuple[int, int] | None:
+    """(rank, index) of the occurrence of another process than ``rank`` that ends last among those ``keep``
+    accepts; None when there is none."""
     best: tuple[int, int, int] | None = None
     for r, items in occ.items():
         if r == rank:
             continue
         for i, x in enumerate(items):
-            if o.start < x.end <= o.end + WAIT_SLACK_NS and (best is None or x.end > best[0]):
+            if keep(x) and (best is None or x.end > best[0]):
                 best = (x.end, r, i)
     return None if best is None else (best[1], best[2])
+
+
+def _waited_on(occ: dict[int, list[Occurrence]], rank: int, o: Occurrence) -> tuple[int, int] | None:
+    """The other process's occurrence that a wait phase ended on: the latest to end inside it (up to
+    ``WAIT_SLACK_NS`` after, for the clocks' uncertainty)."""
+    return _latest_other(occ, rank, lambda x: o.start < x.end <= o.end + WAIT_SLACK_NS)
 
 
 def _fed_by(occ: dict[int, list[Occurrence]], rank: int, first: Occurrence,
             waits: frozenset[str]) -> tuple[int, int] | None:
-    """(rank, index) of the other process's occurrence that ended last before ``first`` started (within
-    ``WAIT_SLACK_NS``): the input a process waited for sat idle for, as a Ray actor waits for another's result.
-    Only occurrences that started earlier count, and no wait phase (it feeds nothing), so walking back always
-    moves back in time."""
-    best: tuple[int, int, int] | None = None
-    for r, items in occ.items():
-        if r == rank:
-            continue
-        for i, x in enumerate(items):
-            if (x.name not in waits and x.start < first.start and x.end <= first.start + WAIT_SLACK_NS
-                    and (best is None or x.end > best[0])):
-                best = (x.end, r, i)
-    return None if best is None else (best[1], best[2])
+    """The other process's occurrence that ended last before ``first`` started (within ``WAIT_SLACK_NS``): the
+    input a process sat idle for, as a Ray actor waits for another's result. Only occurrences that started
+    earlier count, and no wait phase (it feeds nothing), so walking back always moves back in time."""
+    return _latest_other(occ, rank, lambda x: (x.name not in waits and x.start < first.start
+                                               and x.end <= first.start + WAIT_SLACK_NS))
 
 
 def _critical_path(occ: dict[int, list[Occurrence]], last: dict[tuple[str, int], tuple[int, int]],
