@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
 
 # name, built-in model, GPUs, micro-batch, sequence, checkpointing, LoRA rank, shaped the model
 CONFIGS = [
@@ -91,11 +90,11 @@ def main() -> int:
         return 0
     rows = []
     for k, (name, *args) in enumerate(CONFIGS[:1] if a.quick else CONFIGS):
-        out = subprocess.run([sys.executable, __file__, "--one", str(k)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode != 0:
-            print(f"{name}: measurement failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        try:
+            meas = measure_isolated(__file__, k)
+        except RuntimeError as err:
+            print(f"{name}: {err}", file=sys.stderr)
             return 1
-        meas = json.loads(out.stdout.strip().splitlines()[-1])
         pred = planned(*args[:6])
         rows.append({"name": name, "model": args[0], "gpus": args[1], "batch": args[2], "seq": args[3],
                      "checkpointing": args[4], "lora_rank": args[5], "shaped_model": args[6],

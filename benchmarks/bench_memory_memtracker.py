@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
 
 # name, built-in model, micro-batch, sequence, checkpointing, LoRA rank, attention
 CONFIGS = [
@@ -76,11 +75,11 @@ def main() -> int:
         return 0
     rows = []
     for k, (name, *args) in enumerate(CONFIGS[:2] if a.quick else CONFIGS):
-        out = subprocess.run([sys.executable, __file__, "--one", str(k)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode != 0:
-            print(f"{name}: measurement failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        try:
+            meas = measure_isolated(__file__, k)
+        except RuntimeError as err:
+            print(f"{name}: {err}", file=sys.stderr)
             return 1
-        meas = json.loads(out.stdout.strip().splitlines()[-1])
         pred = planned(*args)
         err = {ph: pred[ph] / meas["peaks"][ph] - 1 for ph in pred}
         rows.append({"name": name, "model": args[0], "batch": args[1], "seq": args[2], "checkpointing": args[3],

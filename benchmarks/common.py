@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,3 +61,14 @@ def write_result(name: str, rows: Iterable[dict[str, Any]], details: dict[str, A
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def measure_isolated(script: str | Path, index: int) -> dict[str, Any]:
+    """Run ``script --one INDEX`` in a fresh interpreter (one measurement per process: peaks and fake-tensor
+    modes must not leak into the next) and return the JSON object on its last line of output."""
+    out = subprocess.run([sys.executable, str(script), "--one", str(index)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement failed\n{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
