@@ -121,14 +121,18 @@ def _logprobs(model, ids):
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def _peak(tracker: Any) -> dict[str, int]:
+    """A tracker's peak snapshot of its one device, by category (FSDP's categories without their enum prefix)."""
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {str(k).replace("_FSDPRefType.", ""): int(v) for k, v in snap.items()}
+
+
 def measure(spec: TrackSpec) -> TrackResult:
     """Peak bytes of the scoring and update phases, each measured by its own tracker on fake tensors."""
-
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     t0 = time.perf_counter()
-    peaks: dict[str, int] = {}
     breakdown: dict[str, dict[str, int]] = {}
     with FakeTensorMode():
         model = _build(spec)
@@ -144,9 +148,7 @@ def measure(spec: TrackSpec) -> TrackResult:
             mt = _tracker(model, opt)
             with mt, torch.no_grad():
                 _logprobs(model, ids).sum()
-            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
-            peaks["scoring"] = int(snap["Total"])
-            breakdown["scoring"] = {str(k): int(v) for k, v in snap.items()}
+            breakdown["scoring"] = _peak(mt)
         if "update" in spec.phases:
             mt = _tracker(model, opt)
             with mt:
@@ -156,16 +158,14 @@ def measure(spec: TrackSpec) -> TrackResult:
                 breakdown["after_forward"] = {str(k): int(v) for k, v in fw.items()}
                 loss.backward()
                 del loss
-            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
-            peaks["update"] = int(snap["Total"])
-            breakdown["update"] = {str(k): int(v) for k, v in snap.items()}
+            breakdown["update"] = _peak(mt)
             mt = _tracker(model, opt)  # the optimizer step on top of all gradients, measured on its own
             with mt:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            snap = next(iter(mt.get_tracker_snapshot("peak").values()))
-            peaks["optimizer_step"] = int(snap["Total"])
-            breakdown["optimizer_step"] = {str(k): int(v) for k, v in snap.items()}
+            breakdown["optimizer_step"] = _peak(mt)
+    peaks: dict[str, int] = {ph: breakdown[ph]["Total"] for ph in ("scoring", "update", "optimizer_step")
+                             if ph in breakdown}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)
 
@@ -190,10 +190,6 @@ def measure_fsdp(spec: TrackSpec, world_size: int) -> TrackResult:
     t0 = time.perf_counter()
     breakdown: dict[str, dict[str, int]] = {}
 
-    def peak(tracker) -> dict[str, int]:
-        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
-        return {str(k).replace("_FSDPRefType.", ""): int(v) for k, v in snap.items()}
-
     with FakeTensorMode():
         model = _build(replace(spec, dtype="fp32"))
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, DTYPES[spec.dtype]), reduce_dtype=torch.float32)
@@ -215,16 +211,16 @@ def measure_fsdp(spec: TrackSpec, world_size: int) -> TrackResult:
         fmt = FSDPMemTracker(model, opt)
         with fmt, torch.no_grad():
             _logprobs(model, ids).sum()
-        breakdown["scoring"] = peak(fmt)
+        breakdown["scoring"] = _peak(fmt)
         fmt = FSDPMemTracker(model, opt)
         with fmt:
             update()
-        breakdown["update"] = peak(fmt)
+        breakdown["update"] = _peak(fmt)
         fmt = FSDPMemTracker(model, opt)
         with fmt:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        breakdown["optimizer_step"] = peak(fmt)
+        breakdown["optimizer_step"] = _peak(fmt)
     peaks = {ph: b["Total"] for ph, b in breakdown.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)
