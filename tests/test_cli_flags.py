@@ -54,6 +54,8 @@ BAD = [
     (["--debug_slow_rank", "-1"], "--debug_slow_rank"),
     (["--debug_slow_seconds", "1"], "--debug_slow_seconds"),
     (["--debug_slow_seconds", "-1", "--debug_slow_rank", "0"], "--debug_slow_seconds"),
+    (["--debug_slow_from_step", "3"], "--debug_slow_from_step"),
+    (["--debug_slow_from_step", "0", "--debug_slow_rank", "0"], "--debug_slow_from_step"),
     (["--resume", "not_a_dir_xyz"], "--resume"),
     (["--no_such_flag"], "unrecognized arguments"),
 ]

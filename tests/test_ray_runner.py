@@ -167,6 +167,45 @@ def test_a_slowed_actor_is_on_the_critical_path_and_the_trainer_shows_the_wait(t
     assert (top["rank"], top["phase"]) == (1, "rollout") and top["share"] > 0.5  # the 0.3 s rollouts
 
 
+def _diagnose(run_dir: Path, capsys) -> list[dict]:
+    """``rlhfkit diagnose RUN --json``: the alerts."""
+    from rlhf_core.cli.diagnose import main as diagnose_main
+
+    capsys.readouterr()
+    assert diagnose_main([str(run_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_diagnose_names_an_actor_that_became_slow_and_the_trainer_that_waited(tmp_path, cluster, capsys):
+    from rlhf_core.train.runner import train
+
+    run_dir = tmp_path / "slow_rollout"
+    # the rollout actor (timeline rank 1) sleeps 0.3 s inside its phase from step 4 on
+    result = train(parse_args([*BASE, "--steps_per_epoch", "7", "--run_dir", str(run_dir), "--engine", "ray",
+                               "--debug_slow_rank", "1", "--debug_slow_seconds", "0.3",
+                               "--debug_slow_from_step", "4"]))
+    assert result.status == "finished"
+    alerts = [a for a in _diagnose(run_dir, capsys) if a["rule"] == "straggler"]
+    assert [(a["step"], a["rank"], a["evidence"]["role"], a["evidence"]["phase"]) for a in alerts] == [
+        (4, 1, "rollout", "rollout")], alerts
+    ev = alerts[0]["evidence"]
+    assert ev["time_s"] >= 0.3 > 0.1 > ev["baseline_s"]
+    assert ev["waited"][0]["rank"] == 0 and ev["waited"][0]["seconds"] >= 3 * 0.3  # the trainer, in actor_wait
+    assert "rank 0 (trainer) waited" in alerts[0]["message"]
+
+
+@pytest.mark.slow
+def test_diagnose_of_a_healthy_ray_run_has_no_straggler(tmp_path, cluster, capsys):
+    from rlhf_core.train.runner import train
+
+    run_dir = tmp_path / "healthy"
+    # synchronous: every actor is on the critical path every step, the generation the longest of them
+    result = train(parse_args([*BASE, "--steps_per_epoch", "7", "--run_dir", str(run_dir), "--engine", "ray"]))
+    assert result.status == "finished"
+    assert [a for a in _diagnose(run_dir, capsys) if a["rule"] == "straggler"] == []
+
+
 @pytest.mark.slow
 def test_a_resumed_ray_run_continues_the_same_computation(tmp_path, cluster):
     from rlhf_core.train.runner import train

@@ -244,6 +244,25 @@ def read_timeline(run_dir: str | Path, steps: tuple[int, int] | None = None) -> 
     return Timeline(processes, by_rank, problems)
 
 
+def read_processes(run_dir: str | Path) -> dict[int, Process]:
+    """Every process's header only (one line per file): enough to decide whether a run's intervals are worth
+    reading at all (``diagnose`` of 256 ranks × 10k steps must not parse 2 GB to learn they share one role)."""
+    out = {}
+    for rank, path in timeline_files(run_dir).items():
+        with open(path, "rb") as fh:
+            line = fh.readline()
+        try:
+            head = _loads(line) if line.endswith(b"\n") else None
+        except ValueError:
+            head = None
+        proc = head.get("process") if isinstance(head, dict) else None
+        try:
+            out[rank] = _process(proc, rank) if isinstance(proc, dict) else Process(rank=rank)
+        except (TypeError, ValueError):  # a header with a field of the wrong type: the defaults
+            out[rank] = Process(rank=rank)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- analysis
 @dataclass(slots=True)
 class Occurrence:

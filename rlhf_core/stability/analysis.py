@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_core.runformat.keys import SOURCES
 from rlhf_core.runformat.run_reader import Run
+from rlhf_core.runformat.timeline import Process, StepAnalysis, analyse_step, read_processes, read_timeline
 from rlhf_core.stability.detectors import Alert, DetectorConfig, Diagnoser, per_step_ranks
+from rlhf_core.stability.rules import ActorStraggler
 
 if TYPE_CHECKING:
     from rlhf_core.runformat.run_writer import RunWriter
@@ -109,6 +111,10 @@ class Analysis:
         """Straggler alerts from one step's per-rank records."""
         return self._label(self.diagnoser.update_ranks(step, per_rank))
 
+    def update_intervals(self, step: int, analysis: StepAnalysis, processes: Mapping[int, Process]) -> list[Alert]:
+        """Straggler alerts from one step's analysed phase intervals."""
+        return self._label(self.diagnoser.update_intervals(step, analysis, processes))
+
     @property
     def alerts(self) -> list[Alert]:
         return self.diagnoser.alerts
@@ -131,6 +137,8 @@ class RunAnalysis:
         self.analysis = Analysis(self.run.meta, overrides, run_id=self.run.run_id)
         self._rows = 0
         self._rank_rows: dict[int, int] = {}
+        self._interval_step = 0  # the last step whose phase intervals the straggler rule has seen
+        self._timeline_problems: dict[str, None] = {}  # what the timeline reader skipped, each once, in order
 
     @property
     def config(self) -> DetectorConfig:
@@ -147,11 +155,34 @@ class RunAnalysis:
             self._rank_rows = {r: len(recs) for r, recs in per_rank.items()}
             for step, by_rank in per_step_ranks(fresh):
                 self.analysis.update_ranks(step, by_rank)
+        self._intervals()
         return sorted(self.analysis.alerts, key=lambda a: (a.step, a.rule))
+
+    def _intervals(self) -> None:
+        """Feed the straggler rule the phase intervals of the steps completed since the last call, for runs of
+        processes with different roles (Ray actors) only: their per-step records cannot be compared across
+        processes. A live run's newest step may still lack a process's line, so it waits for the next call."""
+        if self.analysis.diagnoser.actor_straggler is None or not ActorStraggler.applies(read_processes(self.run.path)):
+            return
+        timeline = read_timeline(self.run.path, (self._interval_step + 1, 2 ** 62))
+        self._timeline_problems.update(dict.fromkeys(timeline.problems))
+        last = [max(by_step) for by_step in timeline.steps.values() if by_step]
+        if not last:
+            return
+        live = self.run.status == "running" and not self.run.process_gone()
+        limit = min(last) - 1 if live else max(last)
+        collective, waits = timeline.collective, timeline.waits
+        for step in timeline.step_numbers():
+            if step > limit:
+                break
+            spans = {rank: by_step[step] for rank, by_step in timeline.steps.items() if step in by_step}
+            self.analysis.update_intervals(step, analyse_step(step, spans, collective, waits=waits),
+                                           timeline.processes)
+            self._interval_step = step
 
     def problems(self) -> list[str]:
         """What the reader could not read, then the records the rules had to skip."""
-        return [str(p) for p in self.run.problems()] + self.analysis.problems
+        return [str(p) for p in self.run.problems()] + list(self._timeline_problems) + self.analysis.problems
 
     @property
     def records_seen(self) -> int:
@@ -192,5 +223,6 @@ class LiveAlerts(Analysis):
 
 
 def diagnose_run(run: Run | str | Path, overrides: ConfigLike = None) -> list[Alert]:
-    """Every alert of a run directory: record rules and, for multi-process runs, the straggler rule."""
+    """Every alert of a run directory: record rules and, for multi-process runs, the straggler rule (per-rank
+    records across ranks; phase intervals against each process's own past for runs of different roles)."""
     return RunAnalysis(run, overrides).alerts()

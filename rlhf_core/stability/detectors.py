@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rlhf_core.stability.rules import SEVERITIES, Alert, DetectorConfig, Straggler, build_rules, rule_names
+from rlhf_core.runformat.timeline import Process, StepAnalysis
+from rlhf_core.stability.rules import (
+    SEVERITIES,
+    ActorStraggler,
+    Alert,
+    DetectorConfig,
+    Straggler,
+    build_rules,
+    rule_names,
+)
 from rlhf_core.stability.rules.base import num
 
 __all__ = ["SEVERITIES", "Alert", "DetectorConfig", "Diagnoser", "diagnose", "per_step_ranks", "rule_names"]
@@ -32,6 +41,8 @@ class Diagnoser:
             raise ValueError(f"disabled_rules: unknown rule(s) {', '.join(unknown)}; known: {', '.join(rule_names())}")
         self.rules = build_rules(self.config)
         self.straggler = Straggler(self.config) if Straggler.name not in self.config.disabled_rules else None
+        self.actor_straggler = (ActorStraggler(self.config) if ActorStraggler.name not in self.config.disabled_rules
+                                else None)
         self.alerts: list[Alert] = []
         self.problems: list[str] = []
         self.records_seen = 0
@@ -55,6 +66,14 @@ class Diagnoser:
         if self.straggler is None:
             return []
         new = self.straggler.update_ranks(int(step), per_rank)
+        self.alerts.extend(new)
+        return new
+
+    def update_intervals(self, step: int, analysis: StepAnalysis, processes: Mapping[int, Process]) -> list[Alert]:
+        """Straggler alerts from one step's analysed phase intervals (runs of processes with different roles)."""
+        if self.actor_straggler is None:
+            return []
+        new = self.actor_straggler.update_intervals(int(step), analysis, processes)
         self.alerts.extend(new)
         return new
 

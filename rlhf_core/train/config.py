@@ -45,7 +45,7 @@ MAX_BATCH = 65536  # prompts per step or chunk: far past any machine's memory fo
 RESUME_FREE = ("run_dir", "resume", "resume_override", "overwrite", "save_every", "save_model", "epochs", "device",
                "threads", "no_tensorboard", "sample_interval", "profile", "profile_wait", "profile_warmup",
                "profile_active", "profile_repeat", "profile_full", "kl_budget", "heldout_reward", "debug_slow_rank",
-               "debug_slow_seconds", "weight_guard", "engine", "ray_placement")
+               "debug_slow_seconds", "debug_slow_from_step", "weight_guard", "engine", "ray_placement")
 REF_DEVICES = ("same", "cpu")
 ENGINES = ("local", "ray")
 RAY_PLACEMENTS = ("colocated", "separate")
@@ -225,6 +225,10 @@ class TrainConfig:
                 "timeline rank: 1 rollout, 2 reference, 3 reward"})
     debug_slow_seconds: float = field(default=0.0, metadata={
         "group": "debugging", "min": 0.0, "help": "sleep of --debug_slow_rank per step"})
+    debug_slow_from_step: int = field(default=1, metadata={
+        "group": "debugging", "min": 1,
+        "help": "first step --debug_slow_rank sleeps: a process that *becomes* slow after healthy steps, which "
+                "diagnose can date against the process's own earlier steps"})
     # keys of a saved config this version does not know (kept on --resume); not a setting
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -243,6 +247,11 @@ class TrainConfig:
     @property
     def old_logprobs_from_rollout(self) -> bool:
         return self.old_logprobs == "rollout" or (self.old_logprobs == "auto" and self.dtype == "fp32")
+
+    def debug_sleep(self, rank: int, step: int) -> None:
+        """``--debug_slow_rank``: the named process sleeps inside its phase from ``--debug_slow_from_step`` on."""
+        if self.debug_slow_rank == rank and self.debug_slow_seconds > 0 and step >= self.debug_slow_from_step:
+            time.sleep(self.debug_slow_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -558,6 +567,8 @@ def validate(parser: argparse.ArgumentParser, cfg: TrainConfig) -> None:
         parser.error("argument --off_policy_steps: needs --engine ray")
     if cfg.debug_slow_seconds and cfg.debug_slow_rank is None:
         parser.error("argument --debug_slow_seconds: needs --debug_slow_rank")
+    if cfg.debug_slow_from_step != 1 and cfg.debug_slow_rank is None:
+        parser.error("argument --debug_slow_from_step: needs --debug_slow_rank")
     if cfg.device == "cuda":
         import torch
 

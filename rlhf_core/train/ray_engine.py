@@ -120,11 +120,6 @@ class _StageActor:
         if self.timer is not None:
             self.timer.close()
 
-    def _debug_slow(self) -> None:
-        """``--debug_slow_rank`` naming this actor's timeline rank: a straggler, inside its phase."""
-        if self.cfg.debug_slow_rank == self.RANK and self.cfg.debug_slow_seconds > 0:
-            time.sleep(self.cfg.debug_slow_seconds)
-
 
 class RolloutActor(_StageActor):
     """The generation engine: its own copy of the policy's language model, refreshed from the trainer."""
@@ -168,7 +163,7 @@ class RolloutActor(_StageActor):
                                        with_logprobs=with_logprobs)
             if with_logprobs:  # the trainer recomputes the old log-probs: the sampler's hidden states are not sent
                 samples.rollout.hidden = None
-            self._debug_slow()
+            self.cfg.debug_sleep(self.RANK, step)
         return samples, timer.end_step(step)
 
 
@@ -190,7 +185,7 @@ class ReferenceActor(_StageActor):
         timer.start_step(samples.step)
         with timer.phase("ref_logprobs"):
             out = reference_logp(self.cfg, self.ref, samples, torch.device("cpu"))
-            self._debug_slow()
+            self.cfg.debug_sleep(self.RANK, samples.step)
         return out, timer.end_step(samples.step)
 
 
@@ -210,7 +205,7 @@ class RewardActor(_StageActor):
         timer.start_step(samples.step)
         with timer.phase("reward"):
             out = score_samples(self.cfg, samples, self.tokenizer, self.reward_fn, self.heldout_fn)
-            self._debug_slow()
+            self.cfg.debug_sleep(self.RANK, samples.step)
         return out, timer.end_step(samples.step)
 
 

@@ -291,8 +291,7 @@ class PPORunner:
     def _samples(self, step: int) -> Samples:
         samples = generate_samples(self.cfg, self.policy.model, self.tokenizer, self.prompts, step, self.info.rank,
                                    self.device)
-        if self.cfg.debug_slow_rank == self.info.rank and self.cfg.debug_slow_seconds > 0:
-            time.sleep(self.cfg.debug_slow_seconds)
+        self.cfg.debug_sleep(self.info.rank, step)
         return samples
 
     def _inputs(self, step: int) -> tuple[Samples, Scores, torch.Tensor]:

@@ -16,7 +16,7 @@ from rlhf_core.stability.rules.ppo import (
 )
 from rlhf_core.stability.rules.reward import PatternCollapse, RewardHeldout, RewardKLEfficiency, RewardLengthHacking
 from rlhf_core.stability.rules.rollout import RolloutLogprobMismatch
-from rlhf_core.stability.rules.straggler import Straggler
+from rlhf_core.stability.rules.straggler import ActorStraggler, Straggler
 
 _RECORD_RULES = (NonFinite, GradExplosion, GradClipping, KLExplosion, KLBudget, NegativeKL, EntropyCollapse,
                  PPORatioMean, PPORatioExtreme, ClipFraction, CriticExplainedVariance, RewardLengthHacking,
@@ -36,5 +36,5 @@ def rule_names(cfg: DetectorConfig | None = None) -> list[str]:
     return [r.name for r in build_rules(cfg.replace(disabled_rules=()))] + [Straggler.name]
 
 
-__all__ = ["ALERTING", "SEVERITIES", "Alert", "DetectorConfig", "Rule", "Straggler", "build_rules", "is_alerting",
-           "rule_names"]
+__all__ = ["ALERTING", "SEVERITIES", "ActorStraggler", "Alert", "DetectorConfig", "Rule", "Straggler", "build_rules",
+           "is_alerting", "rule_names"]

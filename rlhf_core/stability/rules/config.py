@@ -177,6 +177,21 @@ class DetectorConfig:
     straggler_factor: float = 1.5
     straggler_min_gap_s: float = 0.05
     straggler_steps: int = 3
+    # stragglers among processes of different roles (the runner's --engine ray actors, adapters.ray_hook jobs),
+    # from the phase intervals (timeline.rank<N>.jsonl): their phases differ, so each process's busy time in a
+    # phase is compared with its *own* median over its previous <= straggler_baseline_window steps, never with
+    # another role's (generation dominating a step is normal). Slow: > straggler_baseline_factor x that median
+    # and > straggler_baseline_min_gap_s over it, with >= straggler_critical_frac of the excess on the step's
+    # critical path (the step waited for it), straggler_steps steps running. A process slow from its first
+    # step has no baseline to be slow against and is not reported
+    straggler_baseline_window: int = 20   # steps: long enough that a slow episode does not become the baseline
+                                          # before it is reported, short enough to follow a run's slow drift
+    straggler_baseline_min_history: int = 3  # earlier steps needed (the median of 3 outvotes a warm-up step 1)
+    straggler_baseline_factor: float = 1.5   # as straggler_factor; a healthy phase of seconds varies far less
+    straggler_baseline_min_gap_s: float = 0.05  # healthy tiny-model Ray runs here: ms-long phases reach 2x their
+                                                # median (2.1x: a 6 ms rollout at 12 ms), never 50 ms over it
+    straggler_critical_frac: float = 0.5  # a slow phase hidden behind another process's work (off-policy
+                                          # generation beside the update) delays nobody: not a straggler
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -212,7 +227,7 @@ class DetectorConfig:
 
 
 _SIGNED = ("neg_kl_threshold", "critic_ev_min")
-_FRACTIONS = ("kl_note_frac", "grad_clip_frac", "spike_watch_entropy_drop")
+_FRACTIONS = ("kl_note_frac", "grad_clip_frac", "spike_watch_entropy_drop", "straggler_critical_frac")
 _OPTIONAL = ("kl_budget", "max_grad_norm")  # None switches them off / means "from the record"
 
 

@@ -1,4 +1,6 @@
-"""Stragglers in multi-process runs: one rank slower than the others, step after step, in one phase."""
+"""Stragglers in multi-process runs: one rank slower than the others, step after step, in one phase
+(:class:`Straggler`), or one process of a run of different roles (Ray actors) slower than it used to be,
+with the others waiting for it (:class:`ActorStraggler`)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from rlhf_core.runformat.keys import PHASES
-from rlhf_core.stability.rules.base import Alert, Trigger, finite, rnd
+from rlhf_core.runformat.timeline import Process, StepAnalysis
+from rlhf_core.stability.rules.base import Alert, RollingQuantiles, Trigger, finite, rnd
 from rlhf_core.stability.rules.config import DetectorConfig
 
 _ORDER = {f"time/{phase}": i for i, phase in enumerate(PHASES)}
@@ -128,3 +131,112 @@ class Straggler:
                 rank=rank,
             )))
         return [alert for _, _, alert in sorted(out, key=lambda x: x[:2])]  # the order of (time key, rank)
+
+
+def _overlap_ns(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Summed overlap of two lists of (start, end) intervals (each list's own intervals do not overlap)."""
+    return sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+
+
+class ActorStraggler:
+    """Fed each step's analysed phase intervals (:class:`~rlhf_core.runformat.timeline.StepAnalysis` of the
+    ``timeline.rank<N>.jsonl`` files) of a run whose processes play different roles: the runner's
+    ``--engine ray`` actors (trainer, rollout, reference, reward), an ``adapters.ray_hook`` job.
+
+    Such processes run different phases, so :class:`Straggler` has nothing to compare across them, and comparing
+    one role with another would blame generation for dominating the step, which is normal in RLHF. Instead each
+    process's busy time in each of its phases is compared with *its own* median over its previous
+    ``straggler_baseline_window`` steps: slow when above ``straggler_baseline_factor`` x that median and more
+    than ``straggler_baseline_min_gap_s`` over it, with at least ``straggler_critical_frac`` of the excess on the
+    step's critical path (the step waited for it); reported after ``straggler_steps`` such steps running, dated
+    at the first. The evidence names who waited: each other process's measured wait (its wait phases, e.g. the
+    Ray trainer's ``actor_wait``, and collective waits) during the slow phase's stretches of the critical path.
+    """
+
+    name = "straggler"
+
+    def __init__(self, cfg: DetectorConfig):
+        self.cfg = cfg
+        self.history: dict[tuple[int, str], RollingQuantiles] = {}
+        self.triggers: dict[tuple[int, str], Trigger] = {}
+        # per slow streak: the baseline when it began (median, steps), and the ns each other rank waited on it since
+        self.streaks: dict[tuple[int, str], tuple[float, int, dict[int, int]]] = {}
+
+    @staticmethod
+    def applies(processes: Mapping[int, Process]) -> bool:
+        """Only runs of processes with different roles: ranks of one role (torchrun, TRL) are compared with each
+        other by :class:`Straggler`, and a single process has nobody to keep waiting."""
+        return len({p.role for p in processes.values()}) >= 2
+
+    def update_intervals(self, step: int, analysis: StepAnalysis, processes: Mapping[int, Process]) -> list[Alert]:
+        if not self.applies(processes):
+            return []
+        cfg = self.cfg
+        critical: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for rank, phase, start, dur in analysis.critical_path:
+            if phase != "(gap)":
+                critical.setdefault((rank, phase), []).append((start, start + dur))
+        waits: dict[int, list[tuple[int, int]]] = {}  # rank -> its waiting intervals in this step
+        for rank, items in analysis.occurrences.items():
+            for o in items:
+                if o.wait > 0:
+                    waits.setdefault(rank, []).append((o.start, o.start + o.wait))
+        out: list[Alert] = []
+        for phase, by_rank in sorted(analysis.phase_busy.items()):
+            for rank, busy_ns in sorted(by_rank.items()):
+                proc = processes.get(rank)
+                if proc is None or phase in proc.waits:  # a wait phase is never busy
+                    continue
+                key = (rank, phase)
+                busy = busy_ns / 1e9
+                history = self.history.get(key)
+                if history is None:
+                    history = self.history[key] = RollingQuantiles(cfg.straggler_baseline_window)
+                    self.triggers[key] = Trigger(cfg.straggler_steps, cfg.rearm_steps)
+                base, n = history.median, len(history)
+                history.push(busy)
+                spans = critical.get(key, [])
+                bad = (n >= cfg.straggler_baseline_min_history and busy > cfg.straggler_baseline_factor * base
+                       and busy - base > cfg.straggler_baseline_min_gap_s
+                       and sum(e - s for s, e in spans) / 1e9 >= cfg.straggler_critical_frac * (busy - base))
+                if bad:
+                    streak = self.streaks.setdefault(key, (base, n, {}))
+                    for other, intervals in waits.items():
+                        if other != rank and (ns := _overlap_ns(intervals, spans)):
+                            streak[2][other] = streak[2].get(other, 0) + ns
+                else:
+                    self.streaks.pop(key, None)
+                trigger = self.triggers[key]
+                first = trigger.observe(bad, step)
+                if first is not None:
+                    out.append(self._alert(key, proc, busy, first, trigger.streak, spans, processes))
+        return out
+
+    def _alert(self, key: tuple[int, str], proc: Process, busy: float, first: int, streak: int,
+               spans: list[tuple[int, int]], processes: Mapping[int, Process]) -> Alert:
+        """The alert, with the baseline from before the streak (later medians hold its slow steps)."""
+        rank, phase = key
+        base, n, by_rank = self.streaks[key]
+        waited = sorted(by_rank.items(), key=lambda kv: -kv[1])
+        who = [{"rank": r, "role": processes[r].role if r in processes else "?", "seconds": rnd(ns / 1e9, 4)}
+               for r, ns in waited]
+        if who:
+            held = "; " + ", ".join(f"rank {w['rank']} ({w['role']}) waited {w['seconds']:.3g} s" for w in who) + (
+                f" for it over these {streak} steps")
+        else:  # nobody recorded a wait for it (the Ray actors wait for the trainer idle, not in a wait phase)
+            held = f"; on the step's critical path for {sum(e - s for s, e in spans) / 1e9:.3g} s"
+        evidence: dict[str, Any] = {
+            "rank": rank, "role": proc.role, "phase": phase, "time_s": rnd(busy), "baseline_s": rnd(base),
+            "ratio": rnd(busy / base, 4) if base > 0 else None, "steps": streak,
+            "critical_s": rnd(sum(e - s for s, e in spans) / 1e9), "waited": who,
+            "basis": f"busy time (phase intervals) vs its own median over the {n} steps before step {first}"}
+        return Alert(
+            self.name, "warning", first,
+            f"rank {rank} ({proc.role}) became slow in phase {phase}: {busy:.3g} s busy vs its own median of "
+            f"{base:.3g} s over the {n} steps before, for {streak} steps from step {first}{held}",
+            f"check what changed for the {proc.role} process (rank {rank}) from step {first}: its host/GPU "
+            "(thermal throttling, other jobs or actors placed on it, memory pressure), its placement, and whether "
+            "its work grew (longer prompts or completions)",
+            evidence,
+            rank=rank,
+        )
