@@ -9,9 +9,12 @@ per step.
 Three states of the page, each in the same headless Chromium:
 
 - cold server: ``python -m dashboard.app`` (``rlhfkit dashboard``) started afresh in its own process, on the
-  address the browser used before, as when the dashboard is restarted: nothing read or cached on the
-  server, the page's scripts in the browser's cache. The process start-up is not timed; the clock starts at
-  the page request.
+  address the browser used before, as when the dashboard is restarted: nothing cached on the server, the
+  page's scripts in the browser's cache. The clock starts at the page request, sent as soon as the server
+  accepts connections. The server starts reading the newest run (the one a page without a selection shows,
+  here the only one) on a background thread as it starts up, before it imports Dash; the part of that read
+  done before it accepts connections is not in this number, so the same renders are also timed from the
+  process's start (a row of their own, with the start-up alone in its notes).
 - first visit: the same on an address the browser has never seen, so it downloads and compiles every script
   too (their size is measured in the page). Also measured with the run already read on the server
   (in-process), which isolates the browser's share.
@@ -224,13 +227,19 @@ def main() -> int:
                 driver.execute_script("return document.title")
             renderer = None
             script_bytes = 0
+            startup: dict[str, list[float]] = {"listening": [], "from_start": []}
 
-            def cold(render: str, server_port: int) -> float:
-                """``rlhfkit dashboard`` started afresh in its own process on ``server_port`` (its start-up is
-                not timed: the clock starts at the page request)."""
+            def cold(render: str, server_port: int, record: bool = False) -> float:
+                """``rlhfkit dashboard`` started afresh in its own process on ``server_port`` (the clock starts at
+                the page request; with ``record`` the start-up and the render timed from the spawn are kept)."""
                 nonlocal renderer, script_bytes
+                spawned = time.perf_counter()
                 with dashboard_process(root, server_port, render) as url:
+                    listening = time.perf_counter() - spawned
                     took = render_s(driver, f"{url}/?run=big")
+                    if record:
+                        startup["listening"].append(listening)
+                        startup["from_start"].append(listening + took)
                     renderer = renderer or driver.execute_script(
                         "return document.querySelector('#fig-kl .js-plotly-plot').data[0].type")
                     script_bytes = max(script_bytes, driver.execute_script(SCRIPT_BYTES_JS))
@@ -255,7 +264,7 @@ def main() -> int:
                     got["first_visit_preread"] = [preread_first_visit() for _ in range(FIRST_VISITS)]
                 cold(render, port)  # the browser now has this address's scripts, as after any earlier visit
                 for _ in range(COLD_RESTARTS if render == "auto" else 1):
-                    got["cold"].append(cold(render, port))
+                    got["cold"].append(cold(render, port, record=render == "auto"))
                 app = create_app(root, render=render)
                 app.server.config["RLHFKIT_CACHE"].get("big")
                 wait_detectors(app, "big")
@@ -268,6 +277,7 @@ def main() -> int:
     first, first_pre = spread(timings["auto"]["first_visit"]), spread(timings["auto"]["first_visit_preread"])
     gl_cold, gl_warm = spread(timings["webgl"]["cold"]), spread(timings["webgl"]["warm"])
     tb_sp = spread(tb_s)
+    listen, from_start = spread(startup["listening"]), spread(startup["from_start"])
     cold_s = auto_cold
     tb_per_step = tb_sp["median"] / TB_STEPS
     tb_100k_lower_bound = tb_per_step * STEPS
@@ -279,8 +289,13 @@ def main() -> int:
             "s", "< 2 s", auto_cold["median"] < 2, f"{note(auto_cold)}; load average {load_start[0]:.1f} at the start, "
             f"{os.getloadavg()[0]:.1f} at the end (2 cores); a fresh server process on the address the "
             f"browser used before (its scripts cached); drew '{renderer}' traces (headless Chromium has software WebGL "
-            f"only); includes reading the run: a columnar parse, {columns_s:.2f} s alone (a dict per line, "
-            f"Run.metrics(): {parse_s:.2f} s)"),
+            f"only); the server starts reading the run as it starts up, {listen['median']:.2f} s (median) before it "
+            f"accepts connections, and the page waits for the rest of that read (a columnar parse, "
+            f"{columns_s:.2f} s alone; a dict per line, Run.metrics(): {parse_s:.2f} s)"),
+        row("first render, cold server, timed from the server process's start", round(from_start["median"], 2), "s",
+            "", None, f"{note(from_start)}; the renders of the first row with the server's start-up before them: "
+            f"spawn to accepting connections {listen['median']:.2f} s (min {listen['min']:.2f}, max "
+            f"{listen['max']:.2f}: Python, imports, the page's layout and callbacks, the run's read begun)"),
         row("first render, first visit (cold server, cold browser cache)", round(first["median"], 2), "s", "< 2 s",
             first["median"] < 2, f"{note(first)}; an address the browser never saw: it also downloads and compiles "
             f"{script_bytes / 1e6:.1f} MB of scripts"),
@@ -310,6 +325,7 @@ def main() -> int:
                "timings_s": timings, "auto_trace_type": renderer, "tensorboard_s": tb_s,
                "tensorboard_points": tb[0][1], "tensorboard_steps": TB_STEPS,
                "page_script_mb": round(script_bytes / 1e6, 2),
+               "cold_server_startup_s": startup["listening"], "cold_from_start_s": startup["from_start"],
                "load_average_start": load_start, "load_average": os.getloadavg(),
                "note": "CPU shared with other jobs while measured"}
     write_result("dashboard", rows, details)

@@ -398,6 +398,9 @@ def y_range(values: Sequence[np.ndarray], log: bool = False, pad: float = 0.06) 
 
 # Runs in the browser: WebGL where it has a GPU, SVG where WebGL is software-rendered (SwiftShader, llvmpipe)
 # or missing; there Scattergl costs seconds per page while downsampled SVG traces draw in a fraction of that.
+# Detected once, as the page loads (~0.1 s to create a software WebGL context here), and read by the render as a
+# State: as an Input it fired the render before any run was selected, a request that only declined and held
+# the run list's request (so the selection, so the charts) back by its round trip.
 DETECT_RENDER_JS = """
 function(_) {
   try {
@@ -485,15 +488,15 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
         *[Output(f"card-{pid}", "style") for pid in optional],
         Output("cursor", "data"), Output("run-messages", "children"), Output("rank", "options"),
         Output("err-render", "children"),
-        Input("selection", "data"), Input("rank", "value"), Input("trace-type", "data"),
-        Input("smoothing", "value"), Input("x-mode", "value"), State("log-charts", "data"),
+        Input("selection", "data"), Input("rank", "value"), Input("smoothing", "value"), Input("x-mode", "value"),
+        State("trace-type", "data"), State("log-charts", "data"),
         prevent_initial_call=True,
     )
     @guarded("render", len(FIG_OUTPUTS) + len(optional) + 4)
-    def render_all(selection, rank, detected, smoothing, x_mode, log_charts):
-        trace_type = detected if render == "auto" else render
-        if not isinstance(selection, list) or trace_type not in ("scatter", "scattergl"):
+    def render_all(selection, rank, smoothing, x_mode, detected, log_charts):
+        if not isinstance(selection, list):
             raise PreventUpdate
+        trace_type = render if render != "auto" else detected if detected in ("scatter", "scattergl") else "scatter"
         rank = _rank_value(rank)
         opts = chart_options(smoothing, x_mode, log_charts)
         figs, cursor, problems = builder.full(selection, rank, trace_type, opts)

@@ -568,6 +568,16 @@ class RunCache:
 
         threading.Thread(target=read, daemon=True, name="warm-runs").start()
 
+    def newest(self) -> list[str]:
+        """The id of the newest run (the run list's first row, what a page without a selection shows), or
+        none."""
+        runs = list_runs(self.root)
+        return [self._key(runs[0])] if runs else []
+
+    def _key(self, run: Run) -> str:
+        """A run's id: its path relative to the root ("." for a root that is itself a run)."""
+        return run.path.relative_to(self.root).as_posix() if run.path != self.root else "."
+
     def peek(self, run_key: str) -> RunData | None:
         with self._lock:
             return self._items.get(run_key)
@@ -576,7 +586,7 @@ class RunCache:
         """Rows of the run list, newest first. Small runs are read for their step count; big ones once opened."""
         rows = []
         for run in list_runs(self.root):
-            key = run.path.relative_to(self.root).as_posix() if run.path != self.root else "."
+            key = self._key(run)
             data = self.peek(key)
             try:
                 if data is not None:

@@ -400,6 +400,37 @@ def test_a_page_linked_to_a_run_starts_reading_it_before_its_callbacks(tmp_path)
     assert cache.peek("../outside") is None
 
 
+def test_the_server_starts_reading_the_newest_run_as_it_starts(tmp_path):
+    """``rlhfkit dashboard`` (``create_app(preload=True)``) starts reading the run a page without a selection
+    shows, the newest, before any page asks for it; a plain ``create_app`` reads nothing."""
+    from dashboard.app import create_app
+
+    write_run(tmp_path / "old", 3)
+    time.sleep(0.05)
+    write_run(tmp_path / "new", 5)
+    assert D.RunCache(tmp_path).newest() == ["new"]
+    assert D.RunCache(tmp_path / "missing").newest() == []
+    assert create_app(tmp_path).server.config["RLHFKIT_CACHE"].peek("new") is None
+    cache = create_app(tmp_path, preload=True).server.config["RLHFKIT_CACHE"]
+    assert cache.peek("old") is None and cache.peek("new") is not None
+    deadline = time.monotonic() + 10
+    while len(cache.peek("new").view()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(cache.peek("new").view()) == 5
+
+
+def test_the_charts_render_on_a_selection_not_on_the_renderer_detection(tmp_path):
+    """The browser's WebGL check is read by the render as a State: as an Input it fired the render before any
+    run was selected, a request that only declined and held the run list's request back by its round trip."""
+    from dashboard.app import create_app
+
+    app = create_app(tmp_path)
+    render = next(v for k, v in app.callback_map.items() if "cursor.data" in k and k.startswith("..fig-kl.figure..."))
+    assert {"id": "trace-type", "property": "data"} in render["state"]
+    assert {"id": "selection", "property": "data"} in render["inputs"]
+    assert all(i["id"] != "trace-type" for i in render["inputs"])
+
+
 def test_a_server_restarted_on_the_same_port_serves_the_new_app():
     """The benchmark restarts the dashboard on one address: the old server must free its port (and werkzeug
     closes every connection after its response, so no kept-alive socket can reach the old app)."""

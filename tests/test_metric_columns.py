@@ -122,3 +122,15 @@ def test_columns_read_without_pandas(tmp_path):
             "print(np.isnan(c.values['a']).sum(), c.values['a'][1], c.values['b'][-1], c.values['flag'][1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "66", "1.0", "199.0", "1.0"]
+
+
+def test_lines_are_counted_in_pieces_as_bytes_count_does(monkeypatch):
+    """The line count (rows must match lines) is taken by numpy in pieces, off the GIL, not by bytes.count."""
+    from rlhf_core.runformat import metric_columns
+
+    data = b"".join(b'{"step": %d, "pad": "%s"}\n' % (s, b"x" * (s % 13)) for s in range(500)) + b'{"step": 5'
+    end = data.rfind(b"\n") + 1
+    for piece in (1, 7, 64, 1 << 20):
+        monkeypatch.setattr(metric_columns, "COUNT_BYTES", piece)
+        for stop in (0, 1, 26, end):
+            assert metric_columns._count_lines(data, stop) == data.count(b"\n", 0, stop), (piece, stop)

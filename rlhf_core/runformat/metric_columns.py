@@ -30,6 +30,7 @@ except ImportError:  # pyarrow comes with the [dashboard] extra; without it ever
 log = logging.getLogger("rlhfkit.columns")
 
 BLOCK_BYTES = 4 << 20  # pyarrow's parse block: 4 MiB measured fastest here (1 MiB: 0.58 s, 4: 0.36, 16: 0.40)
+COUNT_BYTES = 8 << 20  # bytes per piece when counting lines (a bool temporary of this size)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def _read(path: Path, min_bytes: int) -> MetricColumns | str:
     end = data.rfind(b"\n") + 1
     if end < max(min_bytes, 1):
         return f"{end} bytes of complete lines"
-    lines = data.count(b"\n", 0, end)
+    lines = _count_lines(data, end)
     try:
         table = pa_json.read_json(pa.BufferReader(pa.py_buffer(data).slice(0, end)),
                                   read_options=pa_json.ReadOptions(block_size=BLOCK_BYTES))
@@ -89,6 +90,13 @@ def _read(path: Path, min_bytes: int) -> MetricColumns | str:
     return MetricColumns(rows=lines, end=end, keys=list(table.column_names),
                          values={name: _floats(col) for name, col in zip(table.column_names, table.columns)},
                          nonfinite=nonfinite)
+
+
+def _count_lines(data: bytes, end: int) -> int:
+    """Newlines in ``data[:end]``, counted by numpy in pieces: its comparison releases the GIL, where
+    ``bytes.count`` held it ~50 ms on a 170 MB file while the dashboard's request threads waited."""
+    view = np.frombuffer(data, dtype=np.uint8, count=end)
+    return sum(int(np.count_nonzero(view[i:i + COUNT_BYTES] == 10)) for i in range(0, end, COUNT_BYTES))
 
 
 def _nonfinite_rows(column: pa.ChunkedArray) -> dict[str, np.ndarray] | None:
