@@ -27,7 +27,7 @@ from rlhf_core.runformat.run_reader import RunError
 from rlhf_core.runformat.timeline import parse_steps
 
 from . import figures as F
-from .data import ALL, Alert, RunCache, RunData, config_rows, join_problems, sample_rows
+from .data import ALL, Alert, RunCache, RunData, config_rows, join_problems, sample_rows, serving
 from .layout import CARD, GRAPH_CONFIG, chart_tools, log_toggle
 from .whatif import NO_DEPLOYMENT, what_if, whatif_figure
 from .whatif import summary as whatif_summary
@@ -41,13 +41,15 @@ FIG_OUTPUTS = [f"fig-{fid}" for fid in F.FIGURE_IDS]
 
 
 def guarded(name: str, n_outputs: int) -> Callable:
-    """Turn any failure of a callback into a message in ``err-<name>`` (its last output)."""
+    """Turn any failure of a callback into a message in ``err-<name>`` (its last output); the detectors wait
+    while it runs (:func:`dashboard.data.serving`)."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args: Any) -> Any:
             try:
-                return fn(*args)
+                with serving():
+                    return fn(*args)
             except PreventUpdate:
                 raise
             except RunError as err:
@@ -129,7 +131,9 @@ class Builder:
             label = data.key if rank == ALL or rank not in data.views else f"{data.key}[rank {rank}]"
             config = data.meta.get("config")
             config = config if isinstance(config, dict) else {}
-            order = data.views[data.rank_ids[0]] if view is data.views[ALL] and data.rank_ids else None
+            # the layer order of a rank's records (rank 0's file is read for it only where layers are logged)
+            layered = view is data.views[ALL] and data.rank_ids and any(view.prefixed(h.prefix) for h in F.HEATMAPS)
+            order = data.view(data.rank_ids[0]) if layered else None
             out.append(F.Series(data.key, label, F.colour_of(i), view, config, order=order,
                                 running=data.meta.get("status", "running") == "running"))
         return out
@@ -931,6 +935,7 @@ def register(app: Dash, cache: RunCache, render: str = "auto") -> Builder:
 
 
 PROFILER_CHARTS = ("phases", "rank_phases", "system", "flame")
+RANK_PHASE_STEPS = 50  # the per-rank phase chart: mean of each rank's last steps
 LINKS_STYLE = {**CARD, "padding": "8px", "fontSize": "13px"}
 
 
@@ -958,7 +963,8 @@ def profiler_charts(data: RunData, rank: Any) -> tuple[Any, ...]:
     """The Profiler tab of one run: phase time, per-rank phase time, system, flame graph, trace links."""
     with holding([data]):
         series = Builder.series([data], rank)[0]
-        phases, per_rank = F.phase_time_figure(series), F.rank_phase_figure(data.views)
+        phases, per_rank = F.phase_time_figure(series), F.rank_phase_figure(data.rank_tails(RANK_PHASE_STEPS),
+                                                                           RANK_PHASE_STEPS)
         system = F.system_figure(data.system, rank if rank in data.views else ALL)
     folded = data.folded_files()
     return phases, per_rank, system, _cached_flame(folded[-1] if folded else None), _trace_links(data)

@@ -32,8 +32,15 @@ from tsdownsample import MinMaxLTTBDownsampler
 
 from profiler.flamegraph import folded_files
 from rlhf_core.runformat.metric_columns import MetricColumns
-from rlhf_core.runformat.run_reader import Run, RunError, list_runs, resolve_run_path
-from rlhf_core.runformat.timeline import Timeline, TimelineReport, analyse, read_timeline, timeline_files
+from rlhf_core.runformat.run_reader import RecordStream, Run, RunError, list_runs, resolve_run_path
+from rlhf_core.runformat.timeline import (
+    Timeline,
+    TimelineReport,
+    analyse,
+    prepare_range_read,
+    read_timeline,
+    timeline_files,
+)
 from rlhf_core.stability.analysis import Analysis
 from rlhf_core.stability.rules.base import is_alerting
 
@@ -48,10 +55,38 @@ NICE_BACKGROUND = 10  # nice increment of background reads
 COLUMNAR_MIN_BYTES = 8 * 2**20  # a first read this big takes the columnar parse (smaller: records directly)
 CATCH_UP_BYTES = 4 * 2**20  # bytes of records read per lock hold behind a columnar read (~25 ms here)
 DETECT_CHUNK = 2000  # records per detector pass; the data lock is free between passes
+RANK_CHUNK_BYTES = 32 << 10  # bytes of each rank file per straggler pass (256 ranks x ~60 steps: ~70 ms here)
+REQUEST_YIELD_S = 2.0  # the longest a background pass waits for the page's requests before it goes on
 
 _DOWNSAMPLER = MinMaxLTTBDownsampler()
 log = logging.getLogger("rlhfkit.dashboard")
 _DETECT_SLOT = threading.Lock()
+_serving = 0  # callbacks being served now (see serving())
+_served = threading.Condition()
+
+
+@contextmanager
+def serving() -> Iterator[None]:
+    """Mark a callback being served: the detectors wait between their passes until none is (at most
+    :data:`REQUEST_YIELD_S` at a time). Nice +10 does not share the GIL: a detector pass running beside a
+    callback (the straggler rule over 256 ranks, reading their files) made the callback ~2x slower or worse."""
+    global _serving
+    with _served:
+        _serving += 1
+    try:
+        yield
+    finally:
+        with _served:
+            _serving -= 1
+            if not _serving:
+                _served.notify_all()
+
+
+def yield_to_requests(timeout: float = REQUEST_YIELD_S) -> None:
+    """Return once no callback is being served (or after ``timeout`` seconds); at once when none is."""
+    if _serving:
+        with _served:
+            _served.wait_for(lambda: not _serving, timeout)
 
 
 @contextmanager
@@ -259,9 +294,11 @@ class RunData:
         self._catch_up: threading.Thread | None = None
         self._columnar_tried = False
         self._diag_rows = 0
-        self._rank_rows: dict[int, int] = {}
+        self._rank_streams: dict[int, RecordStream] = {}  # the straggler pass's own readers of the rank files
         self._rank_pending: dict[int, dict[int, dict[str, Any]]] = {}
         self._timeline: tuple[Any, TimelineView] | None = None  # (range and file stats, view) of the last read
+        self._rank_tails: tuple[Any, dict[Any, View]] | None = None  # (file stats, views) of rank_tails()
+        self._timeline_prepared = False
 
     # ---- reading
     def refresh(self) -> None:
@@ -283,12 +320,28 @@ class RunData:
                 self._load_columns(view)
             if not view.lagging:  # while it lags, the catch-up thread reads the records
                 self._extend(view, self.run.metrics())
-            if self.run.rank_files():
-                per_rank = self.run.rank_metrics()
-                self.rank_ids = sorted(per_rank)
-                for rank, recs in per_rank.items():
-                    self._extend(self.views.setdefault(rank, View()), recs)
+            rank_files = self.run.rank_files()
+            if rank_files:
+                # A rank's records are read when that rank is first asked for (view(), the detectors): 256 ranks
+                # x 10k steps are 2.56 M records, ~10 s and ~3 GB, of which the run-level view needs none.
+                self.rank_ids = sorted(rank_files)
+                loaded = [r for r in self.views if r != ALL]
+                if loaded:
+                    for rank, recs in self.run.rank_metrics(loaded).items():
+                        self._extend(self.views[rank], recs)
             self.system = self.run.system()
+            if not self._timeline_prepared:
+                self._timeline_prepared = True
+                threading.Thread(target=self._prepare_timeline, daemon=True, name=f"timeline-{self.key}").start()
+
+    def _prepare_timeline(self) -> None:
+        """What the Timeline tab's first range read would search its files for (a resume's second header),
+        searched now in the background: one file at a time, at nice +10, pausing while a callback is served
+        (the page's first render draws meanwhile). Saves that read ~0.3 s at 256 ranks x 10k steps."""
+        _lower_priority()
+        for path in timeline_files(self.path).values():
+            yield_to_requests()
+            prepare_range_read(path)
 
     def _load_columns(self, view: View) -> None:
         """A big first read: the charts' columns from one columnar parse (~3x faster than building a dict per
@@ -346,8 +399,38 @@ class RunData:
             view.extend(records[len(view.records):])
 
     def view(self, rank: Any = ALL) -> View:
-        """The records of ``rank``, or the run-level view where this run has no such rank."""
+        """The records of ``rank`` (its file is read the first time it is asked for), or the run-level view
+        where this run has no such rank."""
+        if rank != ALL and rank not in self.views and rank in self.rank_ids:
+            with self.lock, _gc_paused():
+                if rank not in self.views:
+                    self.views[rank] = View()
+                    for recs in self.run.rank_metrics([rank]).values():
+                        self._extend(self.views[rank], recs)
         return self.views[rank] if rank in self.views else self.views[ALL]
+
+    def rank_tails(self, last: int) -> dict[Any, View]:
+        """Per rank, a view of its last ``last`` records read from the end of its file (the per-rank phase
+        chart: a few KiB per rank, where every rank's whole file is 10+ s at 256 ranks x 10k steps); kept until
+        a rank file changes. Empty for a run without rank files."""
+        files = self.run.rank_files()
+        stats = []
+        for rank, name in files.items():
+            try:
+                st = os.stat(self.path / name)
+            except OSError:
+                continue
+            stats.append((rank, st.st_size, st.st_mtime_ns))
+        key = (last, tuple(stats))
+        cached = self._rank_tails
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        views: dict[Any, View] = {}
+        for rank, recs in self.run.rank_tails(last).items() if files else ():
+            views[rank] = View()
+            views[rank].extend(recs)
+        self._rank_tails = (key, views)
+        return views
 
     # ---- alerts
     def start_detection(self) -> None:
@@ -357,7 +440,7 @@ class RunData:
             if self.detector_error or (self._detector is not None and self._detector.is_alive()):
                 return
             pending = self._diag_rows < len(self.views[ALL]) or any(
-                self._rank_rows.get(r, 0) < len(self.views[r]) for r in self.rank_ids)
+                r not in self._rank_streams or self._rank_streams[r].pending_bytes() for r in self.rank_ids)
             if not pending:
                 return
             self._detector = threading.Thread(target=self._detect_loop, args=(self.start_time,), daemon=True,
@@ -376,6 +459,7 @@ class RunData:
     def _detect_chunks(self, generation: Any) -> None:
         try:
             while True:
+                yield_to_requests()
                 with self.lock:
                     if generation != self.start_time:
                         return
@@ -384,15 +468,20 @@ class RunData:
                     diagnoser = self._diagnoser
                     start = self._diag_rows
                     chunk = self.views[ALL].records[start:start + DETECT_CHUNK]
-                    rank_steps = self._complete_rank_steps() if not chunk else []
+                    ranks = list(self.rank_ids) if not chunk else []
+                    state = (self.run, self._rank_streams, self._rank_pending)  # this generation's
                     waiting = self.views[ALL].lagging and self._catch_up is not None and self._catch_up.is_alive()
+                rank_steps, more = self._next_rank_steps(ranks, *state) if ranks else ([], False)
                 if not chunk and not rank_steps:
+                    if more:  # rank records read, no step complete yet
+                        continue
                     if waiting:  # the records behind the columnar rows are still being read
                         time.sleep(0.05)
                         continue
                     return
                 diagnoser.update(chunk)  # outside the lock: the page keeps reading while this runs
                 for step, per_rank in rank_steps:
+                    yield_to_requests()
                     diagnoser.update_ranks(step, per_rank)
                 with self.lock:
                     if generation != self.start_time:
@@ -402,16 +491,30 @@ class RunData:
         except Exception as err:  # noqa: BLE001 - a detector bug must leave the page alive
             self.detector_error = f"detectors failed on {self.key}: {type(err).__name__}: {err}"
 
-    def _complete_rank_steps(self) -> list[tuple[int, dict[int, dict[str, Any]]]]:
-        """Per-rank records of the steps every rank has now reported (for the straggler rule)."""
-        for rank in self.rank_ids:
-            view = self.views[rank]
-            for rec in view.records[self._rank_rows.get(rank, 0):]:
-                if isinstance(rec.get("step"), int):
-                    self._rank_pending.setdefault(rec["step"], {})[rank] = rec
-            self._rank_rows[rank] = len(view)
-        done = sorted(s for s, per in self._rank_pending.items() if len(per) == len(self.rank_ids))
-        return [(s, self._rank_pending.pop(s)) for s in done]
+    @staticmethod
+    def _next_rank_steps(ranks: list[int], run: Run, streams: dict[int, RecordStream],
+                         pending: dict[int, dict[int, dict[str, Any]]]
+                         ) -> tuple[list[tuple[int, dict[int, dict[str, Any]]]], bool]:
+        """Per-rank records of the next steps every rank has reported (for the straggler rule), and whether any
+        record was read. The detector thread reads the rank files itself, :data:`RANK_CHUNK_BYTES` of each per
+        call, and keeps only the steps not complete yet: the rank views are read only for a rank that is shown
+        (256 ranks x 10k steps kept as records were ~3 GB, and the collector's passes over them stalled
+        every request thread for seconds)."""
+        read = False
+        for rank in ranks:
+            if rank not in streams:
+                streams.update({r: s for r, s in run.rank_streams().items() if r not in streams})
+            stream = streams.get(rank)
+            if stream is None:
+                continue
+            yield_to_requests()
+            with _gc_paused():
+                records = stream.read(RANK_CHUNK_BYTES)
+            for rec in records:
+                pending.setdefault(rec["step"], {})[rank] = rec
+            read = read or bool(records)
+        done = sorted(s for s, per in pending.items() if len(per) == len(ranks))
+        return [(s, pending.pop(s)) for s in done], read
 
     def alerts(self, start: bool = True) -> tuple[list[Alert], str]:
         """Detector alerts plus alert events of ``events.jsonl`` (deduplicated by rule and step) and progress.
@@ -461,7 +564,8 @@ class RunData:
         cached = self._timeline
         if cached is not None and cached[0] == key:
             return cached[1]
-        view = timeline_view(self.path, steps, last)
+        with _gc_paused():  # ~0.3 M objects of the analysis beside the run's records: no collector passes
+            view = timeline_view(self.path, steps, last)
         view.signature = f"{self.key}|{steps}|{last}|{hash(stats)}"
         self._timeline = (key, view)
         return view
@@ -535,7 +639,7 @@ class RunCache:
     def _evict(self) -> None:
         with self._lock:
             while len(self._items) > 1 and (len(self._items) > self.capacity or sum(
-                    sum(len(v) for v in d.views.values()) for d in self._items.values()) > self.max_rows):
+                    sum(len(v) for v in list(d.views.values())) for d in self._items.values()) > self.max_rows):
                 self._items.popitem(last=False)
 
     def warm(self, run_keys: Sequence[str], prepare: Callable[[RunData], None] | None = None) -> None:

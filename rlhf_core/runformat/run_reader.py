@@ -357,6 +357,52 @@ class MetricsCursor(JsonlCursor):
         return out
 
 
+class RecordStream:
+    """One step-record file read in pieces, each record handed out once and not kept: for a consumer that
+    needs every record once (the dashboard's straggler pass over 256 rank files holds no copy of the run)."""
+
+    def __init__(self, path: Path):
+        self.cursor = MetricsCursor(path)
+
+    def read(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """The records of about ``max_bytes`` of complete lines not read yet (all of them without it)."""
+        return [_restore_nonfinite(r) for r in self.cursor.read_new(max_bytes)]
+
+    def pending_bytes(self) -> int:
+        return self.cursor.pending_bytes()
+
+
+def tail_records(path: Path, n: int, chunk: int = 64 << 10) -> list[dict[str, Any]]:
+    """The step records (objects with an integer ``step``) among the last ``n`` complete lines of a JSONL
+    file, oldest first, read backwards from its end in growing pieces; lines that do not parse are skipped."""
+    if n <= 0 or file_problem(path) is not None:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            want = min(size, chunk)
+            while True:
+                fh.seek(size - want)
+                data = fh.read(want)
+                lines = data.split(b"\n")[:-1]  # the piece after the last newline is not a complete line yet
+                if want < size and lines:
+                    lines = lines[1:]  # the first piece may start inside a line
+                if len(lines) >= n or want >= size or want >= MAX_LINE_BYTES:
+                    break
+                want = min(size, want * 4)
+    except OSError:
+        return []
+    out = []
+    for raw in lines[-n:]:
+        try:
+            rec = _fast_loads(raw) if len(raw) <= MAX_LINE_BYTES else None
+        except (ValueError, RecursionError):
+            rec = None
+        if type(rec) is dict and type(rec.get("step")) is int:
+            out.append(_restore_nonfinite(rec))
+    return out
+
+
 def _restore_nonfinite(rec: dict[str, Any]) -> dict[str, Any]:
     for key in rec.get("nonfinite") or ():
         if rec.get(key) is None:
@@ -572,12 +618,25 @@ class Run:
 
         return read_columns(self.path / "metrics.jsonl", min_bytes)
 
-    def rank_metrics(self) -> dict[int, list[dict[str, Any]]]:
-        """Per-rank records; a single-process run is rank 0."""
+    def rank_metrics(self, ranks: Iterable[int] | None = None) -> dict[int, list[dict[str, Any]]]:
+        """Per-rank records; a single-process run is rank 0. ``ranks``: only these ranks' files are read (the
+        others are neither read nor returned), so one rank of a 256-rank run costs one file."""
         files = self.rank_files()
         if not files:
-            return {0: self._all("metrics.jsonl")}
-        return {rank: self._all(name) for rank, name in files.items()}
+            return {0: self._all("metrics.jsonl")} if ranks is None or 0 in set(ranks) else {}
+        wanted = None if ranks is None else set(ranks)
+        return {rank: self._all(name) for rank, name in files.items() if wanted is None or rank in wanted}
+
+    def rank_streams(self) -> dict[int, RecordStream]:
+        """Per rank file, a :class:`RecordStream` of its records, independent of this run's own reads."""
+        return {rank: RecordStream(self.path / name) for rank, name in self.rank_files().items()}
+
+    def rank_tails(self, n: int) -> dict[int, list[dict[str, Any]]]:
+        """Per rank, the step records of the last ``n`` complete lines of its file, read from the file's end
+        (a few KiB per rank whatever the run's length; nothing is kept). Bad lines there are skipped, not
+        reported: :meth:`rank_metrics` reads and reports every line."""
+        files = self.rank_files() or {0: "metrics.jsonl"}
+        return {rank: tail_records(self.path / name, n) for rank, name in files.items()}
 
     def tail(self) -> list[dict[str, Any]]:
         """Run-level records written since the previous call (the first call returns everything so far)."""
