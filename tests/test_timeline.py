@@ -19,7 +19,15 @@ from profiler.timeline_trace import main as timeline_main
 from rlhf_core.runformat import clock
 from rlhf_core.runformat.clock import ClockOffset, ntp_offset
 from rlhf_core.runformat.run_writer import RunWriter
-from rlhf_core.runformat.timeline import StepSpan, analyse, analyse_step, parse_steps, read_timeline, wait_ns
+from rlhf_core.runformat.timeline import (
+    StepSpan,
+    analyse,
+    analyse_step,
+    parse_steps,
+    read_processes,
+    read_timeline,
+    wait_ns,
+)
 from rlhf_core.stability.rules import DetectorConfig
 from rlhf_core.stability.rules.straggler import Straggler
 
@@ -92,6 +100,20 @@ def test_recorder_writes_intervals_that_match_the_phase_times(tmp_path: Path) ->
         assert rollout / 1e9 == pytest.approx(records[step]["time/rollout"], abs=2e-6)
         assert update / 1e9 == pytest.approx(records[step]["time/update"], abs=4e-6)
         assert span.dur / 1e9 == pytest.approx(records[step]["time/step"], abs=2e-6)
+
+
+@pytest.mark.parametrize("header", ['{"process": {"rank": "x", "role": "reward"}}', '{"process": [1, 2]}'])
+def test_a_header_not_understood_is_reported_and_the_steps_still_read(tmp_path: Path, header: str) -> None:
+    _timed_run(tmp_path, role="trainer", source="generic")
+    path = tmp_path / "timeline.rank0.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([header, *lines[1:]]) + "\n")
+    for steps in (None, (2, 3)):  # a full read and a range read
+        tl = read_timeline(tmp_path, steps)
+        assert tl.processes[0].role == "runner"  # the defaults
+        assert sorted(tl.steps[0]) == ([1, 2, 3] if steps is None else [2, 3])
+        assert tl.problems == [f"{path}:1: process header not understood; rank 0 shown with default identity"]
+    assert read_processes(tmp_path)[0].role == "runner"
 
 
 def test_recorder_buffers_lines_until_flush(tmp_path: Path) -> None:

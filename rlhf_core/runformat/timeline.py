@@ -164,6 +164,19 @@ def _process(head: dict[str, Any], rank: int) -> Process:
                    wall_skew_ns=int(head.get("wall_skew_ns") or 0), name=str(head.get("name") or ""))
 
 
+def _header(head: Any, rank: int, where: str, problems: list[str] | None) -> Process:
+    """The process of a header line; the defaults (reported in ``problems``) for one that is not an object or
+    has a field of the wrong type, so that the file's steps are still read."""
+    try:
+        if isinstance(head, dict):
+            return _process(head, rank)
+    except (TypeError, ValueError):
+        pass
+    if problems is not None:
+        problems.append(f"{where}: process header not understood; rank {rank} shown with default identity")
+    return Process(rank=rank)
+
+
 # Per timeline file (device, inode, header line): how many bytes were searched for a second process header,
 # and whether one was found; a file that grew is searched only in what was appended.
 _HEADER_SEARCHED: dict[tuple[int, int, bytes], tuple[int, bool]] = {}
@@ -277,7 +290,7 @@ def read_file(path: Path, rank: int, steps: tuple[int, int] | None = None,
         if not isinstance(rec, dict):
             continue
         if "process" in rec:
-            process = _process(rec["process"], rank)
+            process = _header(rec["process"], rank, where if ranged is None else f"{path}:1", problems)
             continue
         try:
             t0, step = int(rec["t0"]), int(rec["step"])
@@ -312,11 +325,7 @@ def read_processes(run_dir: str | Path) -> dict[int, Process]:
             head = _loads(line) if line.endswith(b"\n") else None
         except ValueError:
             head = None
-        proc = head.get("process") if isinstance(head, dict) else None
-        try:
-            out[rank] = _process(proc, rank) if isinstance(proc, dict) else Process(rank=rank)
-        except (TypeError, ValueError):  # a header with a field of the wrong type: the defaults
-            out[rank] = Process(rank=rank)
+        out[rank] = _header(head.get("process") if isinstance(head, dict) else None, rank, str(path), None)
     return out
 
 
