@@ -313,8 +313,13 @@ def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
     a whole group (about one copy of the trained state shard)."""
     if dep.sharding.offload_optimizer or not role.trained_params:
         return 0
-    if dep.sharding.kind == "zero3" and dep.sharding.mixed_precision:  # the flattened 16-bit copy of a sub-group
-        return min(role.trained_params // n, dep.sharding.sub_group_size) * role.dtype_bytes
+    if dep.sharding.kind == "zero3" and dep.sharding.mixed_precision:
+        # stage3.py step(), one sub-group at a time, beside its fp32 gradient (step_extra): flatten's 16-bit copy
+        # lives until .to(fp32) returns, then the optimizer's own temporaries of that flat fp32 tensor (single-tensor
+        # AdamW: sqrt(v) and its quotient; foreach: one exp_avg_sq_sqrt); measured on DeepSpeed's ZeRO-3 optimizer,
+        # benchmarks/bench_memory_ds_stage3.py
+        sub = min(role.trained_params // n, dep.sharding.sub_group_size)
+        return max(sub * role.dtype_bytes, sub * {"fused": 0, "foreach": 4, "single_tensor": 8}[dep.optimizer_impl])
     if dep.optimizer_impl == "fused":
         return 0
     sb = 4 if dep.sharding.mixed_precision else role.dtype_bytes

@@ -88,6 +88,19 @@ def test_zero3_model_states_equal_deepspeeds_formula_over_its_terms(n):
     assert deepspeed_terms(role, Sharding("zero3", offload_optimizer=True), n)["weights_16bit"] == (2 * P // n, True)
 
 
+@pytest.mark.parametrize("impl,per_element", [("fused", 2), ("foreach", 4), ("single_tensor", 8)])
+def test_zero3_step_temporaries_follow_the_optimizer(impl, per_element):
+    """Per optimizer sub-group, beside its fp32 gradient: the 16-bit flatten copy, or the optimizer's own fp32
+    temporaries when larger (benchmarks/bench_memory_ds_stage3.py measured 6 B/element with fused AdamW and 12 with
+    single-tensor AdamW on DeepSpeed's ZeRO-3 optimizer, fp32 gradient included)."""
+    from memory.deploy import step_temporaries
+
+    n, sub = 8, 10**8
+    dep = Deployment(actor=actor(), groups={"all": n}, sharding=Sharding("zero3", sub_group_size=sub),
+                     optimizer_impl=impl)
+    assert step_temporaries(dep.actor, dep, n) == per_element * min(Q7.params // n, sub)
+
+
 def test_vllm_kv_pool_is_a_share_of_total_memory():
     dep = Deployment(actor=actor(), groups={"all": 8}, engine=Engine("vllm", group="all", gpu_memory_utilization=0.5,
                                                                      max_num_batched_tokens=8192))
