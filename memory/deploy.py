@@ -44,6 +44,16 @@ class Role:
     offload: bool = False              # frozen role parked on the CPU outside its phase
     value_head: bool = False           # critic / reward model: scalar head instead of the LM head's logits
     storage_bytes: int | None = None   # bytes per stored parameter when not the compute dtype (veRL's fp32 actor)
+    # LoRA that freezes only the wrapped linear weights: embeddings, biases and norms keep training (DeepSpeed-Chat
+    # dschat/utils/module/lora.py LinearLayer_LoRA sets ``weight.requires_grad = False`` and nothing else unless
+    # --only_optimize_lora runs only_optimize_lora_parameters)
+    lora_trains_others: bool = False
+
+    def linear_weight_params(self) -> int:
+        """Weights of the decoder layers' attention and MLP projections (what LoRA wraps), biases excluded."""
+        a = self.arch
+        h, q, kv, i = a.hidden, a.q_dim, a.kv_dim, a.intermediate
+        return a.layers * (h * q + 2 * h * kv + q * h + (3 if a.gated_mlp else 2) * h * i)
 
     def lora_params(self) -> int:
         """LoRA on every attention and MLP projection (peft ``all-linear``): r·(in+out) per matrix."""
@@ -56,7 +66,9 @@ class Role:
     def trained_params(self) -> int:
         if not self.trained:
             return 0
-        return self.lora_params() if self.lora_rank else self.arch.params
+        if not self.lora_rank:
+            return self.arch.params
+        return self.lora_params() + (self.arch.params - self.linear_weight_params() if self.lora_trains_others else 0)
 
     def base_weight_bytes(self) -> int:
         """Stored weights of the (frozen or trained) base model on one replica, unsharded."""
@@ -116,6 +128,26 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class HybridEngine:
+    """DeepSpeed's hybrid engine (DeepSpeed-HE): the trained actor's own DeepSpeedEngine generates with
+    DeepSpeed-Inference kernels (deepspeed/runtime/hybrid_engine.py ``DeepSpeedHybridEngine``). Fields are the
+    ``hybrid_engine`` section of the DeepSpeed config (deepspeed/runtime/config.py, defaults there); its
+    ``pin_parameters`` is the deployment's ``gather_for_generation``. DeepSpeed-Chat writes the section in
+    dschat/utils/ds_utils.py get_train_ds_config, with ``max_out_tokens = max_prompt_seq_len +
+    max_answer_seq_len`` (rlhf_engine.py _init_actor). Set by ``memory.inputs.from_deepspeed_chat`` only."""
+
+    tp: int = 1                        # inference_tp_size
+    tp_gather_partition_size: int = 8  # layers gathered at once before slicing (ZeRO-3, tp > 1)
+    release_inference_cache: bool = False  # free the inference workspace after each generate
+    max_out_tokens: int = 512          # prompt + answer tokens the workspace is sized for
+
+    def __post_init__(self):
+        for name in ("tp", "tp_gather_partition_size", "max_out_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"hybrid engine {name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Deployment:
     """Everything that decides the per-GPU memory of an RLHF deployment."""
 
@@ -146,10 +178,14 @@ class Deployment:
     gather_for_generation: bool = True  # HF generate under ZeRO-3: whole model gathered (ds3_gather_for_generation)
     attn: str = "flash"
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk
-    framework: str = "trl"             # trl | openrlhf | verl | deepspeed (names the flags of suggestions)
+    framework: str = "trl"             # trl | openrlhf | verl | deepspeed-chat (names the flags of suggestions)
     # veRL's weight sync (see sync_terms): actor.strategy fsdp (FSDP1, 1) or fsdp2 (2), rollout.layered_summon
     fsdp_version: int = 2
     layered_summon: bool = False
+    # DeepSpeed-HE generating for the actor (engine kind "hf"); None: plain HF generate (see HybridEngine)
+    hybrid_engine: HybridEngine | None = None
+    # an EMA copy of the actor (DeepSpeed-Chat --enable_ema, rlhf_engine.py _init_ema): frozen weights + adapters
+    actor_ema: bool = False
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
@@ -164,6 +200,10 @@ class Deployment:
                                  f"which is not in {sorted(self.groups)}")
         if self.engine.group not in self.groups:
             raise ValueError(f"the engine is placed on group {self.engine.group!r}, not in {sorted(self.groups)}")
+        if self.hybrid_engine is not None and (self.engine.kind != "hf" or self.engine.group != self.actor.group
+                                               or not self.actor.trained):
+            raise ValueError("the hybrid engine generates with the trained actor's own engine: it needs engine kind "
+                             "'hf' on the actor's group")
         for name, v in (("micro_batch", self.micro_batch), ("prompt_len", self.prompt_len),
                         ("response_len", self.response_len), ("rollout_per_gpu", self.rollout_per_gpu)):
             if v < 1:
@@ -225,11 +265,11 @@ def trained_states(role: Role, sh: Sharding, n: int, optimizer: str) -> States:
     opt_div = 1 if kind == "zero0" else n
     grad_div = n if kind in ("zero2", "zero3") or fsdp else 1
     if lora and fsdp:  # adapters are sharded with the rest and kept in fp32 under mixed precision (measured)
-        st.weights = base // n + P * (4 if sh.mixed_precision else db) // n
+        st.weights = base // n + role.lora_params() * (4 if sh.mixed_precision else db) // n
         master = 0
         opt_per = n_states * state_b
     elif lora:
-        st.weights = (base // n if kind == "zero3" else base) + P * db
+        st.weights = (base // n if kind == "zero3" else base) + role.lora_params() * db  # others: in the base
     elif fsdp:  # FSDP keeps the sharded flat params in fp32 when mixed precision (veRL), casts per unit
         st.weights = P * (4 if sh.mixed_precision else db) // n
         master = 0
@@ -468,6 +508,80 @@ class EngineMemory:
     rule: str
 
 
+def _hybrid_tp_gather(dep: Deployment) -> bool:
+    """DeepSpeedHybridEngine.generate takes its TP branch only under ZeRO-3 with pinned parameters."""
+    he = dep.hybrid_engine
+    return he is not None and he.tp > 1 and dep.sharding.kind == "zero3" and dep.gather_for_generation
+
+
+def hybrid_generation_batch(dep: Deployment) -> int:
+    """Sequences each GPU generates: at TP > 1 generate all-gathers the prompts of its TP group
+    (``dist.all_gather_into_tensor(output, input_cont, group=self.mp_group)``) and keeps its own slice after."""
+    return dep.rollout_per_gpu * (dep.hybrid_engine.tp if dep.hybrid_engine and _hybrid_tp_gather(dep) else 1)
+
+
+def hybrid_workspace_bytes(dep: Deployment) -> int:
+    """The DeepSpeed-Inference workspace of the hybrid engine: one cudaMalloc holding the KV cache of every layer,
+    the kernels' activations and the attention scores, sized by ``InferenceContext::GenWorkSpace``
+    (csrc/transformer/inference/includes/inference_context.h, same formula at v0.9.0 0b5252b and master
+    38327e0), called once from the first layer's first forward (deepspeed/model_implementations/transformers/
+    ds_transformer.py ``DeepSpeedTransformerInference.forward`` / ``allocate_workspace``) with the batch of that
+    generate call, ``mp_size = inference_tp_size`` and ``max_out_tokens = min_out_tokens =
+    hybrid_engine.max_out_tokens`` (hybrid_engine.py new_inference_container), so it is that size or
+    GenWorkSpace raises. Head size is padded to 32/64/128 for flash attention (heads over 128 are not padded):
+
+        activation = 10 * heads * padded_head * batch;  temp = batch * (heads / mp) * max_out_tokens
+        cache = layers * batch * (heads * padded_head / mp) * 2
+        bytes = (activation + temp + cache) * max_out_tokens * dtype_bytes
+    """
+    he, a = dep.hybrid_engine, dep.actor.arch
+    if he is None:
+        return 0
+    batch, mp = hybrid_generation_batch(dep), he.tp
+    head = a.hidden // a.heads
+    padded = head if head > 128 else (32 if head <= 32 else (64 if head <= 64 else 128))
+    hid = a.heads * padded
+    activation = 10 * hid * batch
+    temp = batch * (a.heads // mp) * he.max_out_tokens
+    cache = a.layers * batch * (hid // mp) * 2
+    return (activation + temp + cache) * he.max_out_tokens * dep.actor.dtype_bytes
+
+
+def hybrid_generation_weights(role: Role, dep: Deployment) -> int:
+    """Actor weights the hybrid engine materialises for generation besides its ZeRO shards
+    (deepspeed/runtime/hybrid_engine.py ``generate``, same branches at v0.9.0 and master 38327e0).
+
+    ZeRO-0/1/2: none (the weights are resident; LoRA is fused in place, ``fuse_lora_weight``). ZeRO-3:
+    - pinned (``pin_parameters``), inference TP 1: ``GatheredParameters`` over ``all_layers_params`` (every
+      parameter of the module, adapters included) for the whole generate call: a full-size copy next to the shards.
+    - pinned, TP > 1: ``tp_gather_partition_size`` layers (and their adapters) are gathered at a time, LoRA is
+      fused and ``apply_tensor_parallelism`` copies each layer's 1/TP slices of the projection weights
+      (containers/base.py); the gathered layers are freed, then the non-sliced parameters (embeddings, positions,
+      norms, biases here; ``_other_layers`` and ``layer_params[:4]`` in the source) are gathered for the generate
+      call; the slices are freed after it (``release_memory``). Held: the slices plus the larger of the gathered
+      group (while slicing) and the non-sliced parameters (while generating).
+    - unpinned (``--unpin_actor_parameters``): ``_zero3_forward`` gathers one layer and its adapters per forward;
+      the embeddings are fetched by ZeRO-3's own hooks: the larger of a layer and the largest tensor.
+    The TP branch is modelled as v0.9.0/0.9.1 run it. DeepSpeed-Chat passes no mpu: at v0.9.2
+    create_inference_module calls a method of ``self.mpu`` (None) at TP > 1, and from v0.9.3 (1824cb5) generate
+    slices only ``if self.mpu is not None`` (DeepSpeed issue #4080), so no slices are made there.
+    """
+    if dep.sharding.kind != "zero3" or dep.hybrid_engine is None:
+        return 0
+    a, db = role.arch, role.dtype_bytes
+    lora = role.lora_params() if role.lora_rank else 0
+    lora_layer = lora // max(a.layers, 1)
+    if not dep.gather_for_generation:
+        return max(a.layer_params + lora_layer, a.largest_param) * db
+    he = dep.hybrid_engine
+    if he.tp == 1:
+        return (a.params + lora) * db
+    linear = role.linear_weight_params()
+    slices = linear * db // he.tp
+    group = min(he.tp_gather_partition_size, a.layers) * (a.layer_params + lora_layer) * db
+    return slices + max((a.params - linear) * db, group)
+
+
 def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMemory:
     """Per-GPU memory of the generation engine and its KV capacity.
 
@@ -481,6 +595,12 @@ def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMe
     db = dep.actor.dtype_bytes
     weights = a.params * db // e.tp
     per_token_kv = a.kv_bytes_per_token(db) // e.tp if a.kv_heads >= e.tp else a.kv_bytes_per_token(db) // a.kv_heads
+    if e.kind == "hf" and dep.hybrid_engine is not None:
+        # the KV cache lives in the inference workspace (ds_softmax_context's prev_key/prev_value are views of it)
+        b = hybrid_generation_batch(dep)
+        return EngineMemory(0, hybrid_workspace_bytes(dep), b * a.vocab * 4, 0, b * dep.hybrid_engine.max_out_tokens,
+                            b, "DeepSpeed-HE: inference workspace (KV cache + kernel activations) = "
+                               "InferenceContext::GenWorkSpace for batch x max_out_tokens")
     if e.kind == "hf":
         kv = dep.rollout_per_gpu * dep.seq * a.kv_bytes_per_token(db)
         return EngineMemory(0, kv, dep.rollout_per_gpu * a.vocab * 4, 0, dep.rollout_per_gpu * dep.seq,
@@ -610,12 +730,23 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
             _add(table, f"{tag}.reduce_bucket", PHASES if sh.kind == "zero3" else ("update",), st.bucket)
             _add(table, f"{tag}.activations", "update", acts)
             _add(table, f"{tag}.activations", "scoring", scoring_transient(role, dep, n))
-            if role.name == "actor" and dep.engine.kind == "hf":
+            if role.name == "actor" and dep.hybrid_engine is not None:
+                _add(table, "actor.gathered_for_generation", "generation", hybrid_generation_weights(role, dep))
+            elif role.name == "actor" and dep.engine.kind == "hf":
                 full = role.arch.params * role.dtype_bytes
                 unit = 2 * role.arch.largest_param * role.dtype_bytes  # else one layer at a time (slow)
                 gen_w = ((full - st.weights) if dep.gather_for_generation else unit) \
                     if sh.shards_params and not role.lora_rank else 0
                 _add(table, "actor.gathered_for_generation", "generation", max(gen_w, 0))
+            if role.name == "actor" and dep.actor_ema:
+                # rlhf_engine.py _init_ema: the actor model (+ its LoRA adapters) under get_eval_ds_config with the
+                # actor's stage if 3 else 0 and offload_param = --offload_reference_model (honoured under ZeRO-3)
+                ema = (role.arch.params + (role.lora_params() if role.lora_rank else 0)) * role.dtype_bytes
+                ema //= n if sh.kind == "zero3" else 1
+                if sh.kind == "zero3" and dep.reference is not None and dep.reference.offload:
+                    host += ema
+                else:
+                    _add(table, "actor_ema.weights", PHASES, ema)
             if role.name == "actor":
                 # an engine that does not sleep holds its weights before the sync too: nothing to net out
                 ew = engine.weights if dep.engine.kind != "hf" and dep.engine.group == name and dep.engine.sleep else 0
@@ -630,7 +761,13 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
             _add(table, f"{tag}.activations", "scoring", scoring_transient(role, dep, n))
     eng = dep.engine
     if eng.group == name:
-        if eng.kind == "hf":
+        if eng.kind == "hf" and dep.hybrid_engine is not None:
+            # allocated at the first generate and kept through training unless release_inference_cache
+            # (hybrid_engine.py generate: inference_cuda_module.release_workspace() after, retake_workspace before)
+            kept = ("generation",) if dep.hybrid_engine.release_inference_cache else PHASES
+            _add(table, "engine.inference_workspace", kept, engine.kv_pool)
+            _add(table, "engine.sampling", "generation", engine.overhead)
+        elif eng.kind == "hf":
             _add(table, "engine.kv_cache", "generation", engine.kv_pool)
             _add(table, "engine.sampling", "generation", engine.overhead)
         else:

@@ -2,12 +2,14 @@
 
 Kept apart from memory/cli.py so the single-device ``plan`` keeps its behaviour: the deployment planner runs
 when any deployment flag (``--nodes``, ``--gpus_per_node``, ``--gpu_memory``, ``--zero``, ``--fsdp``,
-``--engine``, ``--algorithm``, ``--trl_config``, ``--from_openrlhf``, ``--from_verl``) is given.
+``--engine``, ``--algorithm``, ``--trl_config``, ``--from_openrlhf``, ``--from_verl``, ``--from_deepspeed_chat``)
+is given.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from typing import Any
 
 from .advise import suggest
@@ -23,11 +25,11 @@ from .deploy import (
     min_gpus,
     plan_deployment,
 )
-from .inputs import from_openrlhf, from_trl, from_verl
+from .inputs import from_deepspeed_chat, from_openrlhf, from_trl, from_verl
 from .planner import human, parse_bytes
 
 TRIGGERS = ("nodes", "gpus_per_node", "gpu_memory", "zero", "fsdp", "engine", "algorithm", "trl_config",
-            "from_openrlhf", "from_verl")
+            "from_openrlhf", "from_verl", "from_deepspeed_chat")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -52,13 +54,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sleep", action="store_true", help="engine sleep mode between generations")
     g.add_argument("--load_in_4bit", action="store_true", help="QLoRA: 4-bit frozen base (with --lora)")
     g.add_argument("--attn", choices=("flash", "sdpa", "eager"), default="flash")
-    g.add_argument("--framework", choices=("trl", "openrlhf", "verl", "deepspeed"), default=None,
+    g.add_argument("--framework", choices=("trl", "openrlhf", "verl", "deepspeed-chat"), default=None,
                    help="whose flags the suggestions use")
     g.add_argument("--trl_config", default=None, help="TRL GRPOConfig/TrainingArguments YAML or JSON")
     g.add_argument("--accelerate_config", default=None, help="accelerate config YAML (with --trl_config)")
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")
     g.add_argument("--from_openrlhf", default=None, metavar="FLAGS", help="an OpenRLHF train_ppo_ray command line")
     g.add_argument("--from_verl", default=None, metavar="OVERRIDES", help="veRL main_ppo key=value overrides")
+    g.add_argument("--from_deepspeed_chat", default=None, metavar="FLAGS",
+                   help="a DeepSpeed-Chat step-3 main.py command line ([deepspeed --num_gpus G] main.py --flags); "
+                        "--nodes sets the GPU count (x --gpus_per_node) when the launcher does not")
 
 
 def wanted(a: argparse.Namespace) -> bool:
@@ -84,6 +89,10 @@ def deployment_from_args(a: argparse.Namespace) -> Deployment:
 
         dep = from_openrlhf(a.from_openrlhf, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory,
                             gpus_per_node=gpn)
+    elif a.from_deepspeed_chat:
+
+        dep = from_deepspeed_chat(a.from_deepspeed_chat, model=None if a.model == "tiny" else a.model,
+                                  gpu_memory=gpu_memory, gpus=a.nodes * gpn if a.nodes else None, gpus_per_node=gpn)
     elif a.from_verl:
 
         dep = from_verl(a.from_verl, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory)
@@ -168,7 +177,9 @@ def _inputs(dep: Deployment) -> dict[str, Any]:
     return {"roles": roles, "groups": dep.groups, "sharding": dep.sharding.kind,
             "offload_optimizer": dep.sharding.offload_optimizer, "offload_params": dep.sharding.offload_params,
             "micro_batch": dep.micro_batch, "prompt_len": dep.prompt_len, "response_len": dep.response_len,
-            "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "framework": dep.framework}
+            "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "framework": dep.framework,
+            "hybrid_engine": asdict(dep.hybrid_engine) if dep.hybrid_engine is not None else None,
+            "actor_ema": dep.actor_ema}
 
 
 def render(rep: dict[str, Any]) -> str:

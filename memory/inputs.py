@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .arch import Arch, load_arch
-from .deploy import Deployment, Engine, Role, Sharding
+from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
 
 GiB = 2**30
 
@@ -334,3 +334,148 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                       # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
                       layered_summon=flag("actor_rollout_ref.rollout.layered_summon") and "dummy" not in str(
                           get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))
+
+
+# ---- DeepSpeed-Chat (DeepSpeedExamples applications/DeepSpeed-Chat, step 3) ----------------------------------
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits; a reader raises one line
+        raise ValueError(f"{self.prog}: {message}")
+
+
+def _dschat_parser() -> argparse.ArgumentParser:
+    """The memory-relevant flags of DeepSpeed-Chat's ``training/step3_rlhf_finetuning/main.py``, its names and
+    defaults (DeepSpeedExamples 83757d9), and the ``deepspeed`` launcher's GPU counts."""
+    p = _OneLineParser(prog="--from_deepspeed_chat", add_help=False)
+    add = p.add_argument
+    add("--actor_model_name_or_path", default=None)
+    add("--critic_model_name_or_path", default=None)
+    add("--per_device_generation_batch_size", type=int, default=16)
+    add("--per_device_training_batch_size", type=int, default=16)
+    add("--generation_batches", type=int, default=1)
+    add("--max_prompt_seq_len", type=int, default=256)
+    add("--max_answer_seq_len", type=int, default=256)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--inference_tp_size", type=int, default=1)
+    add("--tp_gather_partition_size", type=int, default=8)
+    add("--dtype", choices=("fp16", "bf16"), default="fp16")
+    add("--actor_zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
+    add("--critic_zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
+    add("--actor_lora_dim", type=int, default=0)
+    add("--critic_lora_dim", type=int, default=0)
+    add("--unsupervised_dataset_name", default=None)
+    add("--unsupervised_dataset_config_name", default=None)
+    for flag in ("enable_hybrid_engine", "unpin_actor_parameters", "release_inference_cache", "offload",
+                 "offload_reference_model", "offload_reward_model", "actor_gradient_checkpointing",
+                 "critic_gradient_checkpointing", "only_optimize_lora", "enable_ema", "enable_mixed_precision_lora"):
+        add(f"--{flag}", action="store_true")
+    return p
+
+
+def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
+                        gpus: int | None = None, gpus_per_node: int = 8) -> Deployment:
+    """A DeepSpeed-Chat step-3 (PPO) command line: ``[deepspeed --num_nodes N --num_gpus G] main.py --flags``.
+
+    What it models, from ``dschat/rlhf/rlhf_engine.py`` and ``dschat/utils/ds_utils.py`` (DeepSpeedExamples
+    83757d9): all four models on every GPU (one group); the actor (trained, ``--actor_lora_dim`` adapters)
+    under ``--actor_zero_stage``; the reference (a frozen actor copy: ZeRO-3 when the actor is, else
+    unsharded); the critic (trained, value head, ``--critic_model_name_or_path``, usually an OPT-350m reward
+    model); the reward model (a frozen critic copy). fp16 or bf16 weights with DeepSpeed's fp32 master and Adam
+    states (FusedAdam, DeepSpeedCPUAdam with ``--offload``); ``--offload`` sets both ``offload_optimizer`` and
+    ``offload_param`` to the CPU (the latter acts under ZeRO-3 only); ``overlap_comm`` true and
+    ``stage3_prefetch_bucket_size`` 3e7 as get_train_ds_config writes them. ``--offload_reference_model`` /
+    ``--offload_reward_model`` set the eval config's ``offload_param``, which DeepSpeed honours under ZeRO-3
+    only, so the role is parked on the CPU only when its stage is 3. The whole generation batch is scored at
+    once (generate_experience), so the scoring micro-batch is ``--per_device_generation_batch_size``.
+    Sequences: prompts are padded to ``--max_prompt_seq_len`` and ``generate(max_length=prompt+answer)``; the
+    maximum lengths are what a batch reaches when no answer stops early.
+
+    Generation: with ``--enable_hybrid_engine`` the actor's DeepSpeedEngine is DeepSpeed-HE
+    (``memory.deploy.HybridEngine``: ``--inference_tp_size``, ``--tp_gather_partition_size``,
+    ``--release_inference_cache``, ``max_out_tokens`` = prompt + answer as rlhf_engine.py _init_actor passes it;
+    ``pin_parameters`` = not ``--unpin_actor_parameters`` is ``gather_for_generation``): the planner counts the
+    ZeRO-3 weights its generate gathers (all at TP 1, 1/TP slices + the non-sliced parameters at TP > 1, one
+    layer when unpinned), and its DeepSpeed-Inference workspace (KV cache + kernel activations, sized by
+    GenWorkSpace) instead of HF generate's KV cache, held through training unless ``--release_inference_cache``.
+    Without the hybrid engine: the planner's plain ``hf`` engine (HF generate; under ZeRO-3 one layer at a time).
+    LoRA: without ``--only_optimize_lora`` the embeddings, biases and LayerNorms train too (``lora_trains_others``;
+    LinearLayer_LoRA freezes only the wrapped weight). ``--enable_ema``: one more frozen actor copy with its
+    adapters (``actor_ema``; ZeRO-3 when the actor is, on the CPU with ``--offload_reference_model`` under ZeRO-3).
+
+    What the planner does not model (so it is not pretended):
+    - under ZeRO-3 DeepSpeed partitions the LoRA adapters with the rest; the planner keeps the adapters' 16-bit
+      weights unsharded on every GPU (over-count of (1 - 1/N) x adapter weights).
+    - one ZeRO stage and one checkpointing switch per deployment: the critic and reward model follow
+      ``--actor_zero_stage`` and ``--actor_gradient_checkpointing`` (``--critic_*`` are read and ignored).
+    - ``--enable_mixed_precision_lora`` (ZeRO++ quantized frozen weights) has no term.
+    - the log-prob head runs in the model dtype (gather_log_probs on fp16 logits) while the planner counts the
+      fp32 head; the actor's and reference's logits of the whole batch coexist in generate_experience.
+    - GenWorkSpace's allocation-time check that ``temp_size`` + 500 MB (100 MB under 1 GB free) stay free beyond
+      the workspace (cudaMemGetInfo), the EMA update's per-parameter gathers (utils.py moving_average) and the
+      prefill logits of HF generate.
+    Attention is ``eager``: the published OPT runs (2023) predate SDPA for OPT in transformers.
+
+    ``gpus``: total GPUs; by default the launcher's ``--num_nodes`` x ``--num_gpus`` when given, else one node of
+    ``gpus_per_node`` (the launcher's default: every local GPU).
+    """
+    try:
+        tokens = shlex.split(cmdline)
+    except ValueError as err:
+        raise ValueError(f"--from_deepspeed_chat: cannot split the command line ({err})") from None
+    main_at = next((i for i, t in enumerate(tokens) if t.endswith("main.py")), None)
+    launcher, argv = (tokens[:main_at], tokens[main_at + 1:]) if main_at is not None else ([], tokens)
+    lp = _OneLineParser(prog="--from_deepspeed_chat (launcher)", add_help=False)
+    lp.add_argument("--num_nodes", type=int, default=None)
+    lp.add_argument("--num_gpus", "--num_accelerators", dest="num_gpus", type=int, default=None)
+    la, _ = lp.parse_known_args(launcher)
+    a, _ = _dschat_parser().parse_known_args(argv)
+    actor_name = model or a.actor_model_name_or_path
+    if not actor_name:
+        raise ValueError("--from_deepspeed_chat: no --actor_model_name_or_path in the command line; pass --model")
+    if not a.critic_model_name_or_path:
+        raise ValueError("--from_deepspeed_chat: no --critic_model_name_or_path in the command line "
+                         "(main.py requires it)")
+    if a.inference_tp_size > 1 and a.actor_zero_stage != 3:  # main.py's own check
+        raise ValueError("--from_deepspeed_chat: --inference_tp_size > 1 needs --actor_zero_stage 3 (main.py)")
+    if (a.actor_zero_stage == 2 and a.critic_zero_stage == 2 and a.enable_hybrid_engine and a.offload
+            and a.actor_lora_dim == 0):
+        raise ValueError("--from_deepspeed_chat: main.py refuses ZeRO-2 + hybrid engine + --offload without LoRA")
+    for name in ("per_device_generation_batch_size", "per_device_training_batch_size", "max_prompt_seq_len",
+                 "max_answer_seq_len", "gradient_accumulation_steps", "inference_tp_size"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--from_deepspeed_chat: --{name} must be >= 1; got {getattr(a, name)}")
+    if gpus is None:
+        gpus = la.num_gpus * (la.num_nodes or 1) if la.num_gpus else (la.num_nodes or 1) * gpus_per_node
+    if gpus < 1 or gpus % a.inference_tp_size:
+        raise ValueError(f"--from_deepspeed_chat: {gpus} GPU(s) is not a multiple of --inference_tp_size "
+                         f"{a.inference_tp_size}")
+    actor_arch, critic_arch = load_arch(actor_name), load_arch(a.critic_model_name_or_path)
+    stage = a.actor_zero_stage
+    others = not a.only_optimize_lora  # rlhf_engine.py: only_optimize_lora_parameters only with the flag
+    actor = Role("actor", actor_arch, trained=True, group="all", dtype_bytes=2, lora_rank=a.actor_lora_dim,
+                 lora_trains_others=others and a.actor_lora_dim > 0)
+    critic = Role("critic", critic_arch, trained=True, group="all", dtype_bytes=2, value_head=True,
+                  lora_rank=a.critic_lora_dim, lora_trains_others=others and a.critic_lora_dim > 0)
+    reference = Role("reference", actor_arch, group="all", dtype_bytes=2,
+                     offload=a.offload_reference_model and stage == 3)
+    reward = Role("reward", critic_arch, group="all", dtype_bytes=2, value_head=True,
+                  offload=a.offload_reward_model and a.critic_zero_stage == 3)
+    sharding = Sharding(f"zero{stage}", offload_optimizer=a.offload and stage > 0,
+                        offload_params=a.offload and stage == 3, mixed_precision=True, overlap_comm=True,
+                        prefetch_bucket=30_000_000)
+    unsup = bool(a.unsupervised_dataset_name and a.unsupervised_dataset_config_name)
+    return Deployment(actor=actor, critic=critic, reference=reference, reward=reward, groups={"all": gpus},
+                      gpus_per_node=min(gpus_per_node, la.num_gpus or gpus_per_node), gpu_memory=gpu_memory,
+                      sharding=sharding, engine=Engine("hf", group="all"), optimizer="adamw",
+                      optimizer_impl="fused", micro_batch=a.per_device_training_batch_size,
+                      grad_accum=a.gradient_accumulation_steps * (2 if unsup else 1),
+                      score_micro_batch=a.per_device_generation_batch_size, prompt_len=a.max_prompt_seq_len,
+                      response_len=a.max_answer_seq_len, rollout_per_gpu=a.per_device_generation_batch_size,
+                      gradient_checkpointing=a.actor_gradient_checkpointing,
+                      gather_for_generation=a.enable_hybrid_engine and not a.unpin_actor_parameters,
+                      attn="eager", logprob_head="torch", framework="deepspeed-chat",
+                      hybrid_engine=HybridEngine(tp=a.inference_tp_size,
+                                                 tp_gather_partition_size=a.tp_gather_partition_size,
+                                                 release_inference_cache=a.release_inference_cache,
+                                                 max_out_tokens=a.max_prompt_seq_len + a.max_answer_seq_len)
+                      if a.enable_hybrid_engine else None, actor_ema=a.enable_ema)

@@ -16,7 +16,7 @@ from memory.arch import (
 
 # one real-size model per family plus the variants that change the count (tied/untied, GQA, qkv bias,
 # OPT's projected embeddings, Gemma-2's four norms and explicit head_dim)
-FAMILY_MODELS = ["gpt2", "opt-125m", "opt-350m", "Qwen2.5-0.5B", "Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B",
+FAMILY_MODELS = ["gpt2", "opt-125m", "opt-350m", "opt-13b", "Qwen2.5-0.5B", "Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B",
                  "Qwen2.5-32B", "Llama-3-8B", "Mistral-7B", "Gemma-2-9B"]
 
 
