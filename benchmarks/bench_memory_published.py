@@ -2,16 +2,24 @@
 
     python benchmarks/bench_memory_published.py [--out benchmarks/results/memory_published.json]
 
-Each row's published command is read by the same readers users have (memory.inputs.from_openrlhf /
-from_verl). Frameworks pack real tokens (OpenRLHF --packing_samples, veRL use_remove_padding), so a command
-bounds the lengths without fixing them; the planner therefore gives a verdict only when it does not depend on
-them: "fits" when the plan fits even with every sequence at the maximum prompt+response length, "oom" when it
-does not fit even with one-token prompts and responses, else "depends on lengths" (counted apart).
+Each row's published command is read by the same readers users have (memory.inputs.from_openrlhf / from_verl /
+from_deepspeed_chat; a TRL row's GRPOConfig/RLOOConfig args with its accelerate or DeepSpeed config through
+memory.inputs.trl_deployment, as --trl_config does). Frameworks pack real tokens (OpenRLHF --packing_samples, veRL use_remove_padding), so a command
+bounds the lengths without fixing them; the planner therefore gives a verdict only when it does not depend on them:
+"fits" when the plan fits even with every sequence at the maximum prompt+response length, "oom" when it does not
+fit even with one-token prompts and responses, else "depends on lengths" (counted apart).
 
 Second, for the veRL rows (all GSM8K, same maximum lengths, n=5) one unknown is shared: the packed length
 per sequence. It is fitted on one published boundary (Qwen2.5-7B LoRA: 100 sequences fit, 101 run out) and
 the other rows are then predicted with it; this tests the planner's scaling across model sizes and GPU counts,
-not its absolute level (the fitted length also absorbs veRL's own log-prob/entropy kernels).
+not its absolute level (the fitted length also absorbs veRL's own log-prob/entropy kernels). That fit and its
+prediction cover the "verl-lora" family only (the rows it was made for); other veRL rows are shown at the same
+length for information, outside the agreement.
+
+Rows carry a "family" (the source they come from: verl-lora, verl, openrlhf, trl, ...); agreement is reported
+overall and per family. Rows the planner cannot express ("not_expressible": e.g. veRL's Megatron backend, a source
+that gives no settings) and rows whose sources contradict each other ("conflicting_sources") are counted apart, as
+are verdicts that depend on the lengths. A framework's reader is one entry of READERS.
 """
 from __future__ import annotations
 
@@ -23,17 +31,75 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
 from benchmarks.common import row, write_result  # noqa: E402
+from memory.deploy import Deployment  # noqa: E402
+from memory.inputs import (  # noqa: E402
+    GiB,
+    from_deepspeed_chat,
+    from_openrlhf,
+    from_verl,
+    sharding_from_accelerate,
+    sharding_from_deepspeed,
+    trl_deployment,
+)
+
+
+def from_trl_row(inp: dict[str, Any], model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
+    """A TRL row's input: ``config`` (GRPOConfig args), ``accelerate`` (an accelerate config mapping) or
+    ``deepspeed`` (a DeepSpeed JSON mapping), ``num_processes`` (accelerate's total, which overrides the config's)
+    and ``gpus_per_node``; read through the same functions as ``--trl_config``."""
+    from memory.arch import load_arch
+    from memory.deploy import Sharding
+
+    cfg = dict(inp["config"])
+    sharding, procs = Sharding("zero0", mixed_precision=False), 1
+    if inp.get("accelerate"):
+        sharding, n, machines = sharding_from_accelerate(inp["accelerate"], ROOT)
+        procs = n * machines
+    if inp.get("deepspeed"):
+        sharding = sharding_from_deepspeed(inp["deepspeed"])
+    return trl_deployment(cfg, load_arch(str(model or cfg["model_name_or_path"])),
+                          gpus=int(inp.get("num_processes", procs)), sharding=sharding, gpu_memory=gpu_memory,
+                          gpus_per_node=int(inp.get("gpus_per_node", 8)))
+
+
+# framework name -> reader(input, model=None, gpu_memory=...) -> Deployment; a new framework is one line here
+READERS: dict[str, Callable[..., Deployment]] = {
+    "openrlhf": from_openrlhf,
+    "verl": from_verl,
+    "trl": from_trl_row,
+    "deepspeed-chat": from_deepspeed_chat,
+}
+
+
+def deployment(row: dict) -> Deployment:
+    """The row's published setup as the planner's Deployment (its reader, its GPU memory, its shape stand-in)."""
+    from memory.planner import parse_bytes
+
+    kwargs: dict[str, Any] = {"gpu_memory": parse_bytes(row["gpu_memory"])}
+    if row.get("model"):
+        kwargs["model"] = row["model"]
+    return READERS[row["framework"]](row["input"], **kwargs)
+
+
+def apart(row: dict) -> str | None:
+    """Why a row is counted apart from the agreement before any plan: not expressible, or sources disagree."""
+    if row.get("not_expressible"):
+        return "not expressible"
+    if row.get("conflicting_sources"):
+        return "conflicting sources"
+    return None
 
 
 def verdict(row: dict) -> dict:
     from memory.deploy import plan_deployment
-    from memory.inputs import from_openrlhf, from_verl
     from memory.planner import parse_bytes
 
     mem = parse_bytes(row["gpu_memory"])
-    reader = {"openrlhf": from_openrlhf, "verl": from_verl}[row["framework"]]
-    dep = reader(row["input"], gpu_memory=mem)
+    dep = deployment(row)
     at_max = plan_deployment(dep)
     at_min = plan_deployment(dep.with_(prompt_len=1, response_len=1))
     v = "fits" if at_max.fits else ("oom" if not at_min.fits else "depends on lengths")
@@ -67,7 +133,7 @@ def calibrated(rows: list[dict]) -> tuple[int | None, list[dict]]:
     t = window[len(window) // 2]
     out = []
     for r in rows:
-        if r["framework"] != "verl" or r["id"] in CALIBRATION_ROWS:
+        if r.get("family") != "verl-lora" or r["id"] in CALIBRATION_ROWS:
             continue
         v = "fits" if plan_deployment(_at_length(r, t)).fits else "oom"
         out.append({"id": r["id"], "published": r["published"], "planner_at_fitted_length": v,
@@ -84,7 +150,7 @@ def missing_at_boundaries(rows: list[dict], t: int) -> list[dict]:
 
     scripts: dict[str, list[dict]] = {}
     for r in rows:
-        if r["framework"] == "verl":
+        if r.get("family") == "verl-lora":
             scripts.setdefault(r["id"].rsplit("-b", 1)[0], []).append(r)
     out = []
     for key, rs in scripts.items():
@@ -112,6 +178,53 @@ def missing_at_boundaries(rows: list[dict], t: int) -> list[dict]:
     return out
 
 
+def _verl_at_length(row: dict, total: int) -> Deployment:
+    """A veRL row (any family) with every sequence at ``total`` tokens, re-read with the lengths overridden so that
+    token-budget micro-batches (use_dynamic_bsz) are recomputed for them."""
+    d = deployment(row)
+    p = max(1, round(total * d.prompt_len / d.seq))
+    return deployment({**row, "input": f"{row['input']} data.max_prompt_length={p} "
+                                      f"data.max_response_length={max(1, total - p)}"})
+
+
+def other_verl_at_length(rows: list[dict], t: int) -> list[dict]:
+    """For information only: the veRL rows outside the fitted family at the length fitted on it (other models,
+    prompt limits and full-parameter training: the fit was not made for them)."""
+    from memory.deploy import plan_deployment
+
+    out = []
+    for r in rows:
+        if r["framework"] != "verl" or r.get("family") == "verl-lora" or apart(r):
+            continue
+        v = "fits" if plan_deployment(_verl_at_length(r, t)).fits else "oom"
+        out.append({"id": r["id"], "published": r["published"], "planner_at_fitted_length": v,
+                    "agree": v == r["published"]})
+    return out
+
+
+def families(out: list[dict]) -> dict[str, dict]:
+    """Per family: rows, how many are counted apart and why, and agreement over the rows with a final verdict."""
+    fam: dict[str, dict] = {}
+    for r in out:
+        f = fam.setdefault(r["family"], {"rows": 0, "not_expressible": 0, "conflicting_sources": 0,
+                                         "depends_on_lengths": 0, "fitted_on": 0, "checked": 0, "agree": 0,
+                                         "checked_published_oom": 0})
+        f["rows"] += 1
+        if r["id"] in CALIBRATION_ROWS and r["final"] is None:
+            f["fitted_on"] += 1
+        elif r["status"] == "not expressible":
+            f["not_expressible"] += 1
+        elif r["status"] == "conflicting sources":
+            f["conflicting_sources"] += 1
+        elif r["final"] is None:
+            f["depends_on_lengths"] += 1
+        else:
+            f["checked"] += 1
+            f["agree"] += r["final"] == r["published"]
+            f["checked_published_oom"] += r["published"] == "oom"
+    return fam
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default=str(ROOT / "memory/published.json"))
@@ -120,23 +233,39 @@ def main() -> int:
     rows = json.loads(Path(a.rows).read_text())["rows"]
     out = []
     for rec in rows:
-        r = {"id": rec["id"], "published": rec["published"], **verdict(rec)}
+        r: dict[str, Any] = {"id": rec["id"], "family": rec.get("family", rec["framework"]),
+                             "published": rec["published"], "status": apart(rec) or "planned"}
+        if r["status"] != "planned":
+            r.update(planner=None, agree=None, final=None)
+            out.append(r)
+            print(f"{r['id']:48s} published {rec['published']:5s} counted apart: {r['status']}")
+            continue
+        r.update(verdict(rec))
         r["agree"] = None if r["planner"] == "depends on lengths" else r["planner"] == rec["published"]
+        r["final"] = None if r["planner"] == "depends on lengths" else r["planner"]
         out.append(r)
-        print(f"{r['id']:44s} published {rec['published']:5s} planner {r['planner']:19s} peak at max "
+        print(f"{r['id']:48s} published {rec['published']:5s} planner {r['planner']:19s} peak at max "
               f"{r['peak_at_max_bytes'] / 2**30:7.1f} GiB, at min {r['peak_at_min_bytes'] / 2**30:6.1f} GiB "
               f"({r['peak_group']}/{r['peak_phase_at_max']})")
     decided = [r for r in out if r["agree"] is not None]
     agree = sum(r["agree"] for r in decided)
-    print(f"agreement {agree}/{len(decided)} decided rows; {len(out) - len(decided)} of {len(out)} depend on the "
-          f"actual lengths")
+    print(f"agreement {agree}/{len(decided)} decided rows at their stated lengths; "
+          f"{sum(r['status'] == 'planned' and r['agree'] is None for r in out)} depend on the actual lengths, "
+          f"{sum(r['status'] != 'planned' for r in out)} counted apart")
     t, cal = calibrated(rows)
     cal_agree = sum(r["agree"] for r in cal)
-    for r in cal:
-        print(f"  at fitted length {t}: {r['id']:44s} published {r['published']:5s} planner "
-              f"{r['planner_at_fitted_length']}")
+    by_id = {r["id"]: r for r in out}
+    for c in cal:
+        print(f"  at fitted length {t}: {c['id']:44s} published {c['published']:5s} planner "
+              f"{c['planner_at_fitted_length']}")
+        if by_id[c["id"]]["final"] is None:  # the verl-lora rows' verdict is the one at the fitted length
+            by_id[c["id"]]["final"] = c["planner_at_fitted_length"]
     print(f"with the packed length fitted on {CALIBRATION_ROWS[0]} / ...b101 ({t} tokens per sequence): "
-          f"{cal_agree}/{len(cal)} other veRL rows agree")
+          f"{cal_agree}/{len(cal)} other veRL LoRA rows agree")
+    other = other_verl_at_length(rows, t) if t else []
+    for o in other:
+        print(f"  (information) at fitted length {t}: {o['id']:44s} published {o['published']:5s} planner "
+              f"{o['planner_at_fitted_length']}")
     missing = missing_at_boundaries(rows, t) if t else []
     for m in missing:
         print(f"  {m['script']:40s} {m['gpus']} GPU(s), engine TP {m['engine_tp']}: the boundary needs "
@@ -144,15 +273,32 @@ def main() -> int:
               f"engine weights {m['engine_weights_bytes'] / 1e9:.1f} GB per GPU, + one fp32 layer "
               f"{m['engine_weights_plus_fp32_layer_bytes'] / 1e9:.2f} GB "
               f"({'inside' if m['size_inside_window'] else 'outside'} the window)")
+    fam = families(out)
+    checked = sum(f["checked"] for f in fam.values())
+    overall = sum(f["agree"] for f in fam.values())
+    for name, f in fam.items():
+        print(f"  family {name:10s}: {f['agree']}/{f['checked']} agree; {f['rows']} rows, {f['fitted_on']} fitted on, "
+              f"{f['depends_on_lengths']} depend on lengths, {f['not_expressible']} not expressible, "
+              f"{f['conflicting_sources']} with conflicting sources")
+    print(f"overall: {overall}/{checked} rows with a verdict agree")
+    explanations = {r["id"]: r.get("explanation") for r in rows}
+    disagreements = [{"id": r["id"], "published": r["published"], "planner": r["final"],
+                      "explanation": explanations.get(r["id"])} for r in out
+                     if r["final"] is not None and r["final"] != r["published"]]
     details = {"rows": out, "decided": len(decided), "agree": agree, "fitted_length": t, "calibrated": cal,
-               "calibrated_agree": cal_agree, "missing_at_boundaries": missing}
+               "calibrated_agree": cal_agree, "missing_at_boundaries": missing, "families": fam,
+               "overall_checked": checked, "overall_agree": overall, "disagreements": disagreements,
+               "other_verl_at_fitted_length": other}
     write_result("memory_published", summary(details), details, path=Path(a.out))
     return 0
 
 
 def summary(details: dict) -> list[dict]:
-    """README rows: agreement with published fit/out-of-memory rows, decided as stated and at a fitted length."""
+    """README row: agreement with published fit/out-of-memory rows, overall and per source family (decided as
+    stated, the veRL LoRA rows at their fitted length), with what is counted apart and why."""
     n, cal, agree = len(details["rows"]), len(details["calibrated"]), details["calibrated_agree"]
+    fam = details["families"]
+    checked, overall = details["overall_checked"], details["overall_agree"]
     multi = [m for m in details.get("missing_at_boundaries", []) if m["gpus"] > 1]
     gaps = "; ".join(f"{m['script'].split('-', 1)[1]}: {m['missing_bytes_low'] / 1e9:.1f}-"
                      f"{m['missing_bytes_high'] / 1e9:.1f} GB (engine weights {m['engine_weights_bytes'] / 1e9:.1f}"
@@ -160,11 +306,26 @@ def summary(details: dict) -> list[dict]:
     inside = sum(bool(m.get("size_inside_window")) for m in multi)
     misses = [r for r in details["calibrated"] if not r["agree"]]
     kinds = {(r["published"], r["planner_at_fitted_length"]) for r in misses}
-    return [row("published fit/OOM rows the planner agrees with", f"{agree}/{cal}", "", ">= 90%",
-                agree >= 0.9 * cal,
-                f"{n} rows collected; {details['agree']}/{details['decided']} decidable at their stated lengths; "
-                f"the rest (veRL packs real tokens) at one fitted length of {details['fitted_length']} tokens per "
-                "sequence; every fit agrees, "
+    per_family = "; ".join(
+        f"{name} {f['agree']}/{f['checked']} of {f['rows']} rows"
+        + "".join(f", {f[k]} {label}" for k, label in (
+            ("fitted_on", "fitted on"), ("depends_on_lengths", "depend on lengths"),
+            ("not_expressible", "not expressible"), ("conflicting_sources", "with conflicting sources")) if f[k])
+        for name, f in fam.items())
+    other = details.get("other_verl_at_fitted_length", [])
+    other_note = (f"; for information, the other veRL rows at that length: {sum(o['agree'] for o in other)}/"
+                  f"{len(other)} agree (not counted: the length was fitted on the LoRA scripts)" if other else "")
+    outside = [r for r in details.get("disagreements", []) if r["id"] not in {m["id"] for m in misses}]
+    fits_only = [name for name, f in fam.items() if f["checked"] and not f["checked_published_oom"]]
+    if fits_only:
+        other_note += (f"; {', '.join(fits_only)}: every checked row is a published fit (those sources state no "
+                       "out-of-memory setup), so they test the planner against false out-of-memory calls only")
+    return [row("published fit/OOM rows the planner agrees with", f"{overall}/{checked}", "", ">= 90%",
+                overall >= 0.9 * checked,
+                f"{n} rows collected from {len(fam)} source families; per family: {per_family}. "
+                f"{details['agree']}/{details['decided']} decidable at their stated lengths; the veRL LoRA rows "
+                f"(veRL packs real tokens) at one fitted length of {details['fitted_length']} tokens per sequence: "
+                f"{agree}/{cal}, every fit agrees, "
                 + ("every miss is an out-of-memory point of a multi-GPU script (vLLM TP > 1, Ulysses 2) called "
                    "fitting" if kinds == {("oom", "fits")} and all("1xH100" not in r["id"] for r in misses)
                    else f"{len(misses)} misses")
@@ -172,7 +333,11 @@ def summary(details: dict) -> list[dict]:
                    f"plus one fp32 decoder layer fall inside {inside} of {len(multi)} windows, but veRL 49b08e9 "
                    "sleeps vLLM (level 1) before training and FSDP1 measured on CPU ranks keeps no such copy "
                    "(memory_fsdp1_verl), so no source explains it and it is not modelled (see docs/memory.md)"
-                   if gaps else ""))]
+                   if gaps else "")
+                + (f"; {len(outside)} other disagreements (see details.disagreements)" if outside else
+                   "; no disagreement outside those")
+                + other_note)]
+
 
 if __name__ == "__main__":
     sys.exit(main())

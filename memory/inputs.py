@@ -301,6 +301,26 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
     lp = get("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu")
     score_micro = max(1, int(lp) // sp) if lp is not None else max(1, int(get(
         "actor_rollout_ref.rollout.log_prob_micro_batch_size", micro * n)) // n)
+    # use_dynamic_bsz (dp_actor.py, seqlen_balancing.rearrange_micro_batches): a rank's batch is cut into
+    # ceil(tokens / (max_token_len_per_gpu x sp)) balanced micro-batches, whatever the micro-batch keys say; the
+    # rank's batch is its share of ppo_mini_batch_size x rollout.n for the update (fsdp_workers.py normalises it per
+    # data-parallel rank) and of train_batch_size x rollout.n for log-probs. Read at the maximum lengths. Log-probs
+    # follow rollout.log_prob_use_dynamic_bsz / log_prob_max_token_len_per_gpu, defaulting to the actor's.
+    seq_max = int(get("data.max_prompt_length", 512)) + int(get("data.max_response_length", 512))
+    dp = max(1, n // sp)
+    rollout_n = int(get("actor_rollout_ref.rollout.n", 1))
+    dyn = flag("actor_rollout_ref.actor.use_dynamic_bsz")
+    budget = int(get("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 16384))
+
+    def packed(rank_seqs: int, max_tokens: int) -> int:  # sequences per micro-batch per GPU
+        k = max(1, min(rank_seqs, -(-rank_seqs * seq_max // (max_tokens * sp))))
+        return max(1, -(-rank_seqs // k) // sp)
+
+    if dyn:
+        micro = packed(max(1, int(get("actor_rollout_ref.actor.ppo_mini_batch_size", 256)) * rollout_n // dp), budget)
+    if str(get("actor_rollout_ref.rollout.log_prob_use_dynamic_bsz", dyn)).lower() == "true":
+        score_micro = packed(max(1, int(get("data.train_batch_size", 1024)) * rollout_n // dp),
+                             int(get("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", budget)))
     lora = int(get("actor_rollout_ref.model.lora_rank", 0))
     param_off = flag("actor_rollout_ref.actor.fsdp_config.param_offload")
     # fsdp_workers.py: the actor is loaded in fp32 unless fsdp_config.model_dtype says otherwise (LoRA base too)
