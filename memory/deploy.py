@@ -466,6 +466,8 @@ def sync_terms(role: Role, dep: Deployment, n: int, engine_weights: int) -> dict
     a = role.arch
     s = role.storage_bytes or role.dtype_bytes   # FSDP unshards for state_dict/summon in the stored dtype
     verl = dep.framework == "verl" and dep.engine.kind == "vllm" and dep.sharding.kind.startswith("fsdp")
+    if dep.hybrid_engine is not None:
+        return {}  # DeepSpeed-HE generates with the actor's own weights: its gather is a generation row
     if not verl:
         return {"actor.gathered_for_sync": 2 * a.largest_param * role.dtype_bytes} if dep.sharding.shards_params else {}
     if role.lora_rank:

@@ -234,3 +234,12 @@ def test_cli_reports_hybrid_engine(capsys):
     assert rep["inputs"]["actor_ema"] is True
     table = rep["groups"]["all"]["table"]
     assert "engine.inference_workspace" in table and "actor_ema.weights" in table
+
+
+def test_hybrid_engine_has_no_separate_weight_sync():
+    """DeepSpeed-HE generates with the actor's own (gathered) weights: the gather is the generation row and the
+    generic one-unit weight-sync gather of a ZeRO-3 actor is not added; plain HF generate under ZeRO-3 keeps it."""
+    with_he = plan_deployment(dep(stage=3, gpus=4)).groups[0].table
+    without = plan_deployment(dep(stage=3, gpus=4, he=None)).groups[0].table
+    assert "actor.gathered_for_sync" not in with_he
+    assert without["actor.gathered_for_sync"]["weight_sync"] == 2 * TINY.largest_param * 2
