@@ -4,10 +4,11 @@
 
 Each row's published command is read by the same readers users have (memory.inputs.from_openrlhf / from_verl /
 from_deepspeed_chat; a TRL row's GRPOConfig/RLOOConfig args with its accelerate or DeepSpeed config through
-memory.inputs.trl_deployment, as --trl_config does). Frameworks pack real tokens (OpenRLHF --packing_samples, veRL use_remove_padding), so a command
-bounds the lengths without fixing them; the planner therefore gives a verdict only when it does not depend on them:
-"fits" when the plan fits even with every sequence at the maximum prompt+response length, "oom" when it does not
-fit even with one-token prompts and responses, else "depends on lengths" (counted apart).
+memory.inputs.trl_deployment, as --trl_config does). Frameworks pack real tokens (OpenRLHF --packing_samples,
+veRL use_remove_padding), so a command bounds the lengths without fixing them; the planner therefore gives a
+verdict only when it does not depend on them: "fits" when the plan fits even with every sequence at the maximum
+prompt+response length, "oom" when it does not fit even with one-token prompts and responses, else "depends on
+lengths" (counted apart).
 
 Second, for the veRL rows (all GSM8K, same maximum lengths, n=5) one unknown is shared: the packed length
 per sequence. It is fitted on one published boundary (Qwen2.5-7B LoRA: 100 sequences fit, 101 run out) and
