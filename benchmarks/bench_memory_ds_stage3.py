@@ -233,15 +233,9 @@ def replay(prof: Any, min_bytes: int) -> dict[str, Any]:
     whose free the profiler did not record (it hears the allocator through thread-local state, so a tensor
     released on another thread, likely gloo's work threads here, goes unreported); and the peak when such a
     reuse counts as the free (still an upper bound: the block was freed some time before its reuse)."""
-    from torch._C._profiler import _EventType
+    from memory.measure import cpu_allocation_events
 
-    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        if ev.typed[0] == _EventType.Allocation and ev.typed[1].device.type == "cpu":
-            allocs.append((ev.start_time_ns, ev.typed[1].allocation_id, ev.typed[1].ptr, ev.typed[1].alloc_size))
-    allocs.sort()
+    allocs = cpu_allocation_events(prof)
     live = fixed = fixed_peak = unseen = 0
     mine: dict[int, int] = {}
     events = []

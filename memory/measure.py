@@ -89,12 +89,8 @@ def tensor_bytes(*objs: Any, device: str | torch.device | None = None) -> int:
     return total
 
 
-def _cpu_peak_from_profile(prof) -> tuple[int, int, int, int]:
-    """(peak increment, end increment, allocations seen, foreign frees ignored) of the CPU allocations.
-
-    Only blocks allocated inside the region count: the profiler also reports frees of blocks allocated in an
-    earlier profiled region, and those belong to the baseline, not to this region.
-    """
+def cpu_allocation_events(prof) -> list[tuple[int, int, int, int]]:
+    """The profile's CPU allocator events in time order: (time ns, allocation id, address, signed bytes)."""
     allocs = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -103,6 +99,16 @@ def _cpu_peak_from_profile(prof) -> tuple[int, int, int, int]:
         if ev.typed[0] == _EventType.Allocation and ev.typed[1].device.type == "cpu":
             allocs.append((ev.start_time_ns, ev.typed[1].allocation_id, ev.typed[1].ptr, ev.typed[1].alloc_size))
     allocs.sort()
+    return allocs
+
+
+def _cpu_peak_from_profile(prof) -> tuple[int, int, int, int]:
+    """(peak increment, end increment, allocations seen, foreign frees ignored) of the CPU allocations.
+
+    Only blocks allocated inside the region count: the profiler also reports frees of blocks allocated in an
+    earlier profiled region, and those belong to the baseline, not to this region.
+    """
+    allocs = cpu_allocation_events(prof)
     live = peak = foreign = 0
     mine: dict[int, int] = {}
     for _, _, ptr, size in allocs:
