@@ -1,7 +1,8 @@
 """Ranked changes that make a deployment fit, each with the flag that applies it in the user's framework.
 
 Why the flags: a saving is only useful if the user can apply it; TRL (GRPOConfig / TRL ``ModelConfig`` script
-args, accelerate and DeepSpeed JSON keys), OpenRLHF (``train_ppo_ray`` flags) and veRL (Hydra keys) spell the
+args, accelerate and DeepSpeed JSON keys), OpenRLHF (``train_ppo_ray`` flags: the flat ones, and the dotted ones of
+ed62d0e2 and later, "openrlhf-dotted"), veRL (Hydra keys) and DeepSpeed-Chat (step-3 ``main.py`` flags) spell the
 same change differently. Every name below was checked in the framework's source or config (docs/memory.md).
 Each suggestion is a changed :class:`~memory.deploy.Deployment`; its saving is the planned peak before minus
 after on the worst group, so the ranking is as good as the planner.
@@ -16,37 +17,48 @@ from .deploy import Deployment, DeploymentPlan, largest_micro_batch, min_gpus, p
 FLAGS: dict[str, dict[str, str | None]] = {
     "gradient_checkpointing": {"trl": "gradient_checkpointing: true", "openrlhf": "--gradient_checkpointing",
                                "verl": "actor_rollout_ref.model.enable_gradient_checkpointing=True",
-                               "deepspeed-chat": "--actor_gradient_checkpointing --critic_gradient_checkpointing"},
+                               "deepspeed-chat": "--actor_gradient_checkpointing --critic_gradient_checkpointing",
+                               "openrlhf-dotted": "--actor.gradient_checkpointing_enable"},
     "zero3": {"trl": "DeepSpeed JSON zero_optimization.stage: 3 (accelerate: zero_stage: 3)",
               "openrlhf": "--zero_stage 3", "verl": "actor_rollout_ref.actor.strategy=fsdp (full shard)",
-              "deepspeed-chat": "--actor_zero_stage 3 --critic_zero_stage 3"},
+              "deepspeed-chat": "--actor_zero_stage 3 --critic_zero_stage 3",
+              "openrlhf-dotted": "--ds.zero_stage 3"},
     "offload_optimizer": {"trl": 'DeepSpeed JSON zero_optimization.offload_optimizer.device: "cpu"',
                           "openrlhf": "--adam_offload",
                           "verl": "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True",
-                          "deepspeed-chat": "--offload"},
+                          "deepspeed-chat": "--offload",
+                          "openrlhf-dotted": "--ds.adam_offload"},
     "offload_params": {"trl": 'DeepSpeed JSON zero_optimization.offload_param.device: "cpu" (ZeRO-3)',
                        "openrlhf": None, "verl": "actor_rollout_ref.actor.fsdp_config.param_offload=True",
                        "deepspeed-chat": "--offload (acts under ZeRO-3)"},
     "engine_util": {"trl": "vllm_gpu_memory_utilization: {v}", "openrlhf": "--vllm_gpu_memory_utilization {v}",
-                    "verl": "actor_rollout_ref.rollout.gpu_memory_utilization={v}"},
+                    "verl": "actor_rollout_ref.rollout.gpu_memory_utilization={v}",
+                    "openrlhf-dotted": "--vllm.gpu_memory_utilization {v}"},
     "sleep": {"trl": "vllm_enable_sleep_mode: true", "openrlhf": "--vllm_enable_sleep --deepspeed_enable_sleep",
-              "verl": None},
+              "verl": None,
+              "openrlhf-dotted": "--vllm.enable_sleep --ds.enable_sleep"},
     "micro_batch": {"trl": "per_device_train_batch_size: {v}", "openrlhf": "--micro_train_batch_size {v}",
                     "verl": "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={v}",
-                    "deepspeed-chat": "--per_device_training_batch_size {v}"},
+                    "deepspeed-chat": "--per_device_training_batch_size {v}",
+                    "openrlhf-dotted": "--train.micro_batch_size {v}"},
     "lora": {"trl": "use_peft: true, lora_r: 16 (TRL ModelConfig)", "openrlhf": "--lora_rank 16",
              "verl": "actor_rollout_ref.model.lora_rank=16",
-             "deepspeed-chat": "--actor_lora_dim 16 --only_optimize_lora"},
+             "deepspeed-chat": "--actor_lora_dim 16 --only_optimize_lora",
+             "openrlhf-dotted": "--ds.lora.rank 16"},
     "qlora": {"trl": "use_peft: true, lora_r: 16, load_in_4bit: true", "openrlhf": "--lora_rank 16 --load_in_4bit",
-              "verl": None},
+              "verl": None,
+              "openrlhf-dotted": "--ds.lora.rank 16 --ds.load_in_4bit"},
     "adam8bit": {"trl": "optim: adamw_8bit", "openrlhf": None, "verl": None},
     "ref_offload": {"trl": None, "openrlhf": "--ref_reward_offload",
                     "verl": "actor_rollout_ref.ref.fsdp_config.param_offload=True",
-                    "deepspeed-chat": "--offload_reference_model (acts under ZeRO-3)"},
+                    "deepspeed-chat": "--offload_reference_model (acts under ZeRO-3)",
+                    "openrlhf-dotted": "--ref.offload"},
     "no_reference": {"trl": "beta: 0.0", "openrlhf": "--init_kl_coef 0",
-                     "verl": "actor_rollout_ref.actor.use_kl_loss=False algorithm.use_kl_in_reward=False"},
+                     "verl": "actor_rollout_ref.actor.use_kl_loss=False algorithm.use_kl_in_reward=False",
+                     "openrlhf-dotted": "--algo.kl.init_coef 0"},
     "engine_tp": {"trl": "vllm_tensor_parallel_size: {v}", "openrlhf": "--vllm_tensor_parallel_size {v}",
-                  "verl": "actor_rollout_ref.rollout.tensor_model_parallel_size={v}"},
+                  "verl": "actor_rollout_ref.rollout.tensor_model_parallel_size={v}",
+                  "openrlhf-dotted": "--vllm.tensor_parallel_size {v}"},
     "no_gather_for_generation": {"trl": "ds3_gather_for_generation: false", "openrlhf": None, "verl": None,
                                  "deepspeed-chat": "--unpin_actor_parameters"},
     "layered_summon": {"trl": None, "openrlhf": None,
@@ -55,7 +67,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
     "more_gpus": {"trl": "accelerate launch --num_processes {v}",
                   "openrlhf": "--actor_num_nodes/--actor_num_gpus_per_node for {v} GPUs",
                   "verl": "trainer.nnodes x trainer.n_gpus_per_node = {v}",
-                  "deepspeed-chat": "deepspeed --num_nodes N --num_gpus G for {v} GPUs"},
+                  "deepspeed-chat": "deepspeed --num_nodes N --num_gpus G for {v} GPUs",
+                  "openrlhf-dotted": "--actor.num_nodes / --actor.num_gpus_per_node for {v} GPUs"},
 }
 
 

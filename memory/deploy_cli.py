@@ -54,8 +54,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sleep", action="store_true", help="engine sleep mode between generations")
     g.add_argument("--load_in_4bit", action="store_true", help="QLoRA: 4-bit frozen base (with --lora)")
     g.add_argument("--attn", choices=("flash", "sdpa", "eager"), default="flash")
-    g.add_argument("--framework", choices=("trl", "openrlhf", "verl", "deepspeed-chat"), default=None,
-                   help="whose flags the suggestions use")
+    g.add_argument("--framework", choices=("trl", "openrlhf", "openrlhf-dotted", "verl", "deepspeed-chat"),
+                   default=None, help="whose flags the suggestions use")
     g.add_argument("--trl_config", default=None, help="TRL GRPOConfig/TrainingArguments YAML or JSON")
     g.add_argument("--accelerate_config", default=None, help="accelerate config YAML (with --trl_config)")
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")

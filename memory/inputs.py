@@ -178,8 +178,9 @@ def _attn(name: Any) -> str:
 
 
 def _openrlhf_parser() -> argparse.ArgumentParser:
-    """The memory-relevant subset of OpenRLHF ``train_ppo_ray.py`` flags, with its defaults."""
-    p = argparse.ArgumentParser(prog="--from_openrlhf", add_help=False)
+    """The memory-relevant subset of OpenRLHF ``train_ppo_ray.py``'s flat flags, with their defaults (see
+    :func:`from_openrlhf` for the versions)."""
+    p = _OneLineParser(prog="--from_openrlhf", add_help=False)
     add = p.add_argument
     for role in ("actor", "ref", "critic", "reward"):
         add(f"--{role}_num_nodes", type=int, default=1)
@@ -209,15 +210,116 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
     return p
 
 
+# OpenRLHF ed62d0e2 (2026-04-19, "dotted config hierarchy") renamed every flag; 3c3be623 (HEAD, 2026-08-13) has the
+# same names and defaults. Dotted flag -> (the flat parser's dest it fills, type, the dotted default; bool: a
+# store_true switch). Differences: micro-batches default 1 (flat 4 and 8); lengths are one total --data.max_len
+# with an optional --rollout.max_new_tokens (flat: prompt and generate maxima); --ds.param_dtype bf16|fp16 (flat:
+# fp32 unless --bf16); --ds.attn_implementation defaults to flash_attention_2 (flat: none, --flash_attn);
+# the reference and reward offload apart (flat: --ref_reward_offload for both).
+_OPENRLHF_DOTTED: dict[str, tuple[str, type, Any]] = {
+    **{f"{r}.{k}": (f"{r}_{k}", int, d) for r in ("actor", "ref", "critic", "reward")
+       for k, d in (("num_nodes", 1), ("num_gpus_per_node", 8))},
+    "train.colocate_actor_ref": ("colocate_actor_ref", bool, False),
+    "train.colocate_critic_reward": ("colocate_critic_reward", bool, False),
+    "train.colocate_all": ("colocate_all_models", bool, False),
+    "train.async_enable": ("async_enable", bool, False),  # colocate_all then shares only the DeepSpeed models
+    "vllm.num_engines": ("vllm_num_engines", int, None),
+    "vllm.tensor_parallel_size": ("vllm_tensor_parallel_size", int, 1),
+    "vllm.gpu_memory_utilization": ("vllm_gpu_memory_utilization", float, 0.95),
+    "vllm.enable_sleep": ("vllm_enable_sleep", bool, False),
+    "vllm.enforce_eager": ("enforce_eager", bool, False),
+    "ds.zero_stage": ("zero_stage", int, 2),
+    "ds.adam_offload": ("adam_offload", bool, False),
+    "ds.enable_sleep": ("deepspeed_enable_sleep", bool, False),
+    "ds.param_dtype": ("param_dtype", str, "bf16"),
+    "ds.attn_implementation": ("attn_implementation", str, "flash_attention_2"),
+    "ds.packing_samples": ("packing_samples", bool, False),
+    "ds.load_in_4bit": ("load_in_4bit", bool, False),
+    "ds.lora.rank": ("lora_rank", int, 0),
+    "actor.gradient_checkpointing_enable": ("gradient_checkpointing", bool, False),
+    "ref.offload": ("ref_offload", bool, False),
+    "reward.offload": ("reward_offload", bool, False),
+    "train.micro_batch_size": ("micro_train_batch_size", int, 1),
+    "rollout.micro_batch_size": ("micro_rollout_batch_size", int, 1),
+    "rollout.batch_size": ("rollout_batch_size", int, 1024),
+    "rollout.n_samples_per_prompt": ("n_samples_per_prompt", int, 1),
+    "data.max_len": ("max_len", int, 2048),
+    "rollout.max_new_tokens": ("max_new_tokens", int, None),
+    "algo.kl.init_coef": ("init_kl_coef", float, 0.01),
+    "algo.advantage.estimator": ("advantage_estimator", str, "gae"),
+    "actor.model_name_or_path": ("pretrain", str, None),
+    "reward.model_name_or_path": ("reward_pretrain", str, None),
+    "critic.model_name_or_path": ("critic_pretrain", str, None),
+    "reward.remote_url": ("remote_rm_url", str, None),
+    "train.agent_func_path": ("agent_func_path", str, None),
+}
+
+
+def _openrlhf_dotted_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="--from_openrlhf", add_help=False)
+    for flag, (dest, kind, default) in _OPENRLHF_DOTTED.items():
+        if kind is bool:
+            p.add_argument(f"--{flag}", dest=dest, action="store_true")
+        else:
+            p.add_argument(f"--{flag}", dest=dest, type=kind, default=default)
+    return p
+
+
+def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
+    """Parse ``argv`` as the flat or the dotted syntax: (the flat parser's namespace, dotted?); one syntax only."""
+    def parse(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, set[str]]:
+        a, unknown = p.parse_known_args(argv)
+        flags = {t.split("=")[0] for t in argv if t.startswith("--")}
+        return a, flags - {t.split("=")[0] for t in unknown if t.startswith("--")}
+
+    a, flat = parse(_openrlhf_parser())
+    d, dotted = parse(_openrlhf_dotted_parser())
+    if flat and dotted:
+        raise ValueError(f"--from_openrlhf: mixes OpenRLHF's flat flags ({', '.join(sorted(flat)[:3])}) and its "
+                         f"dotted flags of ed62d0e2+ ({', '.join(sorted(dotted)[:3])}); write one syntax")
+    if not flat and not dotted:
+        raise ValueError("--from_openrlhf: no OpenRLHF train_ppo_ray flag recognised (e.g. --pretrain, "
+                         "--actor.model_name_or_path)")
+    if flat:
+        a.ref_offload = a.reward_offload = a.ref_reward_offload
+        a.async_enable = False
+        return a, False
+    for k, v in vars(d).items():  # train_ppo_ray.py 3c3be623: what the flat flags said apart, derived
+        setattr(a, k, v)
+    a.bf16 = True  # --ds.param_dtype: bf16 or fp16, 2 bytes either way
+    if d.agent_func_path:
+        a.remote_rm_url = "agent"
+    if d.packing_samples and "flash_attention" not in d.attn_implementation:
+        a.attn_implementation = "flash_attention_2"
+    # every sequence is cut at --data.max_len (vLLM max_model_len, samples_generator truncate_length); the prompt
+    # at max_len - max_new_tokens; without max_new_tokens the split is per sample: half and half here (only the
+    # total sizes memory)
+    response = max(1, min(d.max_new_tokens or (d.max_len + 1) // 2, d.max_len - 1))
+    a.prompt_max_len, a.generate_max_len = max(1, d.max_len - response), response
+    return a, True
+
+
 def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
                   gpus_per_node: int = 8) -> Deployment:
     """An OpenRLHF ``train_ppo_ray`` command line (unknown flags are ignored; placement follows its launcher:
-    each role on its own group unless colocated)."""
-    argv = [t for t in shlex.split(cmdline) if t not in ("python", "python3", "-m", "openrlhf.cli.train_ppo_ray")]
-    a, _ = _openrlhf_parser().parse_known_args(argv)
+    each role on its own group unless colocated).
+
+    Two syntaxes, each with its own defaults: the flat flags (``--actor_num_gpus_per_node``; as of 397d6a1c,
+    2024-07, with ``--bf16``/``--flash_attn``/``--prompt_max_len`` and micro-batch defaults 4/8, which later flat
+    versions dropped: cd7a434f, c250c21a, d0e088b6, a2978694) and the dotted flags (``--actor.num_gpus_per_node``,
+    ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13). A command mixing both, or with neither, is an error."""
+    toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
+    if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
+        toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
+    argv = [t for t in toks if t not in ("python", "python3", "-m")]
+    a, dotted = _openrlhf_args(argv)
     name = model or a.pretrain
     if not name:
-        raise ValueError("--from_openrlhf: no --pretrain in the command line; pass --model")
+        raise ValueError("--from_openrlhf: no --actor.model_name_or_path in the command line; pass --model" if dotted
+                         else "--from_openrlhf: no --pretrain in the command line; pass --model")
+    if dotted and not a.vllm_num_engines:  # train_ppo_ray.py ed62d0e2+: samples_generator only dispatches to vLLM
+        raise ValueError("--from_openrlhf: OpenRLHF's dotted-flag versions generate only with vLLM; "
+                         "set --vllm.num_engines")
     actor_arch = load_arch(name)
     db = 2 if a.bf16 else 4
     lora = a.lora_rank
@@ -228,7 +330,7 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     if a.init_kl_coef > 0:
         g = "actor" if (a.colocate_actor_ref or a.colocate_all_models) else "ref"
         groups.setdefault(g, a.ref_num_nodes * a.ref_num_gpus_per_node)
-        ref = Role("reference", actor_arch, group=g, dtype_bytes=db, offload=a.ref_reward_offload)
+        ref = Role("reference", actor_arch, group=g, dtype_bytes=db, offload=a.ref_offload)
     critic = reward = None
     if a.advantage_estimator != "gae":  # train_ppo_ray: only GAE has a critic; it defaults to the reward model
         a.critic_pretrain = None
@@ -246,9 +348,9 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
         g = "actor" if a.colocate_all_models else ("critic" if a.colocate_critic_reward and critic else "reward")
         groups.setdefault(g, a.reward_num_nodes * a.reward_num_gpus_per_node)
         reward = Role("reward", load_arch(a.reward_pretrain), group=g, dtype_bytes=db, value_head=True,
-                      offload=a.ref_reward_offload)
+                      offload=a.reward_offload)
     if a.vllm_num_engines:
-        if a.colocate_all_models:
+        if a.colocate_all_models and not a.async_enable:  # async: vLLM gets its own GPUs
             eng_group = "actor"
         else:
             eng_group = "vllm"
@@ -270,7 +372,7 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,
                       attn="flash" if a.flash_attn or "flash" in str(a.attn_implementation or "") else
-                      _attn(a.attn_implementation), framework="openrlhf")
+                      _attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf")
 
 
 def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:

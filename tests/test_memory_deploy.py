@@ -211,7 +211,7 @@ def test_suggestions_make_it_fit_with_framework_flags():
     verl = {c.key: c.flag for c in suggest(dep.with_(framework="verl"))}
     assert verl["gradient_checkpointing"] == "actor_rollout_ref.model.enable_gradient_checkpointing=True"
     assert verl["offload_optimizer"] == "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"
-    assert set(FLAGS["sleep"]) == {"trl", "openrlhf", "verl"}
+    assert set(FLAGS["sleep"]) == {"trl", "openrlhf", "openrlhf-dotted", "verl"}
 
 
 def _apply(dep, key):

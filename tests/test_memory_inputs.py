@@ -162,3 +162,216 @@ def test_verl_overrides(capsys):
     layered = " actor_rollout_ref.rollout.layered_summon=True"
     assert not from_verl(cmd + layered).layered_summon  # default load_format dummy_dtensor
     assert from_verl(cmd + layered + " actor_rollout_ref.rollout.load_format=safetensors").layered_summon
+
+
+# ---- OpenRLHF's dotted flags (ed62d0e2, 2026-04-19 .. 3c3be623, 2026-08-13) ----------------------------------------
+
+# README.md at OpenRLHF 3c3be623, "RL Training: PPO/REINFORCE++ with Ray and vLLM", verbatim. It keeps two flat
+# flags (--prompt_max_len, --generate_max_len) that train_ppo_ray.py at that commit no longer has (its parse_args
+# rejects them); examples/scripts/train_ppo_ray_hybrid_engine.sh there writes --data.max_len 2048 instead.
+OPENRLHF_README_3C3BE623 = """ray job submit --address="http://127.0.0.1:8265" \\
+   --runtime-env-json='{"working_dir": "/openrlhf"}' \\
+   -- python3 -m openrlhf.cli.train_ppo_ray \\
+   --ref.num_nodes 1 \\
+   --ref.num_gpus_per_node 8 \\
+   --reward.num_nodes 1 \\
+   --reward.num_gpus_per_node 8 \\
+   --critic.num_nodes 1 \\
+   --critic.num_gpus_per_node 8 \\
+   --actor.num_nodes 1 \\
+   --actor.num_gpus_per_node 8 \\
+   --vllm.num_engines 4 \\
+   --vllm.tensor_parallel_size 2 \\
+   --train.colocate_all \\
+   --vllm.gpu_memory_utilization 0.5 \\
+   --actor.model_name_or_path OpenRLHF/Llama-3-8b-sft-mixture \\
+   --reward.model_name_or_path OpenRLHF/Llama-3-8b-rm-700k \\
+   --ckpt.output_dir /openrlhf/examples/test_scripts/final/llama3-8b-rlhf \\
+   --ckpt.path /openrlhf/examples/test_scripts/ckpt/llama3-8b-rlhf \\
+   --ckpt.save_hf \\
+   --train.batch_size 128 \\
+   --rollout.batch_size 1024 \\
+   --train.dynamic_batch_enable \\
+   --rollout.n_samples_per_prompt 1 \\
+   --train.max_epochs 1 \\
+   --prompt_max_len 1024 \\
+   --data.max_samples 100000 \\
+   --generate_max_len 1024 \\
+   --ds.zero_stage 3 \\
+   --ds.param_dtype bf16 \\
+   --actor.adam.lr 5e-7 \\
+   --critic.adam.lr 9e-6 \\
+   --algo.kl.init_coef 0.01 \\
+   --data.prompt_dataset OpenRLHF/prompt-collection-v0.1 \\
+   --data.input_key context_messages \\
+   --data.apply_chat_template \\
+   --reward.normalize_enable \\
+   --actor.gradient_checkpointing_enable \\
+   --ds.packing_samples \\
+   --vllm.sync_backend nccl \\
+   --vllm.enforce_eager \\
+   --vllm.enable_sleep \\
+   --ds.enable_sleep \\
+   --logger.wandb.key {wandb_token}
+"""
+# the OpenRLHF checkpoints have Llama-3-8B's shape (not built in, and the tests run offline)
+_LLAMA = {"OpenRLHF/Llama-3-8b-sft-mixture": "Llama-3-8B", "OpenRLHF/Llama-3-8b-rm-700k": "Llama-3-8B"}
+
+
+def _readme(**replace):
+    cmd = OPENRLHF_README_3C3BE623
+    for old, new in {**_LLAMA, **replace}.items():
+        cmd = cmd.replace(old, new)
+    return cmd
+
+
+def test_openrlhf_dotted_readme_equals_flat():
+    with pytest.raises(ValueError, match="mixes.*--generate_max_len, --prompt_max_len.*dotted") as err:
+        from_openrlhf(_readme())  # verbatim: OpenRLHF itself rejects the two flat flags
+    assert "\n" not in str(err.value)
+    # as examples/scripts/train_ppo_ray_hybrid_engine.sh at 3c3be623 writes it
+    dotted = from_openrlhf(_readme(**{"   --prompt_max_len 1024 \\\n": "",
+                                      "--generate_max_len 1024": "--data.max_len 2048"}))
+    # the same setup in the flat flags: bf16, flash attention and micro-batches of 1 are the dotted defaults
+    flat = from_openrlhf(
+        "python3 -m openrlhf.cli.train_ppo_ray --ref_num_nodes 1 --ref_num_gpus_per_node 8 --reward_num_nodes 1 "
+        "--reward_num_gpus_per_node 8 --critic_num_nodes 1 --critic_num_gpus_per_node 8 --actor_num_nodes 1 "
+        "--actor_num_gpus_per_node 8 --vllm_num_engines 4 --vllm_tensor_parallel_size 2 --colocate_all_models "
+        "--vllm_gpu_memory_utilization 0.5 --pretrain Llama-3-8B --reward_pretrain Llama-3-8B --train_batch_size 128 "
+        "--rollout_batch_size 1024 --n_samples_per_prompt 1 --prompt_max_len 1024 --generate_max_len 1024 "
+        "--zero_stage 3 --bf16 --init_kl_coef 0.01 --gradient_checkpointing --packing_samples --enforce_eager "
+        "--vllm_enable_sleep --deepspeed_enable_sleep --flash_attn --micro_train_batch_size 1 "
+        "--micro_rollout_batch_size 1")
+    assert dotted.framework == "openrlhf-dotted" and dotted.with_(framework="openrlhf") == flat
+    assert dotted.groups == {"actor": 8} and dotted.engine.group == "actor" and dotted.engine.sleep
+    assert dotted.train_sleep and dotted.critic.group == dotted.reward.group == "actor"
+    assert (dotted.engine.tp, dotted.engine.gpu_memory_utilization, dotted.engine.enforce_eager) == (2, 0.5, True)
+    assert dotted.sharding.kind == "zero3" and dotted.gradient_checkpointing and dotted.rollout_per_gpu == 256
+
+
+def test_openrlhf_dotted_defaults_differ_from_flat():
+    dotted = from_openrlhf("--actor.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 8")
+    flat = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8")
+    assert (dotted.micro_batch, dotted.score_micro_batch) == (1, 1) and (flat.micro_batch, flat.score_micro_batch) \
+        == (4, 8)  # train/rollout.micro_batch_size 1; flat micro_train/rollout_batch_size 4 and 8
+    assert dotted.actor.dtype_bytes == 2 and flat.actor.dtype_bytes == 4  # ds.param_dtype bf16; flat: no --bf16
+    assert dotted.attn == "flash" and flat.attn == "sdpa"  # ds.attn_implementation flash_attention_2
+    assert (dotted.prompt_len, dotted.response_len) == (1024, 1024) == (flat.prompt_len, flat.response_len)
+    for k in ("groups", "sharding", "engine", "gradient_checkpointing", "train_sleep", "rollout_per_gpu"):
+        assert getattr(dotted, k) == getattr(flat, k), k
+    assert dotted.critic.group == "critic" and dotted.reference.group == "ref" and dotted.groups == {
+        "actor": 8, "ref": 8, "critic": 8, "vllm": 8}  # GAE, no reward model: the critic is the actor's model
+
+
+def test_openrlhf_dotted_placement_and_colocation():
+    base = "--actor.model_name_or_path Qwen2.5-7B --reward.model_name_or_path Qwen2.5-0.5B "
+    dep = from_openrlhf(base + "--actor.num_nodes 2 --actor.num_gpus_per_node 4 --ref.num_nodes 1 "
+                        "--ref.num_gpus_per_node 2 --critic.num_gpus_per_node 2 --critic.num_nodes 2 "
+                        "--reward.num_gpus_per_node 1 --vllm.num_engines 2 --vllm.tensor_parallel_size 4")
+    assert dep.groups == {"actor": 8, "ref": 2, "critic": 4, "reward": 1, "vllm": 8}
+    assert dep.critic.arch.name == "Qwen2.5-0.5B"  # GAE: the critic starts from the reward model
+    pairs = from_openrlhf(base + "--train.colocate_actor_ref --train.colocate_critic_reward "
+                                 "--critic.num_gpus_per_node 2 --reward.num_gpus_per_node 2 --vllm.num_engines 2")
+    assert pairs.groups == {"actor": 8, "critic": 2, "vllm": 2} and pairs.reference.group == "actor"
+    assert pairs.reward.group == "critic"
+    colo = from_openrlhf(base + "--train.colocate_all --vllm.num_engines 8 --vllm.enable_sleep --ds.enable_sleep")
+    assert colo.groups == {"actor": 8} and colo.engine.group == "actor" and colo.engine.sleep and colo.train_sleep
+    # without --train.colocate_all train_ppo_ray turns vLLM sleep off and DeepSpeed sleep does nothing
+    apart = from_openrlhf(base + "--vllm.num_engines 8 --vllm.enable_sleep --ds.enable_sleep")
+    assert apart.engine.group == "vllm" and not apart.engine.sleep and not apart.train_sleep
+    # async: --train.colocate_all then colocates only the DeepSpeed models; vLLM gets its own GPUs
+    asy = from_openrlhf(base + "--train.colocate_all --train.async_enable --vllm.num_engines 4")
+    assert asy.groups == {"actor": 8, "vllm": 4} and asy.engine.group == "vllm" and asy.reward.group == "actor"
+
+
+def test_openrlhf_dotted_zero_offload_lora_4bit():
+    base = "--actor.model_name_or_path Qwen2.5-7B --reward.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 1 "
+    dep = from_openrlhf(base + "--ds.zero_stage 3 --ds.adam_offload --ref.offload")
+    assert dep.sharding.kind == "zero3" and dep.sharding.offload_optimizer
+    assert dep.reference.offload and not dep.reward.offload  # offloaded apart (flat: --ref_reward_offload)
+    rew = from_openrlhf(base + "--reward.offload --ds.zero_stage 0")
+    assert rew.reward.offload and not rew.reference.offload and rew.sharding.kind == "zero0"
+    assert not rew.sharding.offload_optimizer
+    flat = from_openrlhf("--pretrain Qwen2.5-7B --reward_pretrain Qwen2.5-0.5B --ref_reward_offload")
+    assert flat.reference.offload and flat.reward.offload
+    lora = from_openrlhf(base + "--ds.lora.rank 16 --ds.load_in_4bit --ds.lora.alpha 32")
+    assert lora.actor.lora_rank == 16 and lora.actor.load_in_4bit and lora.critic.lora_rank == 16
+    assert from_openrlhf(base).actor.lora_rank == 0
+
+
+def test_openrlhf_dotted_vllm_lengths_micro_batches_packing():
+    base = "--actor.model_name_or_path Qwen2.5-1.5B --algo.kl.init_coef 0 --reward.remote_url http://rm "
+    vl = from_openrlhf(base + "--vllm.num_engines 2 --vllm.tensor_parallel_size 2 --vllm.gpu_memory_utilization 0.7 "
+                              "--vllm.enforce_eager --rollout.batch_size 64 --rollout.n_samples_per_prompt 8")
+    assert vl.engine.kind == "vllm" and (vl.engine.tp, vl.engine.gpu_memory_utilization) == (2, 0.7)
+    assert vl.engine.enforce_eager and vl.rollout_per_gpu == 64 * 8 // 2 and vl.groups["vllm"] == 4
+    assert vl.reference is None and vl.reward is None  # KL 0: no reference; a remote reward
+    base += "--vllm.num_engines 1 "
+    # lengths: --data.max_len is the total; --rollout.max_new_tokens leaves the rest to the prompt
+    ln = from_openrlhf(base + "--data.max_len 4096 --rollout.max_new_tokens 3072")
+    assert (ln.prompt_len, ln.response_len) == (1024, 3072)
+    assert from_openrlhf(base + "--data.max_len 8192").seq == 8192
+    assert from_openrlhf(base + "--data.max_len 1024 --rollout.max_new_tokens 4096").seq == 1024  # cut at max_len
+    mb = from_openrlhf(base + "--train.micro_batch_size 2 --rollout.micro_batch_size 4")
+    assert (mb.micro_batch, mb.score_micro_batch, mb.rollout_per_gpu) == (2, 4, 1024)
+    # packing makes train_ppo_ray use flash_attention_2 whatever --ds.attn_implementation says
+    assert from_openrlhf(base + "--ds.attn_implementation eager").attn == "eager"
+    assert from_openrlhf(base + "--ds.attn_implementation eager --ds.packing_samples").attn == "flash"
+    assert from_openrlhf(base + "--actor.gradient_checkpointing_enable").gradient_checkpointing
+    assert not from_openrlhf(base).gradient_checkpointing
+    # algorithms without GAE have no critic; an agent function replaces the reward model
+    assert from_openrlhf(base + "--algo.advantage.estimator group_norm").critic is None
+    agent = from_openrlhf("--actor.model_name_or_path Qwen2.5-1.5B --reward.model_name_or_path Qwen2.5-0.5B "
+                          "--train.agent_func_path agent.py --vllm.num_engines 1")
+    assert agent.reward is None and agent.critic.arch.name == "Qwen2.5-1.5B"
+
+
+def test_openrlhf_syntax_errors():
+    with pytest.raises(ValueError, match="mixes OpenRLHF's flat flags \\(--zero_stage\\).*--actor.model_name_or_path"):
+        from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --zero_stage 3")
+    with pytest.raises(ValueError, match="no OpenRLHF train_ppo_ray flag recognised"):
+        from_openrlhf("--learning_rate 1e-6 --actor.adam.lr 5e-7 --foo", model="Qwen2.5-7B")
+    with pytest.raises(ValueError, match="no OpenRLHF train_ppo_ray flag recognised"):
+        from_openrlhf("", model="Qwen2.5-7B")
+    with pytest.raises(ValueError, match="no --actor.model_name_or_path"):
+        from_openrlhf("--ds.zero_stage 3")
+    with pytest.raises(ValueError, match="generate only with vLLM; set --vllm.num_engines"):
+        from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --vllm.num_engines 0")  # train_ppo_ray: 0 = no vLLM
+    with pytest.raises(ValueError, match="--ds.zero_stage: invalid int value"):
+        from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --ds.zero_stage three")
+    # flags the planner does not model stay ignored, in either syntax
+    assert from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --vllm.num_engines 8 --actor.adam.lr 5e-7 "
+                         "--actor.eps_clip 0.2").groups
+    assert from_openrlhf("--pretrain Qwen2.5-7B --actor_learning_rate 5e-7 --eps_clip 0.2").groups
+
+
+def test_cli_openrlhf_dotted(capsys):
+    cmd = ("python3 -m openrlhf.cli.train_ppo_ray --actor.model_name_or_path Llama-3-70B --actor.num_nodes 4 "
+           "--ds.zero_stage 3 --train.colocate_all --vllm.num_engines 4 --vllm.tensor_parallel_size 8 "
+           "--vllm.enable_sleep --ds.enable_sleep --actor.gradient_checkpointing_enable --algo.kl.init_coef 0 "
+           "--reward.remote_url http://rm --data.max_len 4096 --rollout.max_new_tokens 3072 "
+           "--train.micro_batch_size 2")
+    rep = _json(capsys, ["plan", "--from_openrlhf", cmd, "--gpu_memory", "80GiB", "--json"])
+    assert rep["groups"]["actor"]["gpus"] == 32 and list(rep["groups"]) == ["actor"]
+    inp = rep["inputs"]
+    assert (inp["micro_batch"], inp["prompt_len"], inp["response_len"]) == (2, 1024, 3072)
+    assert main(["plan", "--from_openrlhf", cmd + " --zero_stage 3"]) == 2
+    err = capsys.readouterr().err
+    assert "mixes" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_openrlhf_suggestions_name_the_syntax_of_the_command():
+    """A dotted command is told the dotted flags (--ds.adam_offload), a flat one the flat flags (--adam_offload)."""
+    from memory.advise import suggest
+
+    dotted = from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --vllm.num_engines 8 --actor.num_gpus_per_node 8 "
+                           "--ref.num_gpus_per_node 8 --ds.zero_stage 3 --train.micro_batch_size 16 "
+                           "--data.max_len 4096", gpu_memory=40 * 2**30)
+    flat = from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --actor_num_gpus_per_node 8 "
+                         "--ref_num_gpus_per_node 8 --zero_stage 3 --micro_train_batch_size 16 --bf16 --flash_attn "
+                         "--prompt_max_len 2048 --generate_max_len 2048", gpu_memory=40 * 2**30)
+    d = {c.key: c.flag for c in suggest(dotted)}
+    f = {c.key: c.flag for c in suggest(flat)}
+    assert d["offload_optimizer"] == "--ds.adam_offload" and f["offload_optimizer"] == "--adam_offload"
+    assert d["micro_batch"].startswith("--train.micro_batch_size ") and f["micro_batch"].startswith(
+        "--micro_train_batch_size ")
