@@ -179,7 +179,8 @@ def _attn(name: Any) -> str:
 
 def _openrlhf_parser() -> argparse.ArgumentParser:
     """The memory-relevant subset of OpenRLHF ``train_ppo_ray.py``'s flat flags, with their defaults (see
-    :func:`from_openrlhf` for the versions)."""
+    :func:`from_openrlhf` for the versions); a default that changed between flat versions is None here and comes
+    from ``_OPENRLHF_FLAT_VERSIONS`` once the version is known."""
     p = _OneLineParser(prog="--from_openrlhf", add_help=False)
     add = p.add_argument
     for role in ("actor", "ref", "critic", "reward"):
@@ -187,32 +188,86 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
         add(f"--{role}_num_gpus_per_node", type=int, default=8)
     for flag in ("colocate_actor_ref", "colocate_critic_reward", "colocate_all_models", "vllm_enable_sleep",
                  "deepspeed_enable_sleep", "adam_offload", "gradient_checkpointing", "bf16", "flash_attn",
-                 "load_in_4bit", "ref_reward_offload", "enforce_eager", "packing_samples"):
+                 "load_in_4bit", "ref_reward_offload", "enforce_eager", "packing_samples", "async_train"):
         add(f"--{flag}", action="store_true")
     add("--vllm_num_engines", type=int, default=None)
     add("--vllm_tensor_parallel_size", type=int, default=1)
     add("--vllm_gpu_memory_utilization", type=float, default=0.95)
     add("--zero_stage", type=int, default=2)
     add("--lora_rank", type=int, default=0)
-    add("--micro_train_batch_size", type=int, default=4)
-    add("--micro_rollout_batch_size", type=int, default=8)
+    add("--micro_train_batch_size", type=int, default=None)
+    add("--micro_rollout_batch_size", type=int, default=None)
     add("--rollout_batch_size", type=int, default=1024)
     add("--n_samples_per_prompt", type=int, default=1)
-    add("--prompt_max_len", type=int, default=1024)
-    add("--generate_max_len", type=int, default=1024)
+    add("--prompt_max_len", type=int, default=None)
+    add("--generate_max_len", type=int, default=None)
+    add("--max_len", type=int, default=None)
+    add("--max_new_tokens", type=int, default=None)
+    add("--param_dtype", default=None)
     add("--init_kl_coef", type=float, default=0.01)
     add("--pretrain", default=None)
     add("--reward_pretrain", default=None)
     add("--critic_pretrain", default=None)
     add("--remote_rm_url", default=None)
+    add("--agent_func_path", default=None)
     add("--attn_implementation", default=None)
     add("--advantage_estimator", default="gae")
     return p
 
 
+# The flat flags changed before the dotted rename (OpenRLHF train_ppo_ray.py history; first release in brackets).
+# Version k: (its first commit, the defaults that differ between flat versions). In order:
+#   0  397d6a1c 2024-07-15: --bf16 (else fp32), --flash_attn (else eager in its Actor; read as sdpa, as before),
+#      --prompt_max_len/--generate_max_len 1024/1024, --max_len a deprecated cap on vLLM's max_model_len only,
+#      micro-batches 4/8
+#   1  c250c21a 2025-08-15 [v0.8.10]: --attn_implementation (default flash_attention_2) replaces --flash_attn
+#   2  cd7a434f 2026-01-06 [v0.9.2]: --param_dtype bf16|fp16 (default bf16, no fp32) replaces --bf16
+#   3  d0e088b6 2026-03-24 [v0.9.8]: --max_len is the total (default 2048) and --max_new_tokens (default None: per
+#      sample) the response cap; --prompt_max_len/--generate_max_len are gone
+#   4  a2978694 2026-04-11 [v0.10.0] .. 76351db1 2026-04-17 [v0.10.1.post2]: micro-batch defaults 1/1. a2978694
+#      comes after every flag above and adds none (VLM flags came with 02010fe9, the same day, still 4/8), so no
+#      flat command shows version 4: it is read as 3 (micro-batches 4/8) unless it writes them.
+_OPENRLHF_FLAT_VERSIONS: list[tuple[str, dict[str, Any]]] = [
+    ("397d6a1c", {"micro_train_batch_size": 4, "micro_rollout_batch_size": 8, "prompt_max_len": 1024,
+                  "generate_max_len": 1024}),
+    ("c250c21a", {"attn_implementation": "flash_attention_2"}),
+    ("cd7a434f", {"param_dtype": "bf16"}),
+    ("d0e088b6", {"max_len": 2048, "prompt_max_len": None, "generate_max_len": None}),
+    ("a2978694", {"micro_train_batch_size": 1, "micro_rollout_batch_size": 1}),
+]
+# flag -> (first, last) flat version that has it; a command is read as the earliest version that has all its flags
+# (the largest defaults: fp32, micro-batches 4/8, no flash attention), and one that no version accepts is refused
+_OPENRLHF_FLAT_SPAN: dict[str, tuple[int, int]] = {
+    "flash_attn": (0, 0), "bf16": (0, 1), "prompt_max_len": (0, 2), "generate_max_len": (0, 2),
+    "attn_implementation": (1, 4), "param_dtype": (2, 4), "max_new_tokens": (3, 4)}
+
+
+def _openrlhf_flat_version(a: argparse.Namespace) -> int:
+    """The flat version ``a`` is read as (``_OPENRLHF_FLAT_VERSIONS``), its defaults filled in."""
+    given = [f for f in _OPENRLHF_FLAT_SPAN if getattr(a, f) is not None and getattr(a, f) is not False]
+    old = min(given, key=lambda f: _OPENRLHF_FLAT_SPAN[f][1], default=None)
+    new = max(given, key=lambda f: _OPENRLHF_FLAT_SPAN[f][0], default=None)
+    lo = _OPENRLHF_FLAT_SPAN[new][0] if new else 0
+    hi = _OPENRLHF_FLAT_SPAN[old][1] if old else len(_OPENRLHF_FLAT_VERSIONS) - 1
+    if lo > hi:
+        raise ValueError(f"--from_openrlhf: --{old} (OpenRLHF before {_OPENRLHF_FLAT_VERSIONS[hi + 1][0]}) and "
+                         f"--{new} ({_OPENRLHF_FLAT_VERSIONS[lo][0]} and later) are in no OpenRLHF version together; "
+                         "write one version's flags")
+    if a.max_len is not None and hi >= 3:  # read as the total (d0e088b6+) unless an earlier flag rules that out
+        lo = max(lo, 3)
+    defaults: dict[str, Any] = {}
+    for _, changed in _OPENRLHF_FLAT_VERSIONS[:lo + 1]:
+        defaults.update(changed)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return lo
+
+
 # OpenRLHF ed62d0e2 (2026-04-19, "dotted config hierarchy") renamed every flag; 3c3be623 (HEAD, 2026-08-13) has the
 # same names and defaults. Dotted flag -> (the flat parser's dest it fills, type, the dotted default; bool: a
-# store_true switch). Differences: micro-batches default 1 (flat 4 and 8); lengths are one total --data.max_len
+# store_true switch). Differences from the first flat flags (397d6a1c), most of them made in the later flat versions
+# already (_OPENRLHF_FLAT_VERSIONS): micro-batches default 1 (flat 4 and 8); lengths are one total --data.max_len
 # with an optional --rollout.max_new_tokens (flat: prompt and generate maxima); --ds.param_dtype bf16|fp16 (flat:
 # fp32 unless --bf16); --ds.attn_implementation defaults to flash_attention_2 (flat: none, --flash_attn);
 # the reference and reward offload apart (flat: --ref_reward_offload for both).
@@ -280,23 +335,28 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
     if not flat and not dotted:
         raise ValueError("--from_openrlhf: no OpenRLHF train_ppo_ray flag recognised (e.g. --pretrain, "
                          "--actor.model_name_or_path)")
-    if flat:
+    if dotted:  # train_ppo_ray.py 3c3be623: what the flat flags said apart, derived
+        for k, v in vars(d).items():
+            setattr(a, k, v)
+        version = len(_OPENRLHF_FLAT_VERSIONS)  # after every flat version, with their changes
+    else:
         a.ref_offload = a.reward_offload = a.ref_reward_offload
-        a.async_enable = False
-        return a, False
-    for k, v in vars(d).items():  # train_ppo_ray.py 3c3be623: what the flat flags said apart, derived
-        setattr(a, k, v)
-    a.bf16 = True  # --ds.param_dtype: bf16 or fp16, 2 bytes either way
-    if d.agent_func_path:
+        a.async_enable = a.async_train
+        version = _openrlhf_flat_version(a)
+    a.bf16 = a.bf16 or version >= 2  # cd7a434f+ --param_dtype, --ds.param_dtype: bf16 or fp16, 2 bytes either way
+    if a.agent_func_path:  # flat 7d3e07bf+, dotted --train.agent_func_path
         a.remote_rm_url = "agent"
-    if d.packing_samples and "flash_attention" not in d.attn_implementation:
+    # c250c21a+: packing makes train_ppo_ray use flash_attention_2 (the flat versions before force --flash_attn,
+    # which is not read here: it would change published rows)
+    if version >= 1 and a.packing_samples and "flash_attention" not in a.attn_implementation:
         a.attn_implementation = "flash_attention_2"
-    # every sequence is cut at --data.max_len (vLLM max_model_len, samples_generator truncate_length); the prompt
-    # at max_len - max_new_tokens; without max_new_tokens the split is per sample: half and half here (only the
-    # total sizes memory)
-    response = max(1, min(d.max_new_tokens or (d.max_len + 1) // 2, d.max_len - 1))
-    a.prompt_max_len, a.generate_max_len = max(1, d.max_len - response), response
-    return a, True
+    if version >= 3:  # d0e088b6+
+        # every sequence is cut at --max_len (vLLM max_model_len, samples_generator truncate_length); the prompt
+        # at max_len - max_new_tokens; without max_new_tokens the split is per sample: half and half here (only
+        # the total sizes memory)
+        response = max(1, min(a.max_new_tokens or (a.max_len + 1) // 2, a.max_len - 1))
+        a.prompt_max_len, a.generate_max_len = max(1, a.max_len - response), response
+    return a, bool(dotted)
 
 
 def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
@@ -304,10 +364,19 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     """An OpenRLHF ``train_ppo_ray`` command line (unknown flags are ignored; placement follows its launcher:
     each role on its own group unless colocated).
 
-    Two syntaxes, each with its own defaults: the flat flags (``--actor_num_gpus_per_node``; as of 397d6a1c,
-    2024-07, with ``--bf16``/``--flash_attn``/``--prompt_max_len`` and micro-batch defaults 4/8, which later flat
-    versions dropped: cd7a434f, c250c21a, d0e088b6, a2978694) and the dotted flags (``--actor.num_gpus_per_node``,
-    ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13). A command mixing both, or with neither, is an error."""
+    Two syntaxes, each with its own defaults. The flat flags (``--actor_num_gpus_per_node``, 397d6a1c, 2024-07,
+    to 76351db1, 2026-04-17) changed over time (``_OPENRLHF_FLAT_VERSIONS``): a command is read as the earliest
+    flat version that has all its flags, with that version's defaults; ``--attn_implementation`` (c250c21a+),
+    ``--param_dtype`` (cd7a434f+), ``--max_new_tokens`` and ``--max_len`` (d0e088b6+: the total) bring bf16,
+    flash attention and the total length where they apply, and ``--bf16``, ``--flash_attn``, ``--prompt_max_len``
+    or ``--generate_max_len`` keep the old ones (with one of these, ``--max_len`` is the older versions' cap on
+    vLLM's ``max_model_len``, not read: the sequence is cut at prompt + generate maxima anyway). A command with
+    none of these flags is read as 397d6a1c (fp32 weights, no flash attention, 1024 + 1024 tokens, micro-batches
+    4/8): every flat version accepts it and these are the largest defaults. The micro-batch defaults of 1
+    (a2978694, v0.10.0 to v0.10.1.post2) come with no new flag, so they apply only when written. Flags no single
+    version has together (``--bf16`` with ``--param_dtype``) are an error. The dotted flags
+    (``--actor.num_gpus_per_node``, ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13) have the newest flat
+    defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error."""
     toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
     if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
         toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]

@@ -375,3 +375,122 @@ def test_openrlhf_suggestions_name_the_syntax_of_the_command():
     assert d["offload_optimizer"] == "--ds.adam_offload" and f["offload_optimizer"] == "--adam_offload"
     assert d["micro_batch"].startswith("--train.micro_batch_size ") and f["micro_batch"].startswith(
         "--micro_train_batch_size ")
+
+
+# ---- OpenRLHF's late flat flags (c250c21a, 2025-08-15 .. 76351db1, 2026-04-17) ------------------------------------
+
+# examples/scripts/train_ppo_ray_hybrid_engine.sh at OpenRLHF 76351db1 (ed62d0e2^, the last flat commit; the file
+# is as d0e088b6 left it), the command verbatim: --param_dtype (cd7a434f+) and --max_len as the total (d0e088b6+)
+OPENRLHF_HYBRID_D0E088B6 = """python3 -m openrlhf.cli.train_ppo_ray \\
+   --ref_num_nodes 1 \\
+   --ref_num_gpus_per_node 8 \\
+   --reward_num_nodes 1 \\
+   --reward_num_gpus_per_node 8 \\
+   --critic_num_nodes 1 \\
+   --critic_num_gpus_per_node 8 \\
+   --actor_num_nodes 1 \\
+   --actor_num_gpus_per_node 8 \\
+   --vllm_num_engines 4 \\
+   --vllm_tensor_parallel_size 2 \\
+   --colocate_all_models \\
+   --vllm_gpu_memory_utilization 0.5 \\
+   --pretrain OpenRLHF/Llama-3-8b-sft-mixture \\
+   --reward_pretrain OpenRLHF/Llama-3-8b-rm-700k \\
+   --save_path /openrlhf/examples/test_scripts/final/llama3-8b-rlhf \\
+   --ckpt_path /openrlhf/examples/test_scripts/ckpt/llama3-8b-rlhf \\
+   --save_hf_ckpt \\
+   --train_batch_size 128 \\
+   --rollout_batch_size 1024 \\
+   --n_samples_per_prompt 1 \\
+   --max_epochs 1 \\
+   --max_len 2048 \\
+   --max_samples 100000 \\
+   --zero_stage 3 \\
+   --param_dtype bf16 \\
+   --actor_learning_rate 5e-7 \\
+   --critic_learning_rate 9e-6 \\
+   --init_kl_coef 0.01 \\
+   --prompt_data OpenRLHF/prompt-collection-v0.1 \\
+   --input_key context_messages \\
+   --apply_chat_template \\
+   --normalize_reward \\
+   --gradient_checkpointing \\
+   --packing_samples \\
+   --vllm_sync_backend nccl \\
+   --enforce_eager \\
+   --vllm_enable_sleep \\
+   --deepspeed_enable_sleep \\
+   --use_dynamic_batch \\
+   --train_max_tokens_per_gpu 16384 \\
+   --enable_vllm_is_correction
+"""
+
+
+def _hybrid(**replace):
+    cmd = OPENRLHF_HYBRID_D0E088B6
+    for old, new in {**_LLAMA, **replace}.items():
+        assert old in cmd, old
+        cmd = cmd.replace(old, new)
+    return cmd
+
+
+def test_openrlhf_late_flat_script_read_with_its_flags_and_defaults():
+    dep = from_openrlhf(_hybrid())
+    assert dep.framework == "openrlhf" and dep.actor.dtype_bytes == 2  # --param_dtype bf16 (fp32 is gone)
+    assert dep.attn == "flash"  # --attn_implementation's default flash_attention_2 (c250c21a+), packing too
+    assert (dep.prompt_len, dep.response_len) == (1024, 1024)  # --max_len 2048 is the total (d0e088b6+)
+    # not written: d0e088b6's defaults 4/8 (a2978694 lowered them to 1 later and added no flag that shows it)
+    assert (dep.micro_batch, dep.score_micro_batch) == (4, 8)
+    assert dep.groups == {"actor": 8} and dep.engine.group == "actor" and dep.engine.sleep and dep.train_sleep
+    assert dep.sharding.kind == "zero3" and dep.gradient_checkpointing and dep.rollout_per_gpu == 256
+    late = _hybrid(**{"--max_len 2048": "--max_len 74240 --max_new_tokens 64000"})
+    assert (from_openrlhf(late).prompt_len, from_openrlhf(late).response_len) == (10240, 64000)
+    one = from_openrlhf(_hybrid(**{"--zero_stage 3": "--zero_stage 3 --micro_train_batch_size 1 "
+                                                      "--micro_rollout_batch_size 1"}))
+    assert (one.micro_batch, one.score_micro_batch) == (1, 1)  # v0.10.0+ defaults, when written
+    # train_reinforce_baseline_ray_agent_async.sh's placement: --async_train keeps vLLM off the colocated GPUs
+    asy = from_openrlhf("--pretrain Qwen2.5-7B --colocate_all_models --async_train --vllm_num_engines 4 "
+                        "--agent_func_path agent.py --reward_pretrain Qwen2.5-0.5B --param_dtype bf16")
+    assert asy.groups == {"actor": 8, "vllm": 4} and asy.engine.group == "vllm" and asy.reward is None
+
+
+def test_openrlhf_same_setup_early_and_late_flat_is_one_deployment():
+    """The hybrid-engine script in three flat versions (the memory-relevant lines of their diffs in OpenRLHF):
+    c250c21a^ (train_ppo_llama_ray_hybrid_engine.sh: --bf16, micro-batches 4/8 written, prompt/generate maxima),
+    cd7a434f (--param_dtype bf16 with the maxima) and d0e088b6 (--max_len 2048)."""
+    late = from_openrlhf(_hybrid())
+    mid = from_openrlhf(_hybrid(**{"--max_len 2048": "--prompt_max_len 1024 --generate_max_len 1024"}))
+    early_cmd = _hybrid(**{"--max_len 2048": "--prompt_max_len 1024 --generate_max_len 1024",
+                           "--param_dtype bf16": "--bf16", "--train_batch_size 128": "--micro_train_batch_size 4 "
+                           "--train_batch_size 128 --micro_rollout_batch_size 8"})
+    early = from_openrlhf(early_cmd)
+    assert mid == late and early.with_(attn="flash") == late
+    # before c250c21a --packing_samples forced --flash_attn; not read (published rows are planned as they were)
+    assert early.attn == "sdpa" and from_openrlhf(early_cmd + " --flash_attn") == late
+    # a command without any version's own flag: the first flat defaults (fp32, no flash attention, 4/8)
+    bare = from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8")
+    assert (bare.actor.dtype_bytes, bare.attn, bare.micro_batch, bare.seq) == (4, "sdpa", 4, 2048)
+    # --max_len was a deprecated cap on vLLM's max_model_len before d0e088b6: the total unless an older flag says
+    assert from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --max_len 8192").seq == 8192
+    assert from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --max_len 8192 --bf16").seq == 2048
+    # --attn_implementation alone is c250c21a..cd7a434f^, where weights are fp32 unless --bf16
+    c250 = from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --attn_implementation eager")
+    assert (c250.attn, c250.actor.dtype_bytes) == ("eager", 4)
+    assert from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --attn_implementation eager --bf16") \
+        .actor.dtype_bytes == 2
+
+
+@pytest.mark.parametrize("flags,old,new", [
+    ("--bf16 --param_dtype bf16", "--bf16", "--param_dtype"),
+    ("--flash_attn --attn_implementation flash_attention_2", "--flash_attn", "--attn_implementation"),
+    ("--prompt_max_len 1024 --max_new_tokens 1024", "--prompt_max_len", "--max_new_tokens"),
+    ("--generate_max_len 1024 --max_len 2048 --max_new_tokens 512", "--generate_max_len", "--max_new_tokens"),
+])
+def test_openrlhf_mixed_flat_versions_is_one_line(flags, old, new, capsys):
+    cmd = "--pretrain Qwen2.5-7B --vllm_num_engines 8 " + flags
+    with pytest.raises(ValueError, match=f"{old} \\(OpenRLHF before \\w+\\) and {new} \\(\\w+ and later\\)") as err:
+        from_openrlhf(cmd)
+    assert "\n" not in str(err.value)
+    assert main(["plan", "--from_openrlhf", cmd]) == 2
+    out = capsys.readouterr().err
+    assert "in no OpenRLHF version together" in out and out.count("\n") == 1 and "Traceback" not in out
