@@ -217,7 +217,7 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
 
 # The flat flags changed before the dotted rename (OpenRLHF train_ppo_ray.py history; first release in brackets).
 # Version k: (its first commit, the defaults that differ between flat versions). In order:
-#   0  397d6a1c 2024-07-15: --bf16 (else fp32), --flash_attn (else eager in its Actor; read as sdpa, as before),
+#   0  397d6a1c 2024-07-15: --bf16 (else fp32), --flash_attn (else eager in its Actor),
 #      --prompt_max_len/--generate_max_len 1024/1024, --max_len a deprecated cap on vLLM's max_model_len only,
 #      micro-batches 4/8
 #   1  c250c21a 2025-08-15 [v0.8.10]: --attn_implementation (default flash_attention_2) replaces --flash_attn
@@ -236,7 +236,7 @@ _OPENRLHF_FLAT_VERSIONS: list[tuple[str, dict[str, Any]]] = [
     ("a2978694", {"micro_train_batch_size": 1, "micro_rollout_batch_size": 1}),
 ]
 # flag -> (first, last) flat version that has it; a command is read as the earliest version that has all its flags
-# (the largest defaults: fp32, micro-batches 4/8, no flash attention), and one that no version accepts is refused
+# (the largest defaults: fp32, micro-batches 4/8, eager attention), and one that no version accepts is refused
 _OPENRLHF_FLAT_SPAN: dict[str, tuple[int, int]] = {
     "flash_attn": (0, 0), "bf16": (0, 1), "prompt_max_len": (0, 2), "generate_max_len": (0, 2),
     "attn_implementation": (1, 4), "param_dtype": (2, 4), "max_new_tokens": (3, 4)}
@@ -346,10 +346,12 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
     a.bf16 = a.bf16 or version >= 2  # cd7a434f+ --param_dtype, --ds.param_dtype: bf16 or fp16, 2 bytes either way
     if a.agent_func_path:  # flat 7d3e07bf+, dotted --train.agent_func_path
         a.remote_rm_url = "agent"
-    # c250c21a+: packing makes train_ppo_ray use flash_attention_2 (the flat versions before force --flash_attn,
-    # which is not read here: it would change published rows)
+    # packing makes train_ppo_ray use flash attention: c250c21a+ flash_attention_2, before it ``args.flash_attn =
+    # True`` (4c902a2a, which added --packing_samples)
     if version >= 1 and a.packing_samples and "flash_attention" not in a.attn_implementation:
         a.attn_implementation = "flash_attention_2"
+    if version == 0:  # before c250c21a the Actor loads "flash_attention_2" if --flash_attn else "eager"
+        a.attn_implementation = "flash_attention_2" if a.flash_attn or a.packing_samples else "eager"
     if version >= 3:  # d0e088b6+
         # every sequence is cut at --max_len (vLLM max_model_len, samples_generator truncate_length); the prompt
         # at max_len - max_new_tokens; without max_new_tokens the split is per sample: half and half here (only
@@ -371,9 +373,10 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     flash attention and the total length where they apply, and ``--bf16``, ``--flash_attn``, ``--prompt_max_len``
     or ``--generate_max_len`` keep the old ones (with one of these, ``--max_len`` is the older versions' cap on
     vLLM's ``max_model_len``, not read: the sequence is cut at prompt + generate maxima anyway). A command with
-    none of these flags is read as 397d6a1c (fp32 weights, no flash attention, 1024 + 1024 tokens, micro-batches
-    4/8): every flat version accepts it and these are the largest defaults. The micro-batch defaults of 1
-    (a2978694, v0.10.0 to v0.10.1.post2) come with no new flag, so they apply only when written. Flags no single
+    none of these flags is read as 397d6a1c (fp32 weights, eager attention unless --flash_attn or
+    --packing_samples, 1024 + 1024 tokens, micro-batches 4/8): every flat version accepts it and these are the
+    largest defaults. The micro-batch defaults of 1 (a2978694, v0.10.0 to v0.10.1.post2) come with no new flag,
+    so they apply only when written. Flags no single
     version has together (``--bf16`` with ``--param_dtype``) are an error. The dotted flags
     (``--actor.num_gpus_per_node``, ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13) have the newest flat
     defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error."""

@@ -255,7 +255,7 @@ def test_openrlhf_dotted_defaults_differ_from_flat():
     assert (dotted.micro_batch, dotted.score_micro_batch) == (1, 1) and (flat.micro_batch, flat.score_micro_batch) \
         == (4, 8)  # train/rollout.micro_batch_size 1; flat micro_train/rollout_batch_size 4 and 8
     assert dotted.actor.dtype_bytes == 2 and flat.actor.dtype_bytes == 4  # ds.param_dtype bf16; flat: no --bf16
-    assert dotted.attn == "flash" and flat.attn == "sdpa"  # ds.attn_implementation flash_attention_2
+    assert dotted.attn == "flash" and flat.attn == "eager"  # ds.attn_implementation flash_attention_2
     assert (dotted.prompt_len, dotted.response_len) == (1024, 1024) == (flat.prompt_len, flat.response_len)
     for k in ("groups", "sharding", "engine", "gradient_checkpointing", "train_sleep", "rollout_per_gpu"):
         assert getattr(dotted, k) == getattr(flat, k), k
@@ -464,12 +464,11 @@ def test_openrlhf_same_setup_early_and_late_flat_is_one_deployment():
                            "--param_dtype bf16": "--bf16", "--train_batch_size 128": "--micro_train_batch_size 4 "
                            "--train_batch_size 128 --micro_rollout_batch_size 8"})
     early = from_openrlhf(early_cmd)
-    assert mid == late and early.with_(attn="flash") == late
-    # before c250c21a --packing_samples forced --flash_attn; not read (published rows are planned as they were)
-    assert early.attn == "sdpa" and from_openrlhf(early_cmd + " --flash_attn") == late
-    # a command without any version's own flag: the first flat defaults (fp32, no flash attention, 4/8)
+    # before c250c21a --packing_samples forced --flash_attn (the script packs): the same flash attention
+    assert mid == late and early == late and from_openrlhf(early_cmd + " --flash_attn") == late
+    # a command without any version's own flag: the first flat defaults (fp32, eager attention, 4/8)
     bare = from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8")
-    assert (bare.actor.dtype_bytes, bare.attn, bare.micro_batch, bare.seq) == (4, "sdpa", 4, 2048)
+    assert (bare.actor.dtype_bytes, bare.attn, bare.micro_batch, bare.seq) == (4, "eager", 4, 2048)
     # --max_len was a deprecated cap on vLLM's max_model_len before d0e088b6: the total unless an older flag says
     assert from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --max_len 8192").seq == 8192
     assert from_openrlhf("--pretrain Qwen2.5-7B --vllm_num_engines 8 --max_len 8192 --bf16").seq == 2048
@@ -494,3 +493,13 @@ def test_openrlhf_mixed_flat_versions_is_one_line(flags, old, new, capsys):
     assert main(["plan", "--from_openrlhf", cmd]) == 2
     out = capsys.readouterr().err
     assert "in no OpenRLHF version together" in out and out.count("\n") == 1 and "Traceback" not in out
+
+
+def test_openrlhf_early_flat_attention_is_eager_without_flash_attn():
+    """Before c250c21a OpenRLHF's Actor loads "flash_attention_2" if --flash_attn else "eager"; --packing_samples
+    turns --flash_attn on (4c902a2a)."""
+    base = "--pretrain Qwen2.5-0.5B --vllm_num_engines 8 --bf16"
+    assert from_openrlhf(base).attn == "eager"
+    assert from_openrlhf(base + " --flash_attn").attn == "flash"
+    assert from_openrlhf(base + " --packing_samples").attn == "flash"
+    assert from_openrlhf(base.replace("--bf16", "--param_dtype bf16")).attn == "flash"  # cd7a434f+: flash default
