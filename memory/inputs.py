@@ -376,8 +376,8 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     none of these flags is read as 397d6a1c (fp32 weights, eager attention unless --flash_attn or
     --packing_samples, 1024 + 1024 tokens, micro-batches 4/8): every flat version accepts it and these are the
     largest defaults. The micro-batch defaults of 1 (a2978694, v0.10.0 to v0.10.1.post2) come with no new flag,
-    so they apply only when written. Flags no single
-    version has together (``--bf16`` with ``--param_dtype``) are an error. The dotted flags
+    so they apply only when written. Flags no single version has together (``--bf16`` with ``--param_dtype``)
+    are an error. The dotted flags
     (``--actor.num_gpus_per_node``, ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13) have the newest flat
     defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error."""
     toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
@@ -443,8 +443,7 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
                       response_len=a.generate_max_len, rollout_per_gpu=rollout,
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,
-                      attn="flash" if a.flash_attn or "flash" in str(a.attn_implementation or "") else
-                      _attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf")
+                      attn=_attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf")
 
 
 def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
