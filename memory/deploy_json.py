@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from .arch import Arch
-from .deploy import Deployment, Engine, Role, Sharding
+from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
 
 
 def deployment_to_dict(dep: Deployment) -> dict[str, Any]:
@@ -41,5 +41,7 @@ def deployment_from_dict(data: dict[str, Any]) -> Deployment:
               reward=_role(data.get("reward")),
               sharding=Sharding(**_known(Sharding, dict(data.get("sharding") or {}))),
               engine=Engine(**_known(Engine, dict(data.get("engine") or {}))),
-              groups={str(k): int(v) for k, v in dict(data.get("groups") or {"all": 1}).items()})
+              groups={str(k): int(v) for k, v in dict(data.get("groups") or {"all": 1}).items()},
+              hybrid_engine=HybridEngine(**_known(HybridEngine, dict(data["hybrid_engine"])))
+              if data.get("hybrid_engine") else None)
     return Deployment(**kw)

@@ -243,3 +243,15 @@ def test_hybrid_engine_has_no_separate_weight_sync():
     without = plan_deployment(dep(stage=3, gpus=4, he=None)).groups[0].table
     assert "actor.gathered_for_sync" not in with_he
     assert without["actor.gathered_for_sync"]["weight_sync"] == 2 * TINY.largest_param * 2
+
+
+def test_deepspeed_chat_deployment_round_trips_through_json():
+    """memory.json carries the deployment for the dashboard's what-if: the hybrid engine comes back as itself."""
+    from memory.deploy_json import deployment_from_dict, deployment_to_dict
+
+    d = from_deepspeed_chat("deepspeed --num_gpus 8 main.py --actor_model_name_or_path facebook/opt-13b "
+                            "--critic_model_name_or_path facebook/opt-350m --actor_zero_stage 3 --critic_zero_stage 3 "
+                            "--enable_hybrid_engine --inference_tp_size 2 --enable_ema", gpu_memory=40 * GiB)
+    back = deployment_from_dict(json.loads(json.dumps(deployment_to_dict(d))))
+    assert back == d and isinstance(back.hybrid_engine, HybridEngine)
+    assert plan_deployment(back).peak_bytes == plan_deployment(d).peak_bytes
