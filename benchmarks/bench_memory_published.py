@@ -42,29 +42,18 @@ from memory.inputs import (  # noqa: E402
     from_deepspeed_chat,
     from_openrlhf,
     from_verl,
-    sharding_from_accelerate,
-    sharding_from_deepspeed,
-    trl_deployment,
+    trl_from_mappings,
 )
 
 
 def from_trl_row(inp: dict[str, Any], model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
     """A TRL row's input: ``config`` (GRPOConfig args), ``accelerate`` (an accelerate config mapping) or
     ``deepspeed`` (a DeepSpeed JSON mapping), ``num_processes`` (accelerate's total, which overrides the config's)
-    and ``gpus_per_node``; read through the same functions as ``--trl_config``."""
-    from memory.arch import load_arch
-    from memory.deploy import Sharding
-
-    cfg = dict(inp["config"])
-    sharding, procs = Sharding("zero0", mixed_precision=False), 1
-    if inp.get("accelerate"):
-        sharding, n, machines = sharding_from_accelerate(inp["accelerate"], ROOT)
-        procs = n * machines
-    if inp.get("deepspeed"):
-        sharding = sharding_from_deepspeed(inp["deepspeed"])
-    return trl_deployment(cfg, load_arch(str(model or cfg["model_name_or_path"])),
-                          gpus=int(inp.get("num_processes", procs)), sharding=sharding, gpu_memory=gpu_memory,
-                          gpus_per_node=int(inp.get("gpus_per_node", 8)))
+    and ``gpus_per_node``; read by the same function as ``--trl_config``."""
+    return trl_from_mappings(dict(inp["config"]), accelerate=inp.get("accelerate"), deepspeed=inp.get("deepspeed"),
+                             base_dir=ROOT, model=model, num_processes=inp.get("num_processes"),
+                             gpu_memory=gpu_memory, gpus_per_node=int(inp.get("gpus_per_node", 8)),
+                             source="TRL row")
 
 
 # framework name -> reader(input, model=None, gpu_memory=...) -> Deployment; a new framework is one line here

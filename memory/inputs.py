@@ -83,22 +83,35 @@ def from_trl(config_path: str, model: str | None = None, accelerate: str | None 
     """A TRL GRPO/PPO run: actor (+ reference when ``beta > 0``), generation by vLLM when ``use_vllm``."""
     cfg = _load_mapping(config_path)
     base = Path(config_path).parent
+    ds_file = deepspeed or cfg.get("deepspeed")
+    ds: dict[str, Any] | None = ds_file if isinstance(ds_file, dict) else None
+    if ds_file and ds is None:
+        f = Path(ds_file)
+        ds = _load_mapping(str(f if f.is_absolute() or f.exists() else base / f))
+    return trl_from_mappings(cfg, accelerate=_load_mapping(accelerate) if accelerate else None, deepspeed=ds,
+                             base_dir=Path(accelerate).parent if accelerate else base, model=model,
+                             gpu_memory=gpu_memory, gpus_per_node=gpus_per_node, source=config_path)
+
+
+def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None = None,
+                      deepspeed: dict[str, Any] | None = None, base_dir: Path = Path("."), model: str | None = None,
+                      num_processes: int | None = None, gpu_memory: int = 80 * GiB, gpus_per_node: int = 8,
+                      source: str = "TRL config") -> Deployment:
+    """A TRL run from its settings already read: the GRPOConfig/TrainingArguments mapping, an accelerate config
+    (its sharding and process count; files it names resolve against ``base_dir``) and a DeepSpeed JSON, which
+    overrides the accelerate config's sharding. ``num_processes``: the launch's total, when known apart."""
     name = model or cfg.get("model_name_or_path") or cfg.get("model")
     if not name:
-        raise ValueError(f"{config_path}: no model_name_or_path; pass --model")
+        raise ValueError(f"{source}: no model_name_or_path; pass --model")
     arch = load_arch(str(name))
     n_proc, machines = 1, 1
     sharding = Sharding("zero0", mixed_precision=False)
-    ds_file = deepspeed or cfg.get("deepspeed")
     if accelerate:
-        sharding, n_proc, machines = sharding_from_accelerate(_load_mapping(accelerate), Path(accelerate).parent)
-    if isinstance(ds_file, dict):
-        sharding = sharding_from_deepspeed(ds_file)
-    elif ds_file:
-        f = Path(ds_file)
-        sharding = sharding_from_deepspeed(_load_mapping(str(f if f.is_absolute() or f.exists() else base / f)))
-    gpus = n_proc * machines if accelerate else int(cfg.get("num_processes", n_proc))
-    return trl_deployment(cfg, arch, gpus=gpus, sharding=sharding, gpu_memory=gpu_memory,
+        sharding, n_proc, machines = sharding_from_accelerate(accelerate, base_dir)
+    if deepspeed:
+        sharding = sharding_from_deepspeed(deepspeed)
+    gpus = num_processes or (n_proc * machines if accelerate else int(cfg.get("num_processes", n_proc)))
+    return trl_deployment(cfg, arch, gpus=int(gpus), sharding=sharding, gpu_memory=gpu_memory,
                           gpus_per_node=gpus_per_node)
 
 
