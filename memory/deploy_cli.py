@@ -85,18 +85,18 @@ def deployment_from_args(a: argparse.Namespace) -> Deployment:
 
     gpu_memory = parse_bytes(a.gpu_memory or "80GiB")
     gpn = a.gpus_per_node or 8
-    if a.from_openrlhf:
+    if a.from_openrlhf is not None:  # an empty value is the reader's one-line error, not a default plan
 
         dep = from_openrlhf(a.from_openrlhf, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory,
                             gpus_per_node=gpn)
-    elif a.from_deepspeed_chat:
+    elif a.from_deepspeed_chat is not None:
 
         dep = from_deepspeed_chat(a.from_deepspeed_chat, model=None if a.model == "tiny" else a.model,
                                   gpu_memory=gpu_memory, gpus=a.nodes * gpn if a.nodes else None, gpus_per_node=gpn)
-    elif a.from_verl:
+    elif a.from_verl is not None:
 
         dep = from_verl(a.from_verl, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory)
-    elif a.trl_config:
+    elif a.trl_config is not None:
 
         dep = from_trl(a.trl_config, model=None if a.model == "tiny" else a.model, accelerate=a.accelerate_config,
                        deepspeed=a.deepspeed_config, gpu_memory=gpu_memory, gpus_per_node=gpn)

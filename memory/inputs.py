@@ -20,6 +20,8 @@ GiB = 2**30
 
 
 def _load_mapping(path: str) -> dict[str, Any]:
+    if not str(path).strip():
+        raise ValueError("an empty file path was given")
     p = Path(path)
     try:
         text = p.read_text()

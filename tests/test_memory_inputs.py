@@ -503,3 +503,14 @@ def test_openrlhf_early_flat_attention_is_eager_without_flash_attn():
     assert from_openrlhf(base + " --flash_attn").attn == "flash"
     assert from_openrlhf(base + " --packing_samples").attn == "flash"
     assert from_openrlhf(base.replace("--bf16", "--param_dtype bf16")).attn == "flash"  # cd7a434f+: flash default
+
+
+@pytest.mark.parametrize("flag,words", [("--from_openrlhf", "no OpenRLHF train_ppo_ray flag"),
+                                        ("--from_verl", "no actor_rollout_ref.model.path"),
+                                        ("--from_deepspeed_chat", "no --actor_model_name_or_path"),
+                                        ("--trl_config", "empty file path")])
+def test_cli_empty_input_is_a_one_line_error(capsys, flag, words):
+    """An empty value is the reader's own error, not a plan of the default model with the generic flags."""
+    assert main(["plan", flag, ""]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
