@@ -36,7 +36,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("deployment (multi-GPU RLHF; any of these switches to the deployment planner)")
     g.add_argument("--nodes", type=int, default=None)
     g.add_argument("--gpus_per_node", type=int, default=None)
-    g.add_argument("--gpu_memory", default=None, help="memory of one GPU, e.g. 80GiB (default 80GiB)")
+    g.add_argument("--gpu_memory", default=None,
+                   help="memory of one GPU, e.g. 80GiB, or a GPU name: H100, A100-80GB, A100-40GB, H200, L40S, ... "
+                        "(what nvidia-smi reports; default 80GiB)")
     g.add_argument("--reserve", default="0", help="per-GPU bytes outside tensors (CUDA context, NCCL), e.g. 2GiB")
     g.add_argument("--algorithm", choices=("grpo", "rloo", "reinforce", "ppo"), default=None,
                    help="ppo adds a critic (the actor's model unless --critic)")

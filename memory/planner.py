@@ -16,13 +16,24 @@ from .estimator import COMPONENTS, PHASES, Prediction, StepSpec, predict
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MAX_BATCH = 1 << 16
+# What a GPU really holds, by the name people type: the totals NVML (nvidia-smi) reports, in MiB, from Modal's table
+# (thundergolfer.com/blog/nvidia-gpu-memory-capacity), not the marketing size: an "80 GB" H100 holds 79.65 GiB
+# (85.5e9 bytes), an "80 GB" A100 80 GiB; "80GB" read as 80e9 bytes is 74.5 GiB.
+GPU_MEMORY_MIB = {"H200": 143_771, "H100": 81_559, "A100-80GB": 81_920, "A100-40GB": 40_960, "L40S": 46_068,
+                  "A10": 23_028, "L4": 23_034, "T4": 15_360}
 
 
 def parse_bytes(text: str) -> int:
-    """'16GiB', '500 MB', '1e9' → bytes; a clear ValueError otherwise."""
+    """'16GiB', '500 MB', '1e9', or a GPU name ('H100', 'A100-40GB': what NVML reports) → bytes; a clear
+    ValueError otherwise."""
+    gpu = re.sub(r"[\s_]+", "-", str(text).strip().upper())
+    gpu = gpu + "B" if gpu.endswith("0G") else gpu
+    if gpu in GPU_MEMORY_MIB:
+        return GPU_MEMORY_MIB[gpu] * 2**20
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a memory size (examples: 16GiB, 512MiB, 8GB, 1e9)")
+        raise ValueError(f"cannot read {text!r} as a memory size (examples: 16GiB, 512MiB, 8GB, 1e9, or a GPU: "
+                         f"{', '.join(GPU_MEMORY_MIB)})")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value <= 0:
         raise ValueError(f"memory size must be positive; got {text!r}")

@@ -62,3 +62,16 @@ def test_suggestion_saving_is_measured(change, base_update_peak):
     predicted = predict(base).phases["update"]["total"] - predict(new).phases["update"]["total"]
     assert measured > 0.05 * before, (change, before, after)
     assert abs(predicted - measured) <= 0.25 * measured, (change, predicted, measured)
+
+
+def test_gpu_names_read_as_what_nvml_reports():
+    """--gpu_memory H100 is the 81,559 MiB nvidia-smi reports, not 80e9 bytes; spellings of the A100 variants
+    agree; an unknown name is a one-line error that lists the known ones."""
+    from memory.planner import GPU_MEMORY_MIB, parse_bytes
+
+    assert parse_bytes("H100") == 81_559 * 2**20 > parse_bytes("80GB")
+    assert parse_bytes("a100-80gb") == parse_bytes("A100 80G") == parse_bytes("A100_80GB") == parse_bytes("80GiB")
+    assert parse_bytes("A100-40GB") == 40 * 2**30
+    with pytest.raises(ValueError, match="H100") as err:
+        parse_bytes("B200")
+    assert "\n" not in str(err.value) and all(name in str(err.value) for name in GPU_MEMORY_MIB)
