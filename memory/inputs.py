@@ -203,7 +203,8 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
         add(f"--{role}_num_gpus_per_node", type=int, default=8)
     for flag in ("colocate_actor_ref", "colocate_critic_reward", "colocate_all_models", "vllm_enable_sleep",
                  "deepspeed_enable_sleep", "adam_offload", "gradient_checkpointing", "bf16", "flash_attn",
-                 "load_in_4bit", "ref_reward_offload", "enforce_eager", "packing_samples", "async_train"):
+                 "load_in_4bit", "ref_reward_offload", "enforce_eager", "packing_samples", "async_train",
+                 "use_dynamic_batch"):
         add(f"--{flag}", action="store_true")
     add("--vllm_num_engines", type=int, default=None)
     add("--vllm_tensor_parallel_size", type=int, default=1)
@@ -213,7 +214,14 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
     add("--micro_train_batch_size", type=int, default=None)
     add("--micro_rollout_batch_size", type=int, default=None)
     add("--rollout_batch_size", type=int, default=1024)
+    add("--train_batch_size", type=int, default=128)
     add("--n_samples_per_prompt", type=int, default=1)
+    # dynamic batching (81421bd2, 2025-07-12: one --max_tokens_per_gpu; f9a1676b, 2025-07-14: the train and
+    # rollout budgets) and ring attention (bfa85f6f, 2025-02-28); see _openrlhf_token_micro_batches
+    add("--train_max_tokens_per_gpu", type=int, default=None)  # 16192 (below), unless --max_tokens_per_gpu
+    add("--rollout_max_tokens_per_gpu", type=int, default=None)
+    add("--max_tokens_per_gpu", type=int, default=None)
+    add("--ring_attn_size", type=int, default=1)
     add("--prompt_max_len", type=int, default=None)
     add("--generate_max_len", type=int, default=None)
     add("--max_len", type=int, default=None)
@@ -254,7 +262,8 @@ _OPENRLHF_FLAT_VERSIONS: list[tuple[str, dict[str, Any]]] = [
 # (the largest defaults: fp32, micro-batches 4/8, eager attention), and one that no version accepts is refused
 _OPENRLHF_FLAT_SPAN: dict[str, tuple[int, int]] = {
     "flash_attn": (0, 0), "bf16": (0, 1), "prompt_max_len": (0, 2), "generate_max_len": (0, 2),
-    "attn_implementation": (1, 4), "param_dtype": (2, 4), "max_new_tokens": (3, 4)}
+    "attn_implementation": (1, 4), "param_dtype": (2, 4), "max_new_tokens": (3, 4),
+    "max_tokens_per_gpu": (0, 0)}  # 81421bd2 to f9a1676b^ only (2025-07-12..14)
 
 
 def _openrlhf_flat_version(a: argparse.Namespace) -> int:
@@ -312,6 +321,11 @@ _OPENRLHF_DOTTED: dict[str, tuple[str, type, Any]] = {
     "train.micro_batch_size": ("micro_train_batch_size", int, 1),
     "rollout.micro_batch_size": ("micro_rollout_batch_size", int, 1),
     "rollout.batch_size": ("rollout_batch_size", int, 1024),
+    "train.batch_size": ("train_batch_size", int, 128),
+    "train.dynamic_batch_enable": ("use_dynamic_batch", bool, False),
+    "train.max_tokens_per_gpu": ("train_max_tokens_per_gpu", int, 16192),
+    "rollout.max_tokens_per_gpu": ("rollout_max_tokens_per_gpu", int, None),
+    "ds.ring_attn_size": ("ring_attn_size", int, 1),
     "rollout.n_samples_per_prompt": ("n_samples_per_prompt", int, 1),
     "data.max_len": ("max_len", int, 2048),
     "rollout.max_new_tokens": ("max_new_tokens", int, None),
@@ -361,6 +375,22 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
     a.bf16 = a.bf16 or version >= 2  # cd7a434f+ --param_dtype, --ds.param_dtype: bf16 or fp16, 2 bytes either way
     if a.agent_func_path:  # flat 7d3e07bf+, dotted --train.agent_func_path
         a.remote_rm_url = "agent"
+    if a.max_tokens_per_gpu is not None:  # 81421bd2: one budget, for training and scoring alike
+        if a.rollout_max_tokens_per_gpu is not None or a.train_max_tokens_per_gpu is not None:
+            raise ValueError("--from_openrlhf: --max_tokens_per_gpu (OpenRLHF 81421bd2 only) and its successors "
+                             "--train_max_tokens_per_gpu/--rollout_max_tokens_per_gpu (f9a1676b+) are in no "
+                             "OpenRLHF version together; write one version's flags")
+        a.train_max_tokens_per_gpu = a.rollout_max_tokens_per_gpu = a.max_tokens_per_gpu
+    if a.train_max_tokens_per_gpu is None:
+        a.train_max_tokens_per_gpu = 16192  # every version's default (dotted --train.max_tokens_per_gpu too)
+    if a.ring_attn_size < 1:
+        raise ValueError(f"--from_openrlhf: --ring_attn_size {a.ring_attn_size}: must be at least 1")
+    # train_ppo_ray (806d0296+ for ring attention, 81421bd2+ for dynamic batching) turns packing on for both, and
+    # a dynamic batch's rollout budget defaults to the training one (f9a1676b+, dotted alike)
+    if a.ring_attn_size > 1 or a.use_dynamic_batch:
+        a.packing_samples = True
+    if a.use_dynamic_batch and a.rollout_max_tokens_per_gpu is None:
+        a.rollout_max_tokens_per_gpu = a.train_max_tokens_per_gpu
     # packing makes train_ppo_ray use flash attention: c250c21a+ flash_attention_2, before it ``args.flash_attn =
     # True`` (4c902a2a, which added --packing_samples)
     if version >= 1 and a.packing_samples and "flash_attention" not in a.attn_implementation:
@@ -374,6 +404,45 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
         response = max(1, min(a.max_new_tokens or (a.max_len + 1) // 2, a.max_len - 1))
         a.prompt_max_len, a.generate_max_len = max(1, a.max_len - response), response
     return a, bool(dotted)
+
+
+def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
+    """(training, scoring) micro-batch per GPU in sequences, as OpenRLHF cuts them (3c3be623, the same rule since
+    81421bd2), read at the maximum total length L = prompt + response maxima.
+
+    Ring attention (``--ring_attn_size`` r, ``--ds.ring_attn_size``): DeepSpeed's mesh is (dp, sp=r, tp)
+    (deepspeed.py setup_distributed); each micro-batch goes to one sp group and its packed tokens are padded to a
+    multiple of r and sliced over the r GPUs (ring_attn_utils.get_tensor_in_current_ring_attn_rank; logits stay
+    local), so a GPU holds ceil(sequences / r) sequences' tokens. ZeRO still shards over every GPU (deepspeed is
+    initialised without an mpu; its train_batch_size is multiplied by r), so the groups do not change.
+
+    Dynamic batching (``--use_dynamic_batch``, ``--train.dynamic_batch_enable``) replaces both micro-batch flags:
+    seqlen_balancing.get_minimum_num_micro_batch_size first-fits the lengths into bins of budget x r tokens (at
+    length L: max(1, budget x r // L) sequences a bin) and get_seqlen_balanced_partitions splits them evenly over
+    that many micro-batches (at equal lengths the largest holds ceil(n / micro-batches)).
+    Training (replay_buffer.setup_dynamic_batch): n = train_batch_size // dp per step, dp = actor GPUs // r.
+    Scoring (experience_maker.split_rollout_samples): n = rollout_batch_size x n_samples_per_prompt, and the
+    bin count is rounded down to a multiple of dp (at least dp), so a micro-batch can exceed the rollout budget
+    (``--rollout_max_tokens_per_gpu``, default: the training budget). The critic's micro-batches are read with the
+    actor's dp (one micro-batch for both here)."""
+    ring = a.ring_attn_size
+    seq = a.prompt_max_len + a.generate_max_len
+    dp = max(1, a.actor_num_nodes * a.actor_num_gpus_per_node // ring)
+
+    def per_gpu(seqs: int) -> int:  # a sp group's micro-batch, its tokens split over the ring
+        return max(1, -(-seqs // ring))
+
+    if not a.use_dynamic_batch:
+        return per_gpu(a.micro_train_batch_size), per_gpu(a.micro_rollout_batch_size)
+
+    def bins(n: int, budget: int) -> int:  # first fit of n sequences of length seq into budget x ring tokens
+        return -(-n // max(1, budget * ring // seq))
+
+    local = max(1, a.train_batch_size // dp)
+    train = -(-local // bins(local, a.train_max_tokens_per_gpu))
+    n = max(1, a.rollout_batch_size * a.n_samples_per_prompt)
+    k = min(n, max(bins(n, a.rollout_max_tokens_per_gpu) // dp * dp, dp))
+    return per_gpu(train), per_gpu(-(-n // k))
 
 
 def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
@@ -394,7 +463,10 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     so they apply only when written. Flags no single version has together (``--bf16`` with ``--param_dtype``)
     are an error. The dotted flags
     (``--actor.num_gpus_per_node``, ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13) have the newest flat
-    defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error."""
+    defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error.
+    Dynamic batching (``--use_dynamic_batch``, ``--train.dynamic_batch_enable``) and ring attention
+    (``--ring_attn_size``, ``--ds.ring_attn_size``) set the micro-batches per GPU by OpenRLHF's token budgets and
+    sequence split (:func:`_openrlhf_token_micro_batches`); both turn packing on."""
     toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
     if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
         toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
@@ -449,12 +521,12 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     else:
         engine = Engine("hf", group="actor")
         rollout = a.micro_rollout_batch_size
+    micro, score_micro = _openrlhf_token_micro_batches(a)
     return Deployment(actor=actor, critic=critic, reference=ref, reward=reward, groups=groups,
                       gpus_per_node=gpus_per_node, gpu_memory=gpu_memory,
                       sharding=Sharding(f"zero{a.zero_stage}", offload_optimizer=a.adam_offload,
                                         mixed_precision=True),
-                      engine=engine, micro_batch=a.micro_train_batch_size,
-                      score_micro_batch=a.micro_rollout_batch_size, prompt_len=a.prompt_max_len,
+                      engine=engine, micro_batch=micro, score_micro_batch=score_micro, prompt_len=a.prompt_max_len,
                       response_len=a.generate_max_len, rollout_per_gpu=rollout,
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,

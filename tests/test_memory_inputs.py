@@ -241,7 +241,7 @@ def test_openrlhf_dotted_readme_equals_flat():
         "--rollout_batch_size 1024 --n_samples_per_prompt 1 --prompt_max_len 1024 --generate_max_len 1024 "
         "--zero_stage 3 --bf16 --init_kl_coef 0.01 --gradient_checkpointing --packing_samples --enforce_eager "
         "--vllm_enable_sleep --deepspeed_enable_sleep --flash_attn --micro_train_batch_size 1 "
-        "--micro_rollout_batch_size 1")
+        "--micro_rollout_batch_size 1 --use_dynamic_batch")  # the README's --train.dynamic_batch_enable
     assert dotted.framework == "openrlhf-dotted" and dotted.with_(framework="openrlhf") == flat
     assert dotted.groups == {"actor": 8} and dotted.engine.group == "actor" and dotted.engine.sleep
     assert dotted.train_sleep and dotted.critic.group == dotted.reward.group == "actor"
@@ -439,14 +439,17 @@ def test_openrlhf_late_flat_script_read_with_its_flags_and_defaults():
     assert dep.framework == "openrlhf" and dep.actor.dtype_bytes == 2  # --param_dtype bf16 (fp32 is gone)
     assert dep.attn == "flash"  # --attn_implementation's default flash_attention_2 (c250c21a+), packing too
     assert (dep.prompt_len, dep.response_len) == (1024, 1024)  # --max_len 2048 is the total (d0e088b6+)
+    # the script's --use_dynamic_batch cuts both micro-batches by tokens (16384 // 2048 = 8 sequences a GPU)
+    assert (dep.micro_batch, dep.score_micro_batch) == (8, 8)
+    static = from_openrlhf(_hybrid(**{"   --use_dynamic_batch \\\n   --train_max_tokens_per_gpu 16384 \\\n": ""}))
     # not written: d0e088b6's defaults 4/8 (a2978694 lowered them to 1 later and added no flag that shows it)
-    assert (dep.micro_batch, dep.score_micro_batch) == (4, 8)
+    assert (static.micro_batch, static.score_micro_batch) == (4, 8)
     assert dep.groups == {"actor": 8} and dep.engine.group == "actor" and dep.engine.sleep and dep.train_sleep
     assert dep.sharding.kind == "zero3" and dep.gradient_checkpointing and dep.rollout_per_gpu == 256
     late = _hybrid(**{"--max_len 2048": "--max_len 74240 --max_new_tokens 64000"})
     assert (from_openrlhf(late).prompt_len, from_openrlhf(late).response_len) == (10240, 64000)
     one = from_openrlhf(_hybrid(**{"--zero_stage 3": "--zero_stage 3 --micro_train_batch_size 1 "
-                                                      "--micro_rollout_batch_size 1"}))
+                                   "--micro_rollout_batch_size 1", "   --use_dynamic_batch \\\n": ""}))
     assert (one.micro_batch, one.score_micro_batch) == (1, 1)  # v0.10.0+ defaults, when written
     # train_reinforce_baseline_ray_agent_async.sh's placement: --async_train keeps vLLM off the colocated GPUs
     asy = from_openrlhf("--pretrain Qwen2.5-7B --colocate_all_models --async_train --vllm_num_engines 4 "
@@ -514,3 +517,108 @@ def test_cli_empty_input_is_a_one_line_error(capsys, flag, words):
     assert main(["plan", flag, ""]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---- OpenRLHF dynamic batching and ring attention (3c3be623; the same rule since 81421bd2) ----------------------
+# seqlen_balancing.get_minimum_num_micro_batch_size first-fits the lengths into bins of budget x ring_attn_size
+# tokens; get_seqlen_balanced_partitions spreads the sequences over that many micro-batches. Training
+# (replay_buffer.setup_dynamic_batch): train_batch_size // dp sequences per step; scoring
+# (experience_maker.split_rollout_samples): rollout_batch_size x n_samples_per_prompt, the bin count rounded down
+# to a multiple of dp (at least dp); dp = actor GPUs // ring_attn_size. Ring attention slices each micro-batch's
+# packed tokens over ring_attn_size GPUs (ring_attn_utils.get_tensor_in_current_ring_attn_rank).
+
+def _readme_2048(extra: str = "", dynamic: bool = True) -> str:
+    cmd = _readme(**{"   --prompt_max_len 1024 \\\n": "", "--generate_max_len 1024": "--data.max_len 2048"})
+    if not dynamic:
+        cmd = cmd.replace("   --train.dynamic_batch_enable \\\n", "")
+    return cmd.replace("--logger.wandb.key {wandb_token}", "--logger.wandb.key x " + extra)
+
+
+def _micro(cmd: str) -> tuple[int, int]:
+    dep = from_openrlhf(cmd)
+    return dep.micro_batch, dep.score_micro_batch
+
+
+def test_openrlhf_dynamic_batch_readme_token_budget():
+    # train: dp 8, 128 // 8 = 16 sequences of 2048 tokens; 16192 // 2048 = 7 a bin -> 3 bins -> ceil(16 / 3) = 6.
+    # scoring: the rollout budget defaults to the training one: 1024 sequences, 7 a bin -> 147 bins, rounded down to
+    # 144 (a multiple of dp 8) -> ceil(1024 / 144) = 8 (16384 tokens: over the budget, as OpenRLHF cuts it)
+    assert _micro(_readme_2048()) == (6, 8)
+    assert _micro(_readme_2048(dynamic=False)) == (1, 1)  # the micro-batch flags' defaults
+    # an explicit rollout budget: 4096 // 2048 = 2 a bin -> 512 bins -> 2 a micro-batch; training unchanged
+    assert _micro(_readme_2048("--rollout.max_tokens_per_gpu 4096")) == (6, 2)
+    # a larger training budget: 32768 // 2048 = 16 a bin -> the step's 16 in one; scoring follows it (16 a bin ->
+    # 64 bins -> 16)
+    assert _micro(_readme_2048("--train.max_tokens_per_gpu 32768")) == (16, 16)
+    # a budget under one sequence: one sequence a micro-batch (first fit opens a bin for each)
+    assert _micro(_readme_2048("--train.max_tokens_per_gpu 1000")) == (1, 1)
+    # longer sequences: 8192 tokens, 16192 // 8192 = 1 a bin
+    assert _micro(_readme_2048().replace("--data.max_len 2048", "--data.max_len 8192")) == (1, 1)
+    # few rollouts: 24 sequences, 7 a bin -> 4 bins, rounded down to 0, at least dp 8 -> 3 a micro-batch
+    assert _micro(_readme_2048("--rollout.batch_size 24"))[1] == 3
+    # the micro-batch flags do not count with dynamic batching
+    assert _micro(_readme_2048("--train.micro_batch_size 4 --rollout.micro_batch_size 4")) == (6, 8)
+
+
+def test_openrlhf_dynamic_batch_flat_flags_and_rollout_default():
+    flat = ("--pretrain Qwen2.5-0.5B --vllm_num_engines 4 --actor_num_gpus_per_node 4 --prompt_max_len 1024 "
+            "--generate_max_len 1024 --train_batch_size 64 --rollout_batch_size 512 --n_samples_per_prompt 4 "
+            "--use_dynamic_batch --train_max_tokens_per_gpu 16384")
+    # train: dp 4, 16 sequences, 8 a bin -> 2 bins of 8. scoring: the rollout budget defaults to 16384 (f9a1676b+):
+    # 2048 sequences, 8 a bin -> 256 bins -> 8
+    assert _micro(flat) == (8, 8)
+    # --rollout_max_tokens_per_gpu 8192: 4 a bin -> 512 bins -> 4
+    assert _micro(flat + " --rollout_max_tokens_per_gpu 8192") == (8, 4)
+    # without a training budget: the default 16192 (7 a bin): train 16 -> 3 bins -> 6; scoring 2048 -> 293 bins,
+    # rounded down to 292 -> ceil(2048 / 292) = 8
+    assert _micro(flat.replace(" --train_max_tokens_per_gpu 16384", "")) == (6, 8)
+    # dynamic batching turns packing on, and packing flash attention (397d6a1c-era flags: eager otherwise)
+    assert from_openrlhf(flat).attn == "flash"
+    # the dotted spelling of the same command is read alike
+    dotted = ("--actor.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 4 --actor.num_gpus_per_node 4 "
+              "--data.max_len 2048 --train.batch_size 64 --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 "
+              "--train.dynamic_batch_enable --train.max_tokens_per_gpu 16384")
+    assert _micro(dotted) == (8, 8) and _micro(dotted + " --rollout.max_tokens_per_gpu 8192") == (8, 4)
+    # 81421bd2 (2025-07-12..14): one --max_tokens_per_gpu for both; not together with its successors or with flags
+    # of later versions
+    assert _micro(flat.replace("--train_max_tokens_per_gpu", "--max_tokens_per_gpu")) == (8, 8)
+    assert _micro(flat.replace("--train_max_tokens_per_gpu 16384", "--max_tokens_per_gpu 8192")) == (4, 4)
+    with pytest.raises(ValueError, match="--max_tokens_per_gpu.*no OpenRLHF version together"):
+        from_openrlhf(flat + " --max_tokens_per_gpu 8192")
+    with pytest.raises(ValueError, match="no OpenRLHF version together"):
+        from_openrlhf(flat.replace("--train_max_tokens_per_gpu", "--max_tokens_per_gpu") + " --param_dtype bf16")
+
+
+def test_openrlhf_ring_attention_splits_tokens_per_gpu():
+    # without dynamic batching each sp group gets the micro-batch flags' sequences; its GPUs hold half the tokens
+    base = "--actor.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 8 --data.max_len 2048"
+    static = base + " --train.micro_batch_size 4 --rollout.micro_batch_size 3"
+    assert _micro(static) == (4, 3) and _micro(static + " --ds.ring_attn_size 2") == (2, 2)  # ceil(3 / 2)
+    assert _micro(base + " --ds.ring_attn_size 4") == (1, 1)  # at least one sequence's tokens (see the reader)
+    # flat alike; ring attention turns packing on (flash attention at 397d6a1c-era flags)
+    flat = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8 --micro_train_batch_size 4 "
+                         "--micro_rollout_batch_size 8 --ring_attn_size 2")
+    assert (flat.micro_batch, flat.score_micro_batch, flat.attn) == (2, 4, "flash")
+    # ZeRO still shards over every actor GPU: the groups do not change
+    plain = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8")
+    assert flat.groups == plain.groups and flat.groups["actor"] == 8 and flat.sharding == plain.sharding
+    # with dynamic batching: dp 8 // 2 = 4; budgets x 2 per group. train: 128 // 4 = 32, 16192 x 2 // 2048 = 15 a
+    # bin -> 3 bins -> 11 a group -> ceil(11 / 2) = 6 a GPU. scoring: 1024, 15 a bin -> 69 bins, rounded down to 68
+    # -> ceil(1024 / 68) = 16 a group -> 8 a GPU
+    assert _micro(_readme_2048("--ds.ring_attn_size 2")) == (6, 8)
+    with pytest.raises(ValueError, match="ring_attn_size 0"):
+        from_openrlhf(base + " --ds.ring_attn_size 0")
+
+
+def test_openrlhf_without_dynamic_batch_or_ring_nothing_changes():
+    # budgets without the switch are inert (OpenRLHF reads them only with dynamic batching)
+    for cmd, extra in (
+            ("--pretrain Qwen2.5-0.5B --vllm_num_engines 8 --micro_train_batch_size 3 --micro_rollout_batch_size 5",
+             " --train_max_tokens_per_gpu 100 --rollout_max_tokens_per_gpu 100 --ring_attn_size 1"),
+            ("--actor.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 8 --train.micro_batch_size 3 "
+             "--rollout.micro_batch_size 5", " --train.max_tokens_per_gpu 100 --rollout.max_tokens_per_gpu 100 "
+             "--ds.ring_attn_size 1 --train.batch_size 7")):
+        dep = from_openrlhf(cmd)
+        assert (dep.micro_batch, dep.score_micro_batch) == (3, 5) and from_openrlhf(cmd + extra) == dep
+    flat = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8")
+    assert (flat.micro_batch, flat.score_micro_batch, flat.attn) == (4, 8, "eager")  # no packing forced
