@@ -41,6 +41,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
                     "verl": "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={v}",
                     "deepspeed-chat": "--per_device_training_batch_size {v}",
                     "openrlhf-dotted": "--train.micro_batch_size {v}"},
+    "token_budget": {"openrlhf": "--train_max_tokens_per_gpu {v}", "openrlhf-dotted": "--train.max_tokens_per_gpu {v}",
+                     "verl": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu={v}"},
     "lora": {"trl": "use_peft: true, lora_r: 16 (TRL ModelConfig)", "openrlhf": "--lora_rank 16",
              "verl": "actor_rollout_ref.model.lora_rank=16",
              "deepspeed-chat": "--actor_lora_dim 16 --only_optimize_lora",
@@ -143,8 +145,12 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
     if dep.micro_batch > 1:
         mb = largest_micro_batch(dep) or 1
         mb = min(mb, dep.micro_batch - 1)
-        out.append(("micro_batch", f"train micro-batch {mb}", dep.with_(micro_batch=mb), mb,
-                    "raise gradient accumulation to keep the batch"))
+        if dep.token_budget_batching:  # the micro-batch flags are ignored: the budget is the knob
+            out.append(("token_budget", f"train token budget {mb * dep.seq} per GPU (micro-batch {mb})",
+                        dep.with_(micro_batch=mb), mb * dep.seq, "more, smaller micro-batches per step"))
+        else:
+            out.append(("micro_batch", f"train micro-batch {mb}", dep.with_(micro_batch=mb), mb,
+                        "raise gradient accumulation to keep the batch"))
     if not a.lora_rank:
         out.append(("lora", "LoRA (r=16) on the actor", dep.with_(
             actor=replace(a, lora_rank=16), reference=None if dep.framework == "trl" else dep.reference), None,

@@ -178,7 +178,7 @@ class Deployment:
     gather_for_generation: bool = True  # HF generate under ZeRO-3: whole model gathered (ds3_gather_for_generation)
     attn: str = "flash"
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk
-    framework: str = "trl"             # trl | openrlhf | verl | deepspeed-chat (names the flags of suggestions)
+    framework: str = "trl"             # trl | openrlhf | openrlhf-dotted | verl | deepspeed-chat (suggestions' flags)
     # veRL's weight sync (see sync_terms): actor.strategy fsdp (FSDP1, 1) or fsdp2 (2), rollout.layered_summon
     fsdp_version: int = 2
     layered_summon: bool = False
@@ -186,6 +186,9 @@ class Deployment:
     hybrid_engine: HybridEngine | None = None
     # an EMA copy of the actor (DeepSpeed-Chat --enable_ema, rlhf_engine.py _init_ema): frozen weights + adapters
     actor_ema: bool = False
+    # micro-batches cut from a per-GPU token budget (veRL use_dynamic_bsz, OpenRLHF dynamic batching): the readers
+    # turn the budget into micro_batch; a suggestion must name the budget, as the micro-batch flags are ignored
+    token_budget_batching: bool = False
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):

@@ -530,7 +530,8 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
                       response_len=a.generate_max_len, rollout_per_gpu=rollout,
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,
-                      attn=_attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf")
+                      attn=_attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf",
+                      token_budget_batching=a.use_dynamic_batch)
 
 
 def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
@@ -612,6 +613,7 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                       attn="flash", framework="verl",
                       fsdp_version=2 if str(get("actor_rollout_ref.actor.strategy", "fsdp")) == "fsdp2" else 1,
                       # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
+                      token_budget_batching=dyn,
                       layered_summon=flag("actor_rollout_ref.rollout.layered_summon") and "dummy" not in str(
                           get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))
 

@@ -622,3 +622,28 @@ def test_openrlhf_without_dynamic_batch_or_ring_nothing_changes():
         assert (dep.micro_batch, dep.score_micro_batch) == (3, 5) and from_openrlhf(cmd + extra) == dep
     flat = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8")
     assert (flat.micro_batch, flat.score_micro_batch, flat.attn) == (4, 8, "eager")  # no packing forced
+
+
+def test_token_budget_batching_is_advised_by_its_budget():
+    """With veRL's use_dynamic_bsz or OpenRLHF's dynamic batching the micro-batch flags are ignored, so the
+    smaller-batch suggestion names the token budget per GPU (micro-batch x sequence length) instead."""
+    from memory.advise import suggest
+    from memory.inputs import from_verl
+
+    verl = from_verl("actor_rollout_ref.model.path=Qwen2.5-7B algorithm.adv_estimator=grpo data.train_batch_size=1024 "
+                     "data.max_prompt_length=1024 data.max_response_length=3072 "
+                     "actor_rollout_ref.actor.ppo_mini_batch_size=256 actor_rollout_ref.actor.use_dynamic_bsz=True "
+                     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=65536 actor_rollout_ref.rollout.n=8 "
+                     "trainer.n_gpus_per_node=8", gpu_memory=40 * 2**30)
+    assert verl.token_budget_batching and verl.micro_batch > 1
+    changes = {c.key: c for c in suggest(verl)}
+    assert "micro_batch" not in changes
+    budget = changes["token_budget"]
+    assert budget.flag.startswith("actor_rollout_ref.actor.ppo_max_token_len_per_gpu=")
+    assert int(budget.flag.split("=")[1]) % verl.seq == 0 and int(budget.flag.split("=")[1]) < 65536
+    dotted = from_openrlhf("--actor.model_name_or_path Qwen2.5-7B --vllm.num_engines 8 --train.dynamic_batch_enable "
+                           "--train.max_tokens_per_gpu 65536 --train.batch_size 1024 --data.max_len 4096",
+                           gpu_memory=40 * 2**30)
+    flags = {c.key: c.flag for c in suggest(dotted)}
+    assert dotted.token_budget_batching and flags["token_budget"].startswith("--train.max_tokens_per_gpu ")
+    assert not from_verl("actor_rollout_ref.model.path=Qwen2.5-7B").token_budget_batching
