@@ -146,8 +146,9 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         mb = largest_micro_batch(dep) or 1
         mb = min(mb, dep.micro_batch - 1)
         if dep.token_budget_batching:  # the micro-batch flags are ignored: the budget is the knob
-            out.append(("token_budget", f"train token budget {mb * dep.seq} per GPU (micro-batch {mb})",
-                        dep.with_(micro_batch=mb), mb * dep.seq, "more, smaller micro-batches per step"))
+            budget = -(-mb * dep.seq // dep.sequence_parallel)  # per GPU: a group's bins hold budget x sp tokens
+            out.append(("token_budget", f"train token budget {budget} per GPU (micro-batch {mb})",
+                        dep.with_(micro_batch=mb), budget, "more, smaller micro-batches per step"))
         else:
             out.append(("micro_batch", f"train micro-batch {mb}", dep.with_(micro_batch=mb), mb,
                         "raise gradient accumulation to keep the batch"))

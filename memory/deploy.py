@@ -163,7 +163,7 @@ class Deployment:
     engine: Engine = Engine()
     optimizer: str = "adamw"
     optimizer_impl: str = "fused"      # fused (TRL's adamw_torch_fused, DeepSpeed FusedAdam) | foreach | single_tensor
-    micro_batch: int = 1               # train micro-batch per GPU (sequences)
+    micro_batch: int = 1               # train micro-batch per GPU, or per sequence-parallel group (sequences)
     grad_accum: int = 1
     score_micro_batch: int | None = None
     prompt_len: int = 512
@@ -189,6 +189,10 @@ class Deployment:
     # micro-batches cut from a per-GPU token budget (veRL use_dynamic_bsz, OpenRLHF dynamic batching): the readers
     # turn the budget into micro_batch; a suggestion must name the budget, as the micro-batch flags are ignored
     token_budget_batching: bool = False
+    # sequence parallelism in training (veRL Ulysses, OpenRLHF ring attention): each micro-batch belongs to a group
+    # of this many GPUs, and each GPU holds 1/sp of its tokens (activations per token unchanged: Ulysses trades
+    # tokens for heads in attention, ring attention runs flash attention over key blocks)
+    sequence_parallel: int = 1
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
@@ -207,7 +211,8 @@ class Deployment:
                                                or not self.actor.trained):
             raise ValueError("the hybrid engine generates with the trained actor's own engine: it needs engine kind "
                              "'hf' on the actor's group")
-        for name, v in (("micro_batch", self.micro_batch), ("prompt_len", self.prompt_len),
+        for name, v in (("micro_batch", self.micro_batch), ("sequence_parallel", self.sequence_parallel),
+                        ("prompt_len", self.prompt_len),
                         ("response_len", self.response_len), ("rollout_per_gpu", self.rollout_per_gpu)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
@@ -398,9 +403,15 @@ def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool) -> int:
     return int(chunk_tokens * V * 4 * (3 if grad else 2) + (role.arch.hidden * V * 4 if grad else 0))
 
 
+def micro_tokens(dep: Deployment, micro: int) -> int:
+    """Tokens one GPU holds of a micro-batch of ``micro`` sequences: all of them, or 1/sp of a sequence-parallel
+    group's (rounded up: the group pads its packed tokens to a multiple of sp)."""
+    return -(-micro * dep.seq // dep.sequence_parallel)
+
+
 def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     """No-grad forward of one micro-batch to log-probs (or values): the head, or one layer's buffers."""
-    tokens = (dep.score_micro_batch or dep.micro_batch) * dep.seq
+    tokens = micro_tokens(dep, dep.score_micro_batch or dep.micro_batch)
     a = role.arch
     db = role.dtype_bytes
     head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False)
@@ -430,7 +441,7 @@ def head_slack(role: Role, dep: Deployment) -> int:
     head's vocabulary-sized tensors about 2 B per vocabulary entry and token stay through the layers' backward."""
     if role.value_head or dep.logprob_head == "chunked":
         return 0
-    tokens = dep.micro_batch * dep.seq
+    tokens = micro_tokens(dep, dep.micro_batch)
     if dep.gradient_checkpointing:
         _, head, layer = _update_terms(role, dep)
     else:
@@ -442,7 +453,7 @@ def head_slack(role: Role, dep: Deployment) -> int:
 def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     """(always alive, head backward, one layer's backward) of the update's activations."""
     a = role.arch
-    tokens = dep.micro_batch * dep.seq
+    tokens = micro_tokens(dep, dep.micro_batch)
     db = role.dtype_bytes
     per_layer = layer_saved(a, dep.attn, dep.seq).bytes(db)
     n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4

@@ -407,14 +407,15 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
 
 
 def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
-    """(training, scoring) micro-batch per GPU in sequences, as OpenRLHF cuts them (3c3be623, the same rule since
-    81421bd2), read at the maximum total length L = prompt + response maxima.
+    """(training, scoring) micro-batch in sequences of a ring group (a GPU without ring attention), as OpenRLHF
+    cuts them (3c3be623, the same rule since 81421bd2), read at the maximum total length L = prompt + response
+    maxima.
 
     Ring attention (``--ring_attn_size`` r, ``--ds.ring_attn_size``): DeepSpeed's mesh is (dp, sp=r, tp)
-    (deepspeed.py setup_distributed); each micro-batch goes to one sp group and its packed tokens are padded to a
-    multiple of r and sliced over the r GPUs (ring_attn_utils.get_tensor_in_current_ring_attn_rank; logits stay
-    local), so a GPU holds ceil(sequences / r) sequences' tokens. ZeRO still shards over every GPU (deepspeed is
-    initialised without an mpu; its train_batch_size is multiplied by r), so the groups do not change.
+    (deepspeed.py setup_distributed); each micro-batch goes to one sp group and its packed tokens are padded to
+    a multiple of r and sliced over the r GPUs (ring_attn_utils.get_tensor_in_current_ring_attn_rank; logits
+    stay local), so a GPU holds 1/r of them (``Deployment.sequence_parallel``). ZeRO still shards over every GPU
+    (deepspeed is initialised without an mpu; its train_batch_size is multiplied by r): the groups do not change.
 
     Dynamic batching (``--use_dynamic_batch``, ``--train.dynamic_batch_enable``) replaces both micro-batch flags:
     seqlen_balancing.get_minimum_num_micro_batch_size first-fits the lengths into bins of budget x r tokens (at
@@ -429,11 +430,8 @@ def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
     seq = a.prompt_max_len + a.generate_max_len
     dp = max(1, a.actor_num_nodes * a.actor_num_gpus_per_node // ring)
 
-    def per_gpu(seqs: int) -> int:  # a sp group's micro-batch, its tokens split over the ring
-        return max(1, -(-seqs // ring))
-
     if not a.use_dynamic_batch:
-        return per_gpu(a.micro_train_batch_size), per_gpu(a.micro_rollout_batch_size)
+        return a.micro_train_batch_size, a.micro_rollout_batch_size
 
     def bins(n: int, budget: int) -> int:  # first fit of n sequences of length seq into budget x ring tokens
         return -(-n // max(1, budget * ring // seq))
@@ -442,7 +440,7 @@ def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
     train = -(-local // bins(local, a.train_max_tokens_per_gpu))
     n = max(1, a.rollout_batch_size * a.n_samples_per_prompt)
     k = min(n, max(bins(n, a.rollout_max_tokens_per_gpu) // dp * dp, dp))
-    return per_gpu(train), per_gpu(-(-n // k))
+    return train, -(-n // k)
 
 
 def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
@@ -465,8 +463,9 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     (``--actor.num_gpus_per_node``, ed62d0e2, 2026-04-19, through 3c3be623, 2026-08-13) have the newest flat
     defaults and some of their own. A command mixing flat and dotted flags, or with neither, is an error.
     Dynamic batching (``--use_dynamic_batch``, ``--train.dynamic_batch_enable``) and ring attention
-    (``--ring_attn_size``, ``--ds.ring_attn_size``) set the micro-batches per GPU by OpenRLHF's token budgets and
-    sequence split (:func:`_openrlhf_token_micro_batches`); both turn packing on."""
+    (``--ring_attn_size``, ``--ds.ring_attn_size``) set the micro-batches by OpenRLHF's token budgets and the
+    sequence split (:func:`_openrlhf_token_micro_batches`, ``Deployment.sequence_parallel``); both turn packing
+    on."""
     toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
     if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
         toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
@@ -531,7 +530,7 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,
                       attn=_attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf",
-                      token_budget_batching=a.use_dynamic_batch)
+                      token_budget_batching=a.use_dynamic_batch, sequence_parallel=a.ring_attn_size)
 
 
 def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
@@ -555,27 +554,30 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
     arch = load_arch(str(name))
     n = int(get("trainer.n_gpus_per_node", 8)) * int(get("trainer.nnodes", 1))
     sp = int(get("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1))
+    dp = max(1, n // sp)
+    # micro-batches in sequences per Ulysses group (fsdp_workers.py normalises the deprecated global keys by
+    # dp = GPUs / sp; the _per_gpu keys are taken as they are, after the group's all-gather); each GPU then holds
+    # 1/sp of the tokens (Deployment.sequence_parallel)
     if get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu") is not None:
-        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")) // sp)
-    else:  # deprecated global micro-batch, split over data-parallel ranks, each rank's tokens over sp GPUs
-        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size", n)) // n)
-    lp = get("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu")
-    score_micro = max(1, int(lp) // sp) if lp is not None else max(1, int(get(
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size", micro * n)) // n)
+        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")))
+    else:  # deprecated global micro-batch, split over data-parallel ranks
+        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size", dp)) // dp)
+    lp, lp_global = (get(f"actor_rollout_ref.rollout.log_prob_micro_batch_size{k}") for k in ("_per_gpu", ""))
+    score_micro = max(1, int(lp)) if lp is not None else (
+        max(1, int(lp_global) // dp) if lp_global is not None else micro)
     # use_dynamic_bsz (dp_actor.py, seqlen_balancing.rearrange_micro_batches): a rank's batch is cut into
     # ceil(tokens / (max_token_len_per_gpu x sp)) balanced micro-batches, whatever the micro-batch keys say; the
     # rank's batch is its share of ppo_mini_batch_size x rollout.n for the update (fsdp_workers.py normalises it per
     # data-parallel rank) and of train_batch_size x rollout.n for log-probs. Read at the maximum lengths. Log-probs
     # follow rollout.log_prob_use_dynamic_bsz / log_prob_max_token_len_per_gpu, defaulting to the actor's.
     seq_max = int(get("data.max_prompt_length", 512)) + int(get("data.max_response_length", 512))
-    dp = max(1, n // sp)
     rollout_n = int(get("actor_rollout_ref.rollout.n", 1))
     dyn = flag("actor_rollout_ref.actor.use_dynamic_bsz")
     budget = int(get("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 16384))
 
-    def packed(rank_seqs: int, max_tokens: int) -> int:  # sequences per micro-batch per GPU
+    def packed(rank_seqs: int, max_tokens: int) -> int:  # sequences per micro-batch of a group
         k = max(1, min(rank_seqs, -(-rank_seqs * seq_max // (max_tokens * sp))))
-        return max(1, -(-rank_seqs // k) // sp)
+        return max(1, -(-rank_seqs // k))
 
     if dyn:
         micro = packed(max(1, int(get("actor_rollout_ref.actor.ppo_mini_batch_size", 256)) * rollout_n // dp), budget)
@@ -613,7 +615,7 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                       attn="flash", framework="verl",
                       fsdp_version=2 if str(get("actor_rollout_ref.actor.strategy", "fsdp")) == "fsdp2" else 1,
                       # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
-                      token_budget_batching=dyn,
+                      token_budget_batching=dyn, sequence_parallel=sp,
                       layered_summon=flag("actor_rollout_ref.rollout.layered_summon") and "dummy" not in str(
                           get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))
 

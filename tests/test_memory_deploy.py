@@ -322,3 +322,20 @@ def test_verl_lora_without_layered_summon_is_told_to_use_it():
     assert top.key == "layered_summon" and top.fits_after
     assert top.flag == FLAGS["layered_summon"]["verl"] and "layered_summon=True" in top.flag
     assert all(c.key != "layered_summon" for c in suggest(dep.with_(layered_summon=True)))
+
+
+def test_sequence_parallel_splits_a_micro_batch_tokens_over_its_group():
+    """Ulysses / ring attention: a group of sp GPUs shares each micro-batch and every GPU holds 1/sp of its tokens,
+    so 8 sequences over sp=8 plan like 1 sequence without it, and one long sequence over sp=8 is not planned whole."""
+    from memory.deploy import micro_tokens
+
+    base = Deployment(actor=actor(), groups={"all": 8}, sharding=Sharding("fsdp_full"), prompt_len=1024,
+                      response_len=31 * 1024, micro_batch=1)
+    split = base.with_(micro_batch=8, sequence_parallel=8)
+    assert micro_tokens(split, 8) == micro_tokens(base, 1) == 32 * 1024
+    assert plan_deployment(split).groups[0].totals == plan_deployment(base).groups[0].totals
+    one = base.with_(sequence_parallel=8)
+    assert micro_tokens(one, 1) == 4 * 1024
+    assert plan_deployment(one).groups[0].totals["update"] < plan_deployment(base).groups[0].totals["update"]
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        base.with_(sequence_parallel=0)

@@ -590,22 +590,29 @@ def test_openrlhf_dynamic_batch_flat_flags_and_rollout_default():
 
 
 def test_openrlhf_ring_attention_splits_tokens_per_gpu():
-    # without dynamic batching each sp group gets the micro-batch flags' sequences; its GPUs hold half the tokens
+    from memory.deploy import micro_tokens
+
+    # without dynamic batching each ring group gets the micro-batch flags' sequences; each GPU holds 1/r of their
+    # tokens (padded to a multiple of r)
     base = "--actor.model_name_or_path Qwen2.5-0.5B --vllm.num_engines 8 --data.max_len 2048"
     static = base + " --train.micro_batch_size 4 --rollout.micro_batch_size 3"
-    assert _micro(static) == (4, 3) and _micro(static + " --ds.ring_attn_size 2") == (2, 2)  # ceil(3 / 2)
-    assert _micro(base + " --ds.ring_attn_size 4") == (1, 1)  # at least one sequence's tokens (see the reader)
+    ring2 = from_openrlhf(static + " --ds.ring_attn_size 2")
+    assert _micro(static) == _micro(static + " --ds.ring_attn_size 2") == (4, 3) and ring2.sequence_parallel == 2
+    assert (micro_tokens(ring2, 4), micro_tokens(ring2, 3)) == (4 * 2048 // 2, 3 * 2048 // 2)
+    # one sequence over 4 GPUs: a quarter of its tokens each, not the whole sequence
+    one = from_openrlhf(base + " --ds.ring_attn_size 4")
+    assert _micro(base + " --ds.ring_attn_size 4") == (1, 1) and micro_tokens(one, 1) == 2048 // 4
     # flat alike; ring attention turns packing on (flash attention at 397d6a1c-era flags)
     flat = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8 --micro_train_batch_size 4 "
                          "--micro_rollout_batch_size 8 --ring_attn_size 2")
-    assert (flat.micro_batch, flat.score_micro_batch, flat.attn) == (2, 4, "flash")
+    assert (flat.micro_batch, flat.score_micro_batch, flat.attn, flat.sequence_parallel) == (4, 8, "flash", 2)
     # ZeRO still shards over every actor GPU: the groups do not change
     plain = from_openrlhf("--pretrain Qwen2.5-0.5B --vllm_num_engines 8")
     assert flat.groups == plain.groups and flat.groups["actor"] == 8 and flat.sharding == plain.sharding
     # with dynamic batching: dp 8 // 2 = 4; budgets x 2 per group. train: 128 // 4 = 32, 16192 x 2 // 2048 = 15 a
-    # bin -> 3 bins -> 11 a group -> ceil(11 / 2) = 6 a GPU. scoring: 1024, 15 a bin -> 69 bins, rounded down to 68
-    # -> ceil(1024 / 68) = 16 a group -> 8 a GPU
-    assert _micro(_readme_2048("--ds.ring_attn_size 2")) == (6, 8)
+    # bin -> 3 bins -> 11 a group (5.5 sequences' tokens a GPU). scoring: 1024, 15 a bin -> 69 bins, rounded down to
+    # 68 -> ceil(1024 / 68) = 16 a group
+    assert _micro(_readme_2048("--ds.ring_attn_size 2")) == (11, 16)
     with pytest.raises(ValueError, match="ring_attn_size 0"):
         from_openrlhf(base + " --ds.ring_attn_size 0")
 

@@ -59,7 +59,8 @@ def test_verl_dynamic_bsz_packs_tokens_per_gpu():
     assert (off.micro_batch, off.score_micro_batch) == (20, 2)
     # Ulysses SP 2: a group of 2 GPUs packs twice the budget and splits its tokens over both GPUs
     sp = from_verl(cmd + " actor_rollout_ref.actor.ulysses_sequence_parallel_size=2")
-    assert sp.micro_batch == 40 // 2  # 80 sequences per group, 81920 tokens -> 2 of 40, 20 per GPU
+    # 80 sequences per group, 81920 tokens -> 2 micro-batches of 40 a group, each GPU holding 20 sequences' tokens
+    assert (sp.micro_batch, sp.sequence_parallel) == (40, 2)
     # without use_dynamic_bsz nothing changes: the per-GPU micro-batch key decides
     static = from_verl(cmd.replace("use_dynamic_bsz=True", "use_dynamic_bsz=False")
                        + " actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4")
