@@ -181,7 +181,8 @@ def _inputs(dep: Deployment) -> dict[str, Any]:
             "micro_batch": dep.micro_batch, "prompt_len": dep.prompt_len, "response_len": dep.response_len,
             "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "framework": dep.framework,
             "hybrid_engine": asdict(dep.hybrid_engine) if dep.hybrid_engine is not None else None,
-            "actor_ema": dep.actor_ema}
+            "actor_ema": dep.actor_ema, "sequence_parallel": dep.sequence_parallel,
+            "token_budget_batching": dep.token_budget_batching}
 
 
 def render(rep: dict[str, Any]) -> str:

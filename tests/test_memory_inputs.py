@@ -654,3 +654,11 @@ def test_token_budget_batching_is_advised_by_its_budget():
     flags = {c.key: c.flag for c in suggest(dotted)}
     assert dotted.token_budget_batching and flags["token_budget"].startswith("--train.max_tokens_per_gpu ")
     assert not from_verl("actor_rollout_ref.model.path=Qwen2.5-7B").token_budget_batching
+
+
+def test_cli_json_reports_sequence_parallel_and_token_budget(capsys):
+    """The --json inputs say how the micro-batches were read: per sequence-parallel group, from a token budget."""
+    cmd = ("actor_rollout_ref.model.path=Qwen2.5-7B algorithm.adv_estimator=grpo trainer.n_gpus_per_node=8 "
+           "actor_rollout_ref.actor.ulysses_sequence_parallel_size=4 actor_rollout_ref.actor.use_dynamic_bsz=True")
+    rep = _json(capsys, ["plan", "--from_verl", cmd, "--json"])
+    assert rep["inputs"]["sequence_parallel"] == 4 and rep["inputs"]["token_budget_batching"] is True
