@@ -49,18 +49,19 @@ class Role:
     # --only_optimize_lora runs only_optimize_lora_parameters)
     lora_trains_others: bool = False
 
-    def linear_weight_params(self) -> int:
-        """Weights of the decoder layers' attention and MLP projections (what LoRA wraps), biases excluded."""
+    def projections(self) -> list[tuple[int, int]]:
+        """(in, out) of each attention and MLP projection of one decoder layer: what peft's ``all-linear`` wraps."""
         a = self.arch
         h, q, kv, i = a.hidden, a.q_dim, a.kv_dim, a.intermediate
-        return a.layers * (h * q + 2 * h * kv + q * h + (3 if a.gated_mlp else 2) * h * i)
+        return [(h, q), (h, kv), (h, kv), (q, h)] + ([(h, i), (h, i), (i, h)] if a.gated_mlp else [(h, i), (i, h)])
+
+    def linear_weight_params(self) -> int:
+        """Weights of the decoder layers' projections (what LoRA wraps), biases excluded."""
+        return self.arch.layers * sum(n_in * n_out for n_in, n_out in self.projections())
 
     def lora_params(self) -> int:
-        """LoRA on every attention and MLP projection (peft ``all-linear``): r·(in+out) per matrix."""
-        a, r = self.arch, self.lora_rank
-        h, q, kv, i = a.hidden, a.q_dim, a.kv_dim, a.intermediate
-        mats = (h + q) + 2 * (h + kv) + (q + h) + ((h + i) * 3 if a.gated_mlp else (h + i) * 2)
-        return a.layers * r * mats
+        """LoRA on every projection: r·(in+out) per matrix (0 without LoRA)."""
+        return self.arch.layers * self.lora_rank * sum(n_in + n_out for n_in, n_out in self.projections())
 
     @property
     def trained_params(self) -> int:
@@ -585,7 +586,7 @@ def hybrid_generation_weights(role: Role, dep: Deployment) -> int:
     if dep.sharding.kind != "zero3" or dep.hybrid_engine is None:
         return 0
     a, db = role.arch, role.dtype_bytes
-    lora = role.lora_params() if role.lora_rank else 0
+    lora = role.lora_params()
     lora_layer = lora // max(a.layers, 1)
     if not dep.gather_for_generation:
         return max(a.layer_params + lora_layer, a.largest_param) * db
@@ -757,7 +758,7 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
             if role.name == "actor" and dep.actor_ema:
                 # rlhf_engine.py _init_ema: the actor model (+ its LoRA adapters) under get_eval_ds_config with the
                 # actor's stage if 3 else 0 and offload_param = --offload_reference_model (honoured under ZeRO-3)
-                ema = (role.arch.params + (role.lora_params() if role.lora_rank else 0)) * role.dtype_bytes
+                ema = (role.arch.params + role.lora_params()) * role.dtype_bytes
                 ema //= n if sh.kind == "zero3" else 1
                 if sh.kind == "zero3" and dep.reference is not None and dep.reference.offload:
                     host += ema
