@@ -19,6 +19,15 @@ from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
 GiB = 2**30
 
 
+def _split_command(cmdline: str, flag: str) -> list[str]:
+    """A pasted command line as its tokens: a script's backslash line continuations joined (shlex would keep the
+    newline in the next token, which then matches no flag), an unbalanced quote a one-line error."""
+    try:
+        return shlex.split(cmdline.replace("\\\n", " "))
+    except ValueError as err:
+        raise ValueError(f"{flag}: cannot split the command line ({err})") from None
+
+
 def _load_mapping(path: str) -> dict[str, Any]:
     if not str(path).strip():
         raise ValueError("an empty file path was given")
@@ -466,7 +475,7 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     (``--ring_attn_size``, ``--ds.ring_attn_size``) set the micro-batches by OpenRLHF's token budgets and the
     sequence split (:func:`_openrlhf_token_micro_batches`, ``Deployment.sequence_parallel``); both turn packing
     on."""
-    toks = shlex.split(cmdline.replace("\\\n", " "))  # a pasted script's line continuations
+    toks = _split_command(cmdline, "--from_openrlhf")
     if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
         toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
     argv = [t for t in toks if t not in ("python", "python3", "-m")]
@@ -537,7 +546,7 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
     """A veRL ``main_ppo`` command line of Hydra ``key=value`` overrides (hybrid engine: actor, rollout and
     reference share every GPU; FSDP full shard; the rollout engine frees its cache while training)."""
     kv: dict[str, str] = {}
-    for tok in shlex.split(cmdline):
+    for tok in _split_command(cmdline, "--from_verl"):
         if "=" in tok and not tok.startswith("-"):
             k, v = tok.split("=", 1)
             kv[k.lstrip("+")] = v.strip("'\"")
@@ -702,10 +711,7 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
     ``gpus``: total GPUs; by default the launcher's ``--num_nodes`` x ``--num_gpus`` when given, else one node of
     ``gpus_per_node`` (the launcher's default: every local GPU).
     """
-    try:
-        tokens = shlex.split(cmdline)
-    except ValueError as err:
-        raise ValueError(f"--from_deepspeed_chat: cannot split the command line ({err})") from None
+    tokens = _split_command(cmdline, "--from_deepspeed_chat")
     main_at = next((i for i, t in enumerate(tokens) if t.endswith("main.py")), None)
     launcher, argv = (tokens[:main_at], tokens[main_at + 1:]) if main_at is not None else ([], tokens)
     lp = _OneLineParser(prog="--from_deepspeed_chat (launcher)", add_help=False)

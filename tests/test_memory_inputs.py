@@ -662,3 +662,28 @@ def test_cli_json_reports_sequence_parallel_and_token_budget(capsys):
            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=4 actor_rollout_ref.actor.use_dynamic_bsz=True")
     rep = _json(capsys, ["plan", "--from_verl", cmd, "--json"])
     assert rep["inputs"]["sequence_parallel"] == 4 and rep["inputs"]["token_budget_batching"] is True
+
+
+@pytest.mark.parametrize("flag,one_line", [
+    ("--from_verl", "python3 -m verl.trainer.main_ppo actor_rollout_ref.model.path=Qwen2.5-7B "
+                    "algorithm.adv_estimator=grpo trainer.n_gpus_per_node=4 actor_rollout_ref.rollout.n=5"),
+    ("--from_deepspeed_chat", "deepspeed --num_gpus 8 main.py --actor_model_name_or_path facebook/opt-1.3b "
+                              "--critic_model_name_or_path facebook/opt-350m --actor_zero_stage 2 "
+                              "--per_device_training_batch_size 4"),
+    ("--from_openrlhf", "python3 -m openrlhf.cli.train_ppo_ray --pretrain Qwen2.5-0.5B --vllm_num_engines 2 "
+                        "--zero_stage 3 --micro_train_batch_size 2"),
+])
+def test_a_pasted_multi_line_script_reads_as_one_line(flag, one_line):
+    """A script pasted with backslash line continuations, indented or not: shlex alone keeps the escaped newline,
+    which glued to an unindented next line's flag so that it matched nothing and was silently planned with its
+    default (veRL, DeepSpeed-Chat). An unbalanced quote names the input that has it."""
+    from memory.inputs import from_deepspeed_chat, from_verl
+
+    reader = {"--from_verl": from_verl, "--from_deepspeed_chat": from_deepspeed_chat,
+              "--from_openrlhf": from_openrlhf}[flag]
+    for indent in ("    ", ""):
+        pasted = one_line.replace(" --", f" \\\n{indent}--").replace(" actor_", f" \\\n{indent}actor_")
+        assert "\\\n" in pasted and reader(pasted) == reader(one_line)
+    with pytest.raises(ValueError, match=f"{flag}: cannot split the command line") as err:
+        reader(one_line + " '--unclosed")
+    assert "\n" not in str(err.value)
