@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .deploy import Deployment, DeploymentPlan, largest_micro_batch, min_gpus, plan_deployment
+from .planner import largest_fitting
 
 FLAGS: dict[str, dict[str, str | None]] = {
     "gradient_checkpointing": {"trl": "gradient_checkpointing: true", "openrlhf": "--gradient_checkpointing",
@@ -43,6 +44,19 @@ FLAGS: dict[str, dict[str, str | None]] = {
                     "openrlhf-dotted": "--train.micro_batch_size {v}"},
     "token_budget": {"openrlhf": "--train_max_tokens_per_gpu {v}", "openrlhf-dotted": "--train.max_tokens_per_gpu {v}",
                      "verl": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu={v}"},
+    # the no-grad log-prob/value forwards of the rollout (TRL has no knob of its own: it scores in train micro-batches;
+    # DeepSpeed-Chat scores its whole generation batch at once, so the flag also sets the generation batch)
+    "score_micro_batch": {"trl": None, "openrlhf": "--micro_rollout_batch_size {v}",
+                          "openrlhf-dotted": "--rollout.micro_batch_size {v}",
+                          "verl": "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={v} "
+                                  "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={v}",
+                          "deepspeed-chat": "--per_device_generation_batch_size {v}"},
+    # both micro-batch flags at once: the value is the two flags, spelled by the two entries above
+    "micro_batches": {f: "{v}" for f in ("openrlhf", "openrlhf-dotted", "verl", "deepspeed-chat")},
+    "score_token_budget": {"openrlhf": "--rollout_max_tokens_per_gpu {v}",
+                           "openrlhf-dotted": "--rollout.max_tokens_per_gpu {v}",
+                           "verl": "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu={v} "
+                                   "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu={v}"},
     "lora": {"trl": "use_peft: true, lora_r: 16 (TRL ModelConfig)", "openrlhf": "--lora_rank 16",
              "verl": "actor_rollout_ref.model.lora_rank=16",
              "deepspeed-chat": "--actor_lora_dim 16 --only_optimize_lora",
@@ -152,6 +166,7 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         else:
             out.append(("micro_batch", f"train micro-batch {mb}", dep.with_(micro_batch=mb), mb,
                         "raise gradient accumulation to keep the batch"))
+    out.extend(_scoring_batch_candidates(dep))
     if not a.lora_rank:
         out.append(("lora", "LoRA (r=16) on the actor", dep.with_(
             actor=replace(a, lora_rank=16), reference=None if dep.framework == "trl" else dep.reference), None,
@@ -178,6 +193,58 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         out.append(("engine_tp", f"engine tensor parallel {tp}", dep.with_(engine=replace(e, tp=tp)), tp,
                     "weights and KV split over more GPUs per engine"))
     return out
+
+
+def _scored(dep: Deployment, n: int) -> Deployment:
+    """``dep`` scoring ``n`` sequences a micro-batch; DeepSpeed-Chat scores what it generated together, so its one
+    flag moves the generation batch with it."""
+    if dep.framework == "deepspeed-chat":
+        return dep.with_(score_micro_batch=n, rollout_per_gpu=n)
+    return dep.with_(score_micro_batch=n)
+
+
+def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
+    """Smaller scoring micro-batches: alone (the largest that fits, else 1), and, when neither micro-batch alone
+    makes it fit, both capped at the largest common size that does. Only where the scoring micro-batch is its own
+    setting (a reader set it): otherwise it follows the train micro-batch and that suggestion covers it."""
+    score = dep.score_micro_batch
+    key = "score_token_budget" if dep.token_budget_batching else "score_micro_batch"
+    if score is None or score <= 1 or not FLAGS[key].get(dep.framework):
+        return []
+
+    def value(n: int) -> int:  # the flag's value: sequences, or under token budgets the tokens per GPU
+        return -(-n * dep.seq // dep.sequence_parallel) if dep.token_budget_batching else n
+
+    def fits(d: Deployment) -> bool:
+        try:
+            return plan_deployment(d).fits
+        except ValueError:
+            return False
+
+    s = min(largest_fitting(lambda n: fits(_scored(dep, n)), score - 1) or 1, score - 1)
+    name = (f"scoring token budget {value(s)} per GPU (micro-batch {s})" if dep.token_budget_batching
+            else f"scoring micro-batch {s}")
+    out: list[tuple[str, str, Deployment, Any, str]] = [
+        (key, name, _scored(dep, s), value(s), "more, smaller log-prob forwards per step")]
+    alone = fits(_scored(dep, s)) or (dep.micro_batch > 1 and _fits_with_micro(dep, largest_micro_batch(dep)))
+    if not alone and dep.micro_batch > 1:
+        top = max(dep.micro_batch, score) - 1
+
+        def capped(n: int) -> Deployment:
+            return _scored(dep, min(score, n)).with_(micro_batch=min(dep.micro_batch, n))
+
+        n = largest_fitting(lambda k: fits(capped(k)), top)
+        if n:
+            train = "token_budget" if dep.token_budget_batching else "micro_batch"
+            flags = [f for f in (_flag(train, dep.framework, value(min(dep.micro_batch, n))),
+                                 _flag(key, dep.framework, value(min(score, n)))) if f]
+            out.append(("micro_batches", f"train and scoring micro-batches {n}", capped(n), " ".join(flags),
+                        "both phases in smaller micro-batches; raise gradient accumulation to keep the batch"))
+    return out
+
+
+def _fits_with_micro(dep: Deployment, mb: int) -> bool:
+    return mb > 0 and plan_deployment(dep.with_(micro_batch=mb)).fits
 
 
 def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]:
