@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .advise import suggest
-from .arch import arch_from_config, load_arch
+from .arch import arch_from_config, builtin_config, load_arch
 from .deploy import (
     PHASES,
     Deployment,
@@ -69,7 +69,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def wanted(a: argparse.Namespace) -> bool:
-    return any(getattr(a, k, None) not in (None, False) for k in TRIGGERS)
+    """Any deployment flag given, 0 included (``--nodes 0`` is an error of the deployment planner, not a reason to
+    fall back to the single-device one)."""
+    if any(getattr(a, k, None) is not None and getattr(a, k) is not False for k in TRIGGERS):
+        return True
+    # a built-in deployment model (Qwen2.5-7B, Llama-3-70B, ...) that the single-device planner cannot build:
+    # plan it as a deployment with the defaults rather than fail on an unknown name
+    from .cli import PRESETS  # lazy: cli imports this module
+
+    model = getattr(a, "model", None)
+    return isinstance(model, str) and model not in ("tiny", *PRESETS) and builtin_config(model) is not None
 
 
 def _arch(name: str):
@@ -85,6 +94,12 @@ def _arch(name: str):
 
 def deployment_from_args(a: argparse.Namespace) -> Deployment:
 
+    for flag in ("nodes", "gpus_per_node", "engine_tp"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag} must be >= 1; got {v}")
+    if a.engine_gpus < 0:
+        raise ValueError(f"--engine_gpus must be >= 0; got {a.engine_gpus}")
     gpu_memory = parse_bytes(a.gpu_memory or "80GiB")
     gpn = a.gpus_per_node or 8
     if a.from_openrlhf is not None:  # an empty value is the reader's one-line error, not a default plan
