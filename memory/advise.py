@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .deploy import Deployment, DeploymentPlan, largest_micro_batch, min_gpus, plan_deployment
+from .deploy import (
+    Deployment,
+    DeploymentPlan,
+    largest_micro_batch,
+    min_gpus,
+    plan_deployment,
+    role_checkpointing,
+    role_sharding,
+)
 from .planner import largest_fitting
 
 FLAGS: dict[str, dict[str, str | None]] = {
@@ -80,6 +88,8 @@ FLAGS: dict[str, dict[str, str | None]] = {
     "layered_summon": {"trl": None, "openrlhf": None,
                        "verl": "actor_rollout_ref.rollout.layered_summon=True "
                                "actor_rollout_ref.rollout.load_format=safetensors"},
+    # DeepSpeed AutoTP training (OpenRLHF f5b45490+ flat, ed62d0e2+ dotted; memory.inputs._openrlhf_check_tp)
+    "train_tp": {"openrlhf": "--ds_tensor_parallel_size {v}", "openrlhf-dotted": "--ds.tensor_parallel_size {v}"},
     "more_gpus": {"trl": "accelerate launch --num_processes {v}",
                   "openrlhf": "--actor_num_nodes/--actor_num_gpus_per_node for {v} GPUs",
                   "verl": "trainer.nnodes x trainer.n_gpus_per_node = {v}",
@@ -124,29 +134,56 @@ def _fitting_util(dep: Deployment) -> float | None:
     return None
 
 
+# frameworks whose flags for checkpointing and sharding name every trained model (DeepSpeed-Chat's --actor_* and
+# --critic_* pairs): a suggestion changes the roles' own settings (Role.sharding / gradient_checkpointing) too
+_FLAGS_NAME_EVERY_ROLE = ("deepspeed-chat",)
+
+
+def _every_role(dep: Deployment, gradient_checkpointing: bool | None = None, **sharding: Any) -> Deployment:
+    """``dep`` with a checkpointing or sharding change: the deployment's setting and, where the framework's flags
+    name every model, each role's own."""
+    top: dict[str, Any] = {}
+    if gradient_checkpointing is not None:
+        top["gradient_checkpointing"] = gradient_checkpointing
+    if sharding:
+        top["sharding"] = replace(dep.sharding, **sharding)
+    if dep.framework in _FLAGS_NAME_EVERY_ROLE:
+        for r in dep.roles():
+            own: dict[str, Any] = {}
+            if gradient_checkpointing is not None and r.gradient_checkpointing is not None:
+                own["gradient_checkpointing"] = gradient_checkpointing
+            if sharding and r.sharding is not None:
+                own["sharding"] = replace(r.sharding, **sharding)
+            if own:
+                top[r.name] = replace(r, **own)
+    return dep.with_(**top)
+
+
 def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
     out: list[tuple[str, str, Deployment, Any, str]] = []
     sh, e, a = dep.sharding, dep.engine, dep.actor
+    # the roles a suggestion's flags reach: every trained one where the flags name them all, else the actor
+    reach = [r for r in dep.roles() if r.trained] if dep.framework in _FLAGS_NAME_EVERY_ROLE else [a]
     if e.kind == "hf" and sh.shards_params and dep.gather_for_generation:
         out.append(("no_gather_for_generation", "generate without gathering the whole model",
                     dep.with_(gather_for_generation=False), None, "ZeRO-3 gathers one layer at a time: much slower"))
-    if not dep.gradient_checkpointing:
-        out.append(("gradient_checkpointing", "gradient checkpointing", dep.with_(gradient_checkpointing=True), None,
-                    "saves all but each layer's input; ~30% more update compute"))
-    if not sh.shards_params and dep.groups[a.group] > 1:
-        out.append(("zero3", "shard parameters too (ZeRO-3 / FSDP full shard)",
-                    dep.with_(sharding=replace(sh, kind="zero3")), None, "more all-gather traffic per step"))
+    if not all(role_checkpointing(r, dep) for r in reach):
+        out.append(("gradient_checkpointing", "gradient checkpointing", _every_role(dep, gradient_checkpointing=True),
+                    None, "saves all but each layer's input; ~30% more update compute"))
+    # OpenRLHF's flat versions pin DeepSpeed releases that refuse ZeRO-3 under AutoTP (memory.inputs._openrlhf_check_tp)
+    zero3_ok = dep.tensor_parallel == 1 or dep.framework != "openrlhf"
+    if not all(role_sharding(r, dep).shards_params for r in reach) and dep.groups[a.group] > 1 and zero3_ok:
+        out.append(("zero3", "shard parameters too (ZeRO-3 / FSDP full shard)", _every_role(dep, kind="zero3"),
+                    None, "more all-gather traffic per step"))
     verl = dep.framework == "verl"  # veRL offloads between phases rather than inside the step
     if not (dep.phase_offload_optimizer if verl else sh.offload_optimizer) and a.trained_params:
         out.append(("offload_optimizer", "optimizer state on the CPU",
-                    dep.with_(phase_offload_optimizer=True) if verl else
-                    dep.with_(sharding=replace(sh, offload_optimizer=True)),
+                    dep.with_(phase_offload_optimizer=True) if verl else _every_role(dep, offload_optimizer=True),
                     None, "host memory and a slower optimizer step"))
     if sh.shards_params and not (dep.phase_offload_params if verl else sh.offload_params):
         out.append(("offload_params", "parameters on the CPU" + ("" if verl else " (ZeRO-3 offload)"),
-                    dep.with_(phase_offload_params=True) if verl else
-                    dep.with_(sharding=replace(sh, offload_params=True)), None, "slower phase switches" if verl
-                    else "much slower forward/backward"))
+                    dep.with_(phase_offload_params=True) if verl else _every_role(dep, offload_params=True), None,
+                    "slower phase switches" if verl else "much slower forward/backward"))
     if e.kind != "hf" and e.group == a.group and not e.sleep:
         out.append(("sleep", "engine sleep mode between generations",
                     dep.with_(engine=replace(e, sleep=True), train_sleep=dep.framework == "openrlhf"), None,
@@ -160,18 +197,19 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         mb = largest_micro_batch(dep) or 1
         mb = min(mb, dep.micro_batch - 1)
         if dep.token_budget_batching:  # the micro-batch flags are ignored: the budget is the knob
-            budget = -(-mb * dep.seq // dep.sequence_parallel)  # per GPU: a group's bins hold budget x sp tokens
+            # per GPU: a micro-batch's bins hold budget x sp x tp tokens (seqlen_balancing.py, every TP rank sees them)
+            budget = -(-mb * dep.seq // (dep.sequence_parallel * dep.tensor_parallel))
             out.append(("token_budget", f"train token budget {budget} per GPU (micro-batch {mb})",
                         dep.with_(micro_batch=mb), budget, "more, smaller micro-batches per step"))
         else:
             out.append(("micro_batch", f"train micro-batch {mb}", dep.with_(micro_batch=mb), mb,
                         "raise gradient accumulation to keep the batch"))
     out.extend(_scoring_batch_candidates(dep))
-    if not a.lora_rank:
+    if not a.lora_rank and dep.tensor_parallel == 1:  # LoRA under AutoTP is not modelled
         out.append(("lora", "LoRA (r=16) on the actor", dep.with_(
             actor=replace(a, lora_rank=16), reference=None if dep.framework == "trl" else dep.reference), None,
             "TRL then uses the base with adapters off as the reference"))
-    if not a.load_in_4bit:
+    if not a.load_in_4bit and dep.tensor_parallel == 1:
         out.append(("qlora", "QLoRA: 4-bit frozen base + LoRA r=16",
                     dep.with_(actor=replace(a, lora_rank=a.lora_rank or 16, load_in_4bit=True),
                               reference=None if dep.framework == "trl" else dep.reference), None,
@@ -188,6 +226,15 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         out.append(("layered_summon", "sync LoRA one layer at a time (base preloaded in vLLM)",
                     dep.with_(layered_summon=True), None,
                     "fsdp_vllm.py: no whole-model summon before each generation; vLLM loads the base once"))
+    tp = 2 * dep.tensor_parallel
+    if (FLAGS["train_tp"].get(dep.framework) and all(r.dtype_bytes == 2 and not r.lora_rank and not r.load_in_4bit
+                                                     and dep.groups[r.group] % (tp * dep.sequence_parallel) == 0
+                                                     for r in dep.roles())
+            and (dep.framework != "openrlhf" or sh.kind != "zero3")):
+        out.append(("train_tp", f"training tensor parallel {tp} (DeepSpeed AutoTP)",
+                    dep.with_(tensor_parallel=tp, tensor_parallel_head=dep.framework == "openrlhf-dotted"), tp,
+                    "each group of that many GPUs trains one micro-batch: activations and split weights shrink, "
+                    "optimizer state of replicated ones (embeddings, norms) does not; all-reduces in every layer"))
     if e.kind != "hf" and e.group != a.group and dep.groups[e.group] >= 2 * e.tp:
         tp = 2 * e.tp
         out.append(("engine_tp", f"engine tensor parallel {tp}", dep.with_(engine=replace(e, tp=tp)), tp,
@@ -213,7 +260,7 @@ def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deploymen
         return []
 
     def value(n: int) -> int:  # the flag's value: sequences, or under token budgets the tokens per GPU
-        return -(-n * dep.seq // dep.sequence_parallel) if dep.token_budget_batching else n
+        return -(-n * dep.seq // (dep.sequence_parallel * dep.tensor_parallel)) if dep.token_budget_batching else n
 
     def fits(d: Deployment) -> bool:
         try:

@@ -48,6 +48,10 @@ class Role:
     # dschat/utils/module/lora.py LinearLayer_LoRA sets ``weight.requires_grad = False`` and nothing else unless
     # --only_optimize_lora runs only_optimize_lora_parameters)
     lora_trains_others: bool = False
+    # launchers set ZeRO stage / FSDP and checkpointing per model (DeepSpeed-Chat --critic_zero_stage and
+    # --critic_gradient_checkpointing, veRL's critic.model.*): None follows the deployment's (see role_sharding)
+    sharding: Sharding | None = None
+    gradient_checkpointing: bool | None = None
 
     def projections(self) -> list[tuple[int, int]]:
         """(in, out) of each attention and MLP projection of one decoder layer: what peft's ``all-linear`` wraps."""
@@ -178,7 +182,8 @@ class Deployment:
     phase_offload_optimizer: bool = False
     gather_for_generation: bool = True  # HF generate under ZeRO-3: whole model gathered (ds3_gather_for_generation)
     attn: str = "flash"
-    logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk
+    logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk;
+    # model_dtype: log-softmax on the 16-bit logits, which stay alive through backward (DeepSpeed-Chat)
     framework: str = "trl"             # trl | openrlhf | openrlhf-dotted | verl | deepspeed-chat (suggestions' flags)
     # veRL's weight sync (see sync_terms): actor.strategy fsdp (FSDP1, 1) or fsdp2 (2), rollout.layered_summon
     fsdp_version: int = 2
@@ -194,6 +199,12 @@ class Deployment:
     # of this many GPUs, and each GPU holds 1/sp of its tokens (activations per token unchanged: Ulysses trades
     # tokens for heads in attention, ring attention runs flash attention over key blocks)
     sequence_parallel: int = 1
+    # DeepSpeed AutoTP training (OpenRLHF --ds_tensor_parallel_size / --ds.tensor_parallel_size): every role's decoder
+    # projections split over groups of this many GPUs that all see the same micro-batch, and ZeRO partitioning over
+    # GPUs / tensor_parallel (see tp_local); tensor_parallel_head: the untied LM head split by vocabulary too
+    # (DeepSpeed 0.19.5+ reading transformers' ``_tp_plan``, logits gathered whole)
+    tensor_parallel: int = 1
+    tensor_parallel_head: bool = False
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
@@ -220,6 +231,25 @@ class Deployment:
         for g, n in self.groups.items():
             if n < 1:
                 raise ValueError(f"group {g!r} needs at least one GPU; got {n}")
+        if self.tensor_parallel != 1:
+            self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """What DeepSpeed AutoTP training and OpenRLHF's (dp, sp, tp) mesh accept, and what the plan models."""
+        tp = self.tensor_parallel
+        if tp < 1:
+            raise ValueError(f"tensor_parallel must be >= 1; got {tp}")
+        if self.sharding.kind.startswith("fsdp") or self.hybrid_engine is not None:
+            raise ValueError("tensor_parallel is DeepSpeed AutoTP training: it needs ZeRO sharding, no hybrid engine")
+        for role in self.roles():
+            if role.sharding is not None and role.sharding.kind.startswith("fsdp"):
+                raise ValueError(f"{role.name}: tensor_parallel is DeepSpeed AutoTP training, not FSDP")
+            if role.lora_rank or role.load_in_4bit:
+                raise ValueError(f"{role.name}: LoRA or 4-bit weights with tensor_parallel {tp} are not modelled")
+            n = self.groups[role.group]
+            if n % (tp * self.sequence_parallel):
+                raise ValueError(f"{role.name}: its {n} GPUs do not split into tensor-parallel x sequence-parallel "
+                                 f"groups of {tp} x {self.sequence_parallel} (init_device_mesh needs dp x sp x tp)")
 
     @property
     def seq(self) -> int:
@@ -234,6 +264,50 @@ class Deployment:
 
     def with_(self, **changes: Any) -> Deployment:
         return replace(self, **changes)
+
+
+def role_sharding(role: Role, dep: Deployment) -> Sharding:
+    """The sharding of one role's own states, gathers and transients: its override (DeepSpeed-Chat's critic and
+    reward model have their own ZeRO stage), else the deployment's. A frozen role's own sharding shards its
+    weights when its kind shards parameters (``frozen_zero3`` unset)."""
+    return role.sharding if role.sharding is not None else dep.sharding
+
+
+def role_checkpointing(role: Role, dep: Deployment) -> bool:
+    """Whether a role's update recomputes its layers: its override (DeepSpeed-Chat's
+    --critic_gradient_checkpointing, veRL's critic.model.enable_gradient_checkpointing), else the deployment's."""
+    return dep.gradient_checkpointing if role.gradient_checkpointing is None else role.gradient_checkpointing
+
+
+def tp_local(role: Role, dep: Deployment) -> Role:
+    """The share of ``role`` that one GPU of a tensor-parallel group holds, as a role of its own (unchanged at
+    ``dep.tensor_parallel`` 1), so that every per-role term applies to it as it is: DeepSpeed AutoTP training.
+
+    Why this works: AutoTP (deepspeed/module_inject/auto_tp.py, layers.py ``LinearLayer`` / ``LinearAllreduce``, at
+    38327e07f and 0.19.5) splits each decoder layer's q/k/v and gate/up projections by output (column) and o/down
+    by input (row); embeddings, norms and, up to DeepSpeed 0.19.1, the LM head stay whole on every rank (training
+    mode skips ``set_lm_head``); 0.19.5 reads transformers' ``_tp_plan``, whose ``lm_head: colwise_gather_output``
+    splits the head by vocabulary and gathers the logits (``dep.tensor_parallel_head``, untied heads here). So a
+    rank holds the layers of a model with 1/tp of the heads, KV heads and intermediate width, and the same hidden
+    size: its saved activations keep the hidden-width tensors (norms, residual, o/down outputs, checkpointed layer
+    inputs) and divide the head- and intermediate-width ones, the logits stay whole. Splits are uneven at
+    tp > KV heads (whole KV heads, queries with their KV head); this is rank 0, the largest share. Column-split
+    biases (Qwen2's q/k/v) are counted whole (a few thousand parameters a layer).
+    """
+    tp = dep.tensor_parallel
+    if tp == 1:
+        return role
+    a = role.arch
+    kv = -(-a.kv_heads // tp)
+    local = replace(a, kv_heads=kv, heads=a.heads // a.kv_heads * kv, intermediate=-(-a.intermediate // tp))
+    cut = role.linear_weight_params() - replace(role, arch=local).linear_weight_params()
+    split_head = dep.tensor_parallel_head and a.head_params and not role.value_head
+    head = a.head_params - (-(-a.vocab // tp)) * a.hidden if split_head else 0
+    largest_linear = a.hidden * max(a.intermediate, a.q_dim, a.kv_dim)
+    largest = max(largest_linear // tp, min(a.largest_param, a.vocab * a.hidden))
+    local = replace(local, params=a.params - cut - head, layer_params=a.layer_params - cut // max(a.layers, 1),
+                    head_params=a.head_params - head, largest_param=largest)
+    return replace(role, arch=local)
 
 
 # ---- model states ---------------------------------------------------------------------------------------------
@@ -360,25 +434,26 @@ def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
     """Tensors the optimizer step allocates on the GPU: none for fused kernels; torch's single-tensor AdamW
     makes ``sqrt(v)`` and its quotient for one parameter at a time (2 x the largest); foreach makes them for
     a whole group (about one copy of the trained state shard)."""
-    if dep.sharding.offload_optimizer or not role.trained_params:
+    sh = role_sharding(role, dep)
+    if sh.offload_optimizer or not role.trained_params:
         return 0
-    if dep.sharding.kind == "zero3" and dep.sharding.mixed_precision:
+    if sh.kind == "zero3" and sh.mixed_precision:
         # stage3.py step(), one sub-group at a time, beside its fp32 gradient (step_extra): flatten's 16-bit copy
         # lives until .to(fp32) returns, then the optimizer's own temporaries of that flat fp32 tensor (single-tensor
         # AdamW: sqrt(v) and its quotient; foreach: one exp_avg_sq_sqrt); measured on DeepSpeed's ZeRO-3 optimizer,
         # benchmarks/bench_memory_ds_stage3.py
-        sub = min(role.trained_params // n, dep.sharding.sub_group_size)
+        sub = min(role.trained_params // n, sh.sub_group_size)
         return max(sub * role.dtype_bytes, sub * {"fused": 0, "foreach": 4, "single_tensor": 8}[dep.optimizer_impl])
     if dep.optimizer_impl == "fused":
         return 0
-    sb = 4 if dep.sharding.mixed_precision else role.dtype_bytes
+    sb = 4 if sh.mixed_precision else role.dtype_bytes
     if dep.optimizer_impl == "single_tensor":
         a = role.arch
         largest = a.largest_param if not role.lora_rank else role.lora_rank * max(a.intermediate, a.hidden, a.q_dim)
-        if dep.sharding.kind.startswith("fsdp"):  # FSDP2 steps each parameter's own shard (measured)
+        if sh.kind.startswith("fsdp"):  # FSDP2 steps each parameter's own shard (measured)
             largest //= n
         return 2 * largest * sb
-    div = 1 if dep.sharding.kind == "zero0" else n
+    div = 1 if sh.kind == "zero0" else n
     return role.trained_params * sb // div
 
 
@@ -386,13 +461,23 @@ def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
 
 def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
     """Log-prob head per token: no-grad = bf16 logits + fp32 copy + fp32 log-softmax (10·V); with grad, the
-    saved fp32 log-softmax plus two fp32 vocab tensors in its backward (12·V). Value heads: a scalar."""
+    saved fp32 log-softmax plus two fp32 vocab tensors in its backward (12·V). Value heads: a scalar.
+
+    ``model_dtype``: log-softmax on the model-dtype logits of a shifted view, as DeepSpeed-Chat's
+    gather_log_probs (dschat/rlhf/ppo_trainer.py) runs it: no-grad = logits + the kernel's contiguous copy of the
+    view + log-softmax (3·db·V); with grad the logits stay referenced through backward (train_rlhf's
+    ``actor_prob``) beside the saved log-softmax, gather's backward zeros and log-softmax's gradient (4·db·V).
+    Measured on CPU in tests/test_memory_per_role.py, whose bf16/fp16 log-softmax backward also makes an fp32
+    temporary before its output; the CUDA kernel accumulates in registers instead (not measured here: no GPU)."""
     if role.value_head:
         return 8.0
     V = role.arch.vocab
     if dep.logprob_head == "chunked":
         return 0.0  # see _chunk_head_bytes
     extra = 2 * V if role.arch.family == "gemma2" else 0  # final logit soft-capping keeps the logits
+    if dep.logprob_head == "model_dtype":
+        db = role.dtype_bytes
+        return (4 * db * V + extra) if grad else 3 * db * V
     return (12 * V + extra) if grad else 10 * V
 
 
@@ -418,8 +503,9 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False)
     body = tokens * layer_transient(a).bytes(db)
     gathered = 0
-    if dep.sharding.shards_params and (dep.sharding.frozen_zero3 is not False or role.trained):
-        if dep.sharding.kind.startswith("fsdp"):
+    sh = role_sharding(role, dep)
+    if sh.shards_params and (sh.frozen_zero3 is not False or role.trained):
+        if sh.kind.startswith("fsdp"):
             # measured (FSDPMemTracker): the root unit stays gathered; a layer and its prefetch are gathered
             # only while the body runs, and are resharded before the head; at the start of the forward the
             # root's all-gather buffer and its copy-out coexist, next to the first layer's prefetch
@@ -443,7 +529,7 @@ def head_slack(role: Role, dep: Deployment) -> int:
     if role.value_head or dep.logprob_head == "chunked":
         return 0
     tokens = micro_tokens(dep, dep.micro_batch)
-    if dep.gradient_checkpointing:
+    if role_checkpointing(role, dep):
         _, head, layer = _update_terms(role, dep)
     else:
         head = int(tokens * _head_bytes_per_token(role, dep, grad=True))
@@ -461,7 +547,7 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
     head = tokens * (_head_bytes_per_token(role, dep, grad=True) + final_norm_saved(a).bytes(db))
     head += _chunk_head_bytes(role, dep, True)
-    if dep.gradient_checkpointing:
+    if role_checkpointing(role, dep):
         layers = a.layers * tokens * a.hidden * db
         recompute = tokens * per_layer * 2  # one layer's saved tensors plus its backward temporaries
         return int(layers), int(head), int(recompute)
@@ -480,11 +566,16 @@ def sync_terms(role: Role, dep: Deployment, n: int, engine_weights: int) -> dict
     """
     a = role.arch
     s = role.storage_bytes or role.dtype_bytes   # FSDP unshards for state_dict/summon in the stored dtype
-    verl = dep.framework == "verl" and dep.engine.kind == "vllm" and dep.sharding.kind.startswith("fsdp")
+    sh = role_sharding(role, dep)
+    verl = dep.framework == "verl" and dep.engine.kind == "vllm" and sh.kind.startswith("fsdp")
     if dep.hybrid_engine is not None:
         return {}  # DeepSpeed-HE generates with the actor's own weights: its gather is a generation row
+    if dep.tensor_parallel > 1 and dep.engine.kind != "hf":
+        # OpenRLHF's weight sync (ppo_actor.py _gather_params_ctx) runs GatherReplacedLayerParams on one parameter at
+        # a time: the whole parameter (of the actor itself, not this rank's share) and its copy for the engine
+        return {"actor.gathered_for_sync": 2 * dep.actor.arch.largest_param * role.dtype_bytes}
     if not verl:
-        return {"actor.gathered_for_sync": 2 * a.largest_param * role.dtype_bytes} if dep.sharding.shards_params else {}
+        return {"actor.gathered_for_sync": 2 * a.largest_param * role.dtype_bytes} if sh.shards_params else {}
     if role.lora_rank:
         # __collect_lora_params: layered_summon_lora_params (verl/utils/fsdp_utils.py) summons one decoder layer
         # at a time in full precision and copies its adapters to the CPU; without it
@@ -528,7 +619,7 @@ class EngineMemory:
 def _hybrid_tp_gather(dep: Deployment) -> bool:
     """DeepSpeedHybridEngine.generate takes its TP branch only under ZeRO-3 with pinned parameters."""
     he = dep.hybrid_engine
-    return he is not None and he.tp > 1 and dep.sharding.kind == "zero3" and dep.gather_for_generation
+    return he is not None and he.tp > 1 and role_sharding(dep.actor, dep).kind == "zero3" and dep.gather_for_generation
 
 
 def hybrid_generation_batch(dep: Deployment) -> int:
@@ -583,7 +674,7 @@ def hybrid_generation_weights(role: Role, dep: Deployment) -> int:
     create_inference_module calls a method of ``self.mpu`` (None) at TP > 1, and from v0.9.3 (1824cb5) generate
     slices only ``if self.mpu is not None`` (DeepSpeed issue #4080), so no slices are made there.
     """
-    if dep.sharding.kind != "zero3" or dep.hybrid_engine is None:
+    if role_sharding(role, dep).kind != "zero3" or dep.hybrid_engine is None:
         return 0
     a, db = role.arch, role.dtype_bytes
     lora = role.lora_params()
@@ -619,7 +710,7 @@ def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMe
                             b, "DeepSpeed-HE: inference workspace (KV cache + kernel activations) = "
                                "InferenceContext::GenWorkSpace for batch x max_out_tokens")
     if e.kind == "hf":
-        kv = dep.rollout_per_gpu * dep.seq * a.kv_bytes_per_token(db)
+        kv = dep.rollout_per_gpu * dep.seq * tp_local(dep.actor, dep).arch.kv_bytes_per_token(db)
         return EngineMemory(0, kv, dep.rollout_per_gpu * a.vocab * 4, 0, dep.rollout_per_gpu * dep.seq,
                             dep.rollout_per_gpu, "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
     act_tokens = e.max_num_batched_tokens
@@ -713,15 +804,17 @@ def _one_forward_at_a_time(table: dict[str, dict[str, int]]) -> None:
 
 
 def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
-    n = dep.groups[name]
+    gpus = dep.groups[name]
+    n = gpus // dep.tensor_parallel  # ZeRO partitions over the data-parallel GPUs (DeepSpeed's TP mesh, tp_local)
     roles = [r for r in dep.roles() if r.group == name]
     table: dict[str, dict[str, int]] = {}
     notes: list[str] = []
     host = 0
-    sh = dep.sharding
     sleep_train = dep.train_sleep and dep.engine.kind != "hf" and dep.engine.group == name
     for role in roles:
+        role = tp_local(role, dep)
         tag = role.name
+        sh = role_sharding(role, dep)  # engine, sleep and veRL's phase offload stay deployment-wide
         if role.trained:
             st = trained_states(role, sh, n, dep.optimizer)
             host += st.host
@@ -799,7 +892,7 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
     totals = {ph: sum(row[ph] for row in table.values()) + dep.reserve_bytes for ph in PHASES}
     peak_phase = max(PHASES, key=lambda ph: totals[ph])
     peak = totals[peak_phase]
-    return GroupPlan(name, n, [r.name for r in roles] + (["engine"] if eng.group == name else []), table, totals,
+    return GroupPlan(name, gpus, [r.name for r in roles] + (["engine"] if eng.group == name else []), table, totals,
                      peak_phase, peak, host, peak <= dep.gpu_memory, notes)
 
 

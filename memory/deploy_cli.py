@@ -24,6 +24,8 @@ from .deploy import (
     largest_rollout_batch,
     min_gpus,
     plan_deployment,
+    role_checkpointing,
+    role_sharding,
 )
 from .inputs import from_deepspeed_chat, from_openrlhf, from_trl, from_verl
 from .planner import human, parse_bytes
@@ -189,7 +191,8 @@ def report(dep: Deployment) -> dict[str, Any]:
 
 def _inputs(dep: Deployment) -> dict[str, Any]:
     roles = {r.name: {"model": r.arch.name, "params": r.arch.params, "trained": r.trained, "group": r.group,
-                      "lora_rank": r.lora_rank, "load_in_4bit": r.load_in_4bit, "offload": r.offload}
+                      "lora_rank": r.lora_rank, "load_in_4bit": r.load_in_4bit, "offload": r.offload,
+                      "sharding": role_sharding(r, dep).kind, "gradient_checkpointing": role_checkpointing(r, dep)}
              for r in dep.roles()}
     return {"roles": roles, "groups": dep.groups, "sharding": dep.sharding.kind,
             "offload_optimizer": dep.sharding.offload_optimizer, "offload_params": dep.sharding.offload_params,
@@ -197,6 +200,7 @@ def _inputs(dep: Deployment) -> dict[str, Any]:
             "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "framework": dep.framework,
             "hybrid_engine": asdict(dep.hybrid_engine) if dep.hybrid_engine is not None else None,
             "actor_ema": dep.actor_ema, "sequence_parallel": dep.sequence_parallel,
+            "tensor_parallel": dep.tensor_parallel, "tensor_parallel_head": dep.tensor_parallel_head,
             "token_budget_batching": dep.token_budget_batching}
 
 

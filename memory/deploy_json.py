@@ -27,7 +27,9 @@ def _role(data: dict[str, Any] | None) -> Role | None:
     if not data:
         return None
     arch = Arch(**_known(Arch, dict(data["arch"])))
-    return Role(**{**_known(Role, data), "arch": arch})
+    sh = data.get("sharding")  # a role's own ZeRO stage / FSDP (None: the deployment's)
+    return Role(**{**_known(Role, data), "arch": arch,
+                   "sharding": Sharding(**_known(Sharding, dict(sh))) if sh else None})
 
 
 def deployment_from_dict(data: dict[str, Any]) -> Deployment:

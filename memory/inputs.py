@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,7 @@ def _openrlhf_parser() -> argparse.ArgumentParser:
     add("--rollout_max_tokens_per_gpu", type=int, default=None)
     add("--max_tokens_per_gpu", type=int, default=None)
     add("--ring_attn_size", type=int, default=1)
+    add("--ds_tensor_parallel_size", type=int, default=1)  # DeepSpeed AutoTP training, f5b45490 (2025-04-27)+
     add("--prompt_max_len", type=int, default=None)
     add("--generate_max_len", type=int, default=None)
     add("--max_len", type=int, default=None)
@@ -335,6 +337,7 @@ _OPENRLHF_DOTTED: dict[str, tuple[str, type, Any]] = {
     "train.max_tokens_per_gpu": ("train_max_tokens_per_gpu", int, 16192),
     "rollout.max_tokens_per_gpu": ("rollout_max_tokens_per_gpu", int, None),
     "ds.ring_attn_size": ("ring_attn_size", int, 1),
+    "ds.tensor_parallel_size": ("ds_tensor_parallel_size", int, 1),
     "rollout.n_samples_per_prompt": ("n_samples_per_prompt", int, 1),
     "data.max_len": ("max_len", int, 2048),
     "rollout.max_new_tokens": ("max_new_tokens", int, None),
@@ -394,6 +397,7 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
         a.train_max_tokens_per_gpu = 16192  # every version's default (dotted --train.max_tokens_per_gpu too)
     if a.ring_attn_size < 1:
         raise ValueError(f"--from_openrlhf: --ring_attn_size {a.ring_attn_size}: must be at least 1")
+    _openrlhf_check_tp(a, bool(dotted))
     # train_ppo_ray (806d0296+ for ring attention, 81421bd2+ for dynamic batching) turns packing on for both, and
     # a dynamic batch's rollout budget defaults to the training one (f9a1676b+, dotted alike)
     if a.ring_attn_size > 1 or a.use_dynamic_batch:
@@ -413,6 +417,30 @@ def _openrlhf_args(argv: list[str]) -> tuple[argparse.Namespace, bool]:
         response = max(1, min(a.max_new_tokens or (a.max_len + 1) // 2, a.max_len - 1))
         a.prompt_max_len, a.generate_max_len = max(1, a.max_len - response), response
     return a, bool(dotted)
+
+
+def _openrlhf_check_tp(a: argparse.Namespace, dotted: bool) -> None:
+    """What OpenRLHF and its DeepSpeed accept with ``--ds_tensor_parallel_size`` / ``--ds.tensor_parallel_size``
+    above 1 (DeepspeedStrategy.__init__ in openrlhf/utils/deepspeed/deepspeed.py, f5b45490 to 3c3be623): bf16
+    weights (``--bf16`` before cd7a434f, ``--param_dtype bf16`` after; fp16 is refused). The DeepSpeed releases
+    the flat versions pin (0.16.7 to 0.18.9) assert ZeRO stage <= 2 under AutoTP (engine.py
+    _configure_tensor_parallel_states); 3c3be623, which the dotted flags are read as, pins 0.19.5, which allows
+    ZeRO-3. LoRA and 4-bit weights under AutoTP are not modelled. Every flat version the reader tells apart has
+    commits with the flag (version 0 runs to c250c21a), so no flag combination rules it out."""
+    tp = a.ds_tensor_parallel_size
+    flag = "--ds.tensor_parallel_size" if dotted else "--ds_tensor_parallel_size"
+    if tp < 1:
+        raise ValueError(f"--from_openrlhf: {flag} {tp}: must be at least 1")
+    if tp == 1:
+        return
+    if not a.bf16 or a.param_dtype == "fp16":
+        raise ValueError(f"--from_openrlhf: {flag} {tp} needs bf16 weights (OpenRLHF asserts 'BF16 is required for "
+                         f"tensor parallel training'); {'--bf16' if a.param_dtype is None else '--param_dtype bf16'}")
+    if a.zero_stage == 3 and not dotted:
+        raise ValueError(f"--from_openrlhf: {flag} {tp} with --zero_stage 3: the DeepSpeed of OpenRLHF's flat-flag "
+                         "versions (0.16.7 to 0.18.9) allows AutoTP with ZeRO stage 0-2 only")
+    if a.lora_rank or a.load_in_4bit:
+        raise ValueError(f"--from_openrlhf: {flag} {tp} with LoRA or 4-bit weights is not modelled")
 
 
 def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
@@ -435,14 +463,14 @@ def _openrlhf_token_micro_batches(a: argparse.Namespace) -> tuple[int, int]:
     bin count is rounded down to a multiple of dp (at least dp), so a micro-batch can exceed the rollout budget
     (``--rollout_max_tokens_per_gpu``, default: the training budget). The critic's micro-batches are read with the
     actor's dp (one micro-batch for both here)."""
-    ring = a.ring_attn_size
+    ring = a.ring_attn_size * a.ds_tensor_parallel_size  # a TP group's ranks all see its micro-batch
     seq = a.prompt_max_len + a.generate_max_len
     dp = max(1, a.actor_num_nodes * a.actor_num_gpus_per_node // ring)
 
     if not a.use_dynamic_batch:
         return a.micro_train_batch_size, a.micro_rollout_batch_size
 
-    def bins(n: int, budget: int) -> int:  # first fit of n sequences of length seq into budget x ring tokens
+    def bins(n: int, budget: int) -> int:  # first fit of n sequences of length seq into budget x ring x tp tokens
         return -(-n // max(1, budget * ring // seq))
 
     local = max(1, a.train_batch_size // dp)
@@ -474,7 +502,10 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     Dynamic batching (``--use_dynamic_batch``, ``--train.dynamic_batch_enable``) and ring attention
     (``--ring_attn_size``, ``--ds.ring_attn_size``) set the micro-batches by OpenRLHF's token budgets and the
     sequence split (:func:`_openrlhf_token_micro_batches`, ``Deployment.sequence_parallel``); both turn packing
-    on."""
+    on. DeepSpeed AutoTP (``--ds_tensor_parallel_size``, f5b45490+, ``--ds.tensor_parallel_size``) trains every model
+    split over groups of that many GPUs that share each micro-batch (``Deployment.tensor_parallel``; the LM head is
+    split too in the dotted syntax, whose 3c3be623 pins DeepSpeed 0.19.5), with OpenRLHF's and its DeepSpeed's
+    constraints checked (:func:`_openrlhf_check_tp`)."""
     toks = _split_command(cmdline, "--from_openrlhf")
     if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
         toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
@@ -519,6 +550,13 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     if a.vllm_num_engines:
         if a.colocate_all_models and not a.async_enable:  # async: vLLM gets its own GPUs
             eng_group = "actor"
+            engine_gpus = a.vllm_num_engines * a.vllm_tensor_parallel_size
+            if engine_gpus != groups["actor"]:  # train_ppo_ray's own assert (a4ca1ab6, 2025-02-09, and later)
+                sep = "." if dotted else "_"
+                flags = (f"--vllm{sep}num_engines x --vllm{sep}tensor_parallel_size",
+                         f"--actor{sep}num_nodes x --actor{sep}num_gpus_per_node")
+                raise ValueError(f"--from_openrlhf: colocating all models puts the engines on the actor's GPUs, so "
+                                 f"{flags[0]} ({engine_gpus}) must equal {flags[1]} ({groups['actor']})")
         else:
             eng_group = "vllm"
             groups["vllm"] = a.vllm_num_engines * a.vllm_tensor_parallel_size
@@ -530,6 +568,11 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
         engine = Engine("hf", group="actor")
         rollout = a.micro_rollout_batch_size
     micro, score_micro = _openrlhf_token_micro_batches(a)
+    tp = a.ds_tensor_parallel_size
+    for g, n in groups.items():
+        if tp > 1 and g != "vllm" and n % (tp * a.ring_attn_size):
+            raise ValueError(f"--from_openrlhf: the {g} group's {n} GPUs do not split into DeepSpeed's (dp, sp, tp) "
+                             f"mesh with ring attention {a.ring_attn_size} x tensor parallel {tp}")
     return Deployment(actor=actor, critic=critic, reference=ref, reward=reward, groups=groups,
                       gpus_per_node=gpus_per_node, gpu_memory=gpu_memory,
                       sharding=Sharding(f"zero{a.zero_stage}", offload_optimizer=a.adam_offload,
@@ -539,7 +582,8 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
                       gradient_checkpointing=a.gradient_checkpointing,
                       train_sleep=a.deepspeed_enable_sleep and a.colocate_all_models,
                       attn=_attn(a.attn_implementation), framework="openrlhf-dotted" if dotted else "openrlhf",
-                      token_budget_batching=a.use_dynamic_batch, sequence_parallel=a.ring_attn_size)
+                      token_budget_batching=a.use_dynamic_batch, sequence_parallel=a.ring_attn_size,
+                      tensor_parallel=tp, tensor_parallel_head=dotted and tp > 1)
 
 
 def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
@@ -557,43 +601,57 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
     def flag(key: str, default: bool = False) -> bool:
         return str(get(key, default)).lower() == "true"
 
+    def num(key: str, default: Any = None, cast: Callable[[Any], Any] = int) -> Any:
+        """A numeric key, or the reader's one-line error naming it (int('abc') names nothing)."""
+        value = get(key, default)
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--from_verl: {key}={value} is not a number") from None
+
     name = model or get("actor_rollout_ref.model.path")
     if not name:
         raise ValueError("--from_verl: no actor_rollout_ref.model.path; pass --model")
     arch = load_arch(str(name))
-    n = int(get("trainer.n_gpus_per_node", 8)) * int(get("trainer.nnodes", 1))
-    sp = int(get("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1))
+    n = num("trainer.n_gpus_per_node", 8) * num("trainer.nnodes", 1)
+    sp = num("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1)
+    tp = num("actor_rollout_ref.rollout.tensor_model_parallel_size", 2)
+    for key, k in (("actor_rollout_ref.actor.ulysses_sequence_parallel_size", sp),
+                   ("actor_rollout_ref.rollout.tensor_model_parallel_size", tp)):
+        if k < 1 or n % k:  # fsdp_workers.py builds (dp, k) device meshes over all n GPUs
+            raise ValueError(f"--from_verl: {key}={k} does not divide the {n} GPUs "
+                             "(trainer.nnodes x trainer.n_gpus_per_node)")
     dp = max(1, n // sp)
     # micro-batches in sequences per Ulysses group (fsdp_workers.py normalises the deprecated global keys by
     # dp = GPUs / sp; the _per_gpu keys are taken as they are, after the group's all-gather); each GPU then holds
     # 1/sp of the tokens (Deployment.sequence_parallel)
     if get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu") is not None:
-        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")))
+        micro = max(1, num("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"))
     else:  # deprecated global micro-batch, split over data-parallel ranks
-        micro = max(1, int(get("actor_rollout_ref.actor.ppo_micro_batch_size", dp)) // dp)
-    lp, lp_global = (get(f"actor_rollout_ref.rollout.log_prob_micro_batch_size{k}") for k in ("_per_gpu", ""))
-    score_micro = max(1, int(lp)) if lp is not None else (
-        max(1, int(lp_global) // dp) if lp_global is not None else micro)
+        micro = max(1, num("actor_rollout_ref.actor.ppo_micro_batch_size", dp) // dp)
+    lp, lp_global = (f"actor_rollout_ref.rollout.log_prob_micro_batch_size{k}" for k in ("_per_gpu", ""))
+    score_micro = max(1, num(lp)) if get(lp) is not None else (
+        max(1, num(lp_global) // dp) if get(lp_global) is not None else micro)
     # use_dynamic_bsz (dp_actor.py, seqlen_balancing.rearrange_micro_batches): a rank's batch is cut into
     # ceil(tokens / (max_token_len_per_gpu x sp)) balanced micro-batches, whatever the micro-batch keys say; the
     # rank's batch is its share of ppo_mini_batch_size x rollout.n for the update (fsdp_workers.py normalises it per
     # data-parallel rank) and of train_batch_size x rollout.n for log-probs. Read at the maximum lengths. Log-probs
     # follow rollout.log_prob_use_dynamic_bsz / log_prob_max_token_len_per_gpu, defaulting to the actor's.
-    seq_max = int(get("data.max_prompt_length", 512)) + int(get("data.max_response_length", 512))
-    rollout_n = int(get("actor_rollout_ref.rollout.n", 1))
+    seq_max = num("data.max_prompt_length", 512) + num("data.max_response_length", 512)
+    rollout_n = num("actor_rollout_ref.rollout.n", 1)
     dyn = flag("actor_rollout_ref.actor.use_dynamic_bsz")
-    budget = int(get("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 16384))
+    budget = num("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 16384)
 
     def packed(rank_seqs: int, max_tokens: int) -> int:  # sequences per micro-batch of a group
         k = max(1, min(rank_seqs, -(-rank_seqs * seq_max // (max_tokens * sp))))
         return max(1, -(-rank_seqs // k))
 
     if dyn:
-        micro = packed(max(1, int(get("actor_rollout_ref.actor.ppo_mini_batch_size", 256)) * rollout_n // dp), budget)
+        micro = packed(max(1, num("actor_rollout_ref.actor.ppo_mini_batch_size", 256) * rollout_n // dp), budget)
     if str(get("actor_rollout_ref.rollout.log_prob_use_dynamic_bsz", dyn)).lower() == "true":
-        score_micro = packed(max(1, int(get("data.train_batch_size", 1024)) * rollout_n // dp),
-                             int(get("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", budget)))
-    lora = int(get("actor_rollout_ref.model.lora_rank", 0))
+        score_micro = packed(max(1, num("data.train_batch_size", 1024) * rollout_n // dp),
+                             num("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", budget))
+    lora = num("actor_rollout_ref.model.lora_rank", 0)
     param_off = flag("actor_rollout_ref.actor.fsdp_config.param_offload")
     # fsdp_workers.py: the actor is loaded in fp32 unless fsdp_config.model_dtype says otherwise (LoRA base too)
     dtype = str(get("actor_rollout_ref.actor.fsdp_config.model_dtype", "fp32")).lower()
@@ -604,23 +662,29 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
         if use_kl and not lora else None
     critic = None
     if get("algorithm.adv_estimator", "gae") == "gae":
+        # fsdp_workers.py CriticWorker: its own checkpointing switch (ppo_trainer.yaml default True) and model_dtype
+        # (default fp32: mixed precision, as for the actor); its offload and micro-batches follow the actor's here
+        critic_dtype = str(get("critic.model.fsdp_config.model_dtype", "fp32")).lower()
         critic = Role("critic", load_arch(str(get("critic.model.path", name))), trained=True, group="all",
-                      value_head=True)
+                      value_head=True,
+                      sharding=Sharding("fsdp_full", mixed_precision=critic_dtype in ("fp32", "float32")),
+                      gradient_checkpointing=flag("critic.model.enable_gradient_checkpointing", True))
     eng = str(get("actor_rollout_ref.rollout.name", "vllm"))
     engine = Engine("sglang" if eng == "sglang" else ("hf" if eng == "hf" else "vllm"), group="all",
-                    tp=int(get("actor_rollout_ref.rollout.tensor_model_parallel_size", 2)),
-                    gpu_memory_utilization=float(get("actor_rollout_ref.rollout.gpu_memory_utilization", 0.5)),
-                    sleep=True, max_num_seqs=int(get("actor_rollout_ref.rollout.max_num_seqs", 1024)),
-                    max_num_batched_tokens=int(get("actor_rollout_ref.rollout.max_num_batched_tokens", 8192)))
+                    tp=tp,
+                    gpu_memory_utilization=num("actor_rollout_ref.rollout.gpu_memory_utilization", 0.5, cast=float),
+                    sleep=True, max_num_seqs=num("actor_rollout_ref.rollout.max_num_seqs", 1024),
+                    max_num_batched_tokens=num("actor_rollout_ref.rollout.max_num_batched_tokens", 8192))
     return Deployment(actor=actor, critic=critic, reference=reference, groups={"all": n}, gpus_per_node=int(
                           get("trainer.n_gpus_per_node", 8)), gpu_memory=gpu_memory,
                       sharding=Sharding("fsdp_full", mixed_precision=dtype in ("fp32", "float32")),
                       phase_offload_params=param_off,
                       phase_offload_optimizer=flag("actor_rollout_ref.actor.fsdp_config.optimizer_offload"),
                       engine=engine, micro_batch=micro, score_micro_batch=score_micro,
-                      prompt_len=int(get("data.max_prompt_length", 512)),
-                      response_len=int(get("data.max_response_length", 512)), rollout_per_gpu=1,
-                      gradient_checkpointing=flag("actor_rollout_ref.model.enable_gradient_checkpointing"),
+                      prompt_len=num("data.max_prompt_length", 512),
+                      response_len=num("data.max_response_length", 512), rollout_per_gpu=1,
+                      # on by default since veRL 9fca71d2c (2025-01-28), as the critic's
+                      gradient_checkpointing=flag("actor_rollout_ref.model.enable_gradient_checkpointing", True),
                       attn="flash", framework="verl",
                       fsdp_version=2 if str(get("actor_rollout_ref.actor.strategy", "fsdp")) == "fsdp2" else 1,
                       # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
@@ -665,23 +729,41 @@ def _dschat_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dschat_train_sharding(stage: int, offload: bool) -> Sharding:
+    """A trained model's ZeRO config as get_train_ds_config writes it (dschat/utils/ds_utils.py): ``--offload``
+    sets offload_optimizer and offload_param (the latter acts under ZeRO-3 only), overlap_comm true,
+    stage3_prefetch_bucket_size 3e7."""
+    return Sharding(f"zero{stage}", offload_optimizer=offload and stage > 0, offload_params=offload and stage == 3,
+                    mixed_precision=True, overlap_comm=True, prefetch_bucket=30_000_000)
+
+
+def _dschat_eval_sharding(trained_stage: int) -> Sharding:
+    """A frozen model's config (get_eval_ds_config): ZeRO-3 when the model it copies is trained under ZeRO-3,
+    else stage 0 (rlhf_engine.py _init_ref / _init_reward); its offload_param is the role's ``offload``."""
+    return Sharding("zero3" if trained_stage == 3 else "zero0")
+
+
 def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
                         gpus: int | None = None, gpus_per_node: int = 8) -> Deployment:
     """A DeepSpeed-Chat step-3 (PPO) command line: ``[deepspeed --num_nodes N --num_gpus G] main.py --flags``.
 
     What it models, from ``dschat/rlhf/rlhf_engine.py`` and ``dschat/utils/ds_utils.py`` (DeepSpeedExamples
     83757d9): all four models on every GPU (one group); the actor (trained, ``--actor_lora_dim`` adapters)
-    under ``--actor_zero_stage``; the reference (a frozen actor copy: ZeRO-3 when the actor is, else
-    unsharded); the critic (trained, value head, ``--critic_model_name_or_path``, usually an OPT-350m reward
-    model); the reward model (a frozen critic copy). fp16 or bf16 weights with DeepSpeed's fp32 master and Adam
+    under ``--actor_zero_stage`` and ``--actor_gradient_checkpointing``; the reference (a frozen actor copy: ZeRO-3
+    when the actor is, else stage 0, unsharded); the critic (trained, value head, ``--critic_model_name_or_path``,
+    usually an OPT-350m reward model) under its own ``--critic_zero_stage`` and ``--critic_gradient_checkpointing``
+    (``Role.sharding`` / ``Role.gradient_checkpointing``); the reward model (a frozen critic copy: ZeRO-3 when the
+    critic is, else stage 0). fp16 or bf16 weights with DeepSpeed's fp32 master and Adam
     states (FusedAdam, DeepSpeedCPUAdam with ``--offload``); ``--offload`` sets both ``offload_optimizer`` and
     ``offload_param`` to the CPU (the latter acts under ZeRO-3 only); ``overlap_comm`` true and
     ``stage3_prefetch_bucket_size`` 3e7 as get_train_ds_config writes them. ``--offload_reference_model`` /
     ``--offload_reward_model`` set the eval config's ``offload_param``, which DeepSpeed honours under ZeRO-3
     only, so the role is parked on the CPU only when its stage is 3. The whole generation batch is scored at
-    once (generate_experience), so the scoring micro-batch is ``--per_device_generation_batch_size``.
-    Sequences: prompts are padded to ``--max_prompt_seq_len`` and ``generate(max_length=prompt+answer)``; the
-    maximum lengths are what a batch reaches when no answer stops early.
+    once (generate_experience), so the scoring micro-batch is ``--per_device_generation_batch_size``. The
+    log-prob head is gather_log_probs (dschat/rlhf/ppo_trainer.py): log-softmax on the fp16/bf16 logits
+    (``logprob_head="model_dtype"``), the logits held through the actor's backward. Sequences: prompts are
+    padded to ``--max_prompt_seq_len`` and ``generate(max_length=prompt+answer)``; the maximum lengths are what a
+    batch reaches when no answer stops early.
 
     Generation: with ``--enable_hybrid_engine`` the actor's DeepSpeedEngine is DeepSpeed-HE
     (``memory.deploy.HybridEngine``: ``--inference_tp_size``, ``--tp_gather_partition_size``,
@@ -698,11 +780,10 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
     What the planner does not model (so it is not pretended):
     - under ZeRO-3 DeepSpeed partitions the LoRA adapters with the rest; the planner keeps the adapters' 16-bit
       weights unsharded on every GPU (over-count of (1 - 1/N) x adapter weights).
-    - one ZeRO stage and one checkpointing switch per deployment: the critic and reward model follow
-      ``--actor_zero_stage`` and ``--actor_gradient_checkpointing`` (``--critic_*`` are read and ignored).
     - ``--enable_mixed_precision_lora`` (ZeRO++ quantized frozen weights) has no term.
-    - the log-prob head runs in the model dtype (gather_log_probs on fp16 logits) while the planner counts the
-      fp32 head; the actor's and reference's logits of the whole batch coexist in generate_experience.
+    - the actor's and reference's logits of the whole batch coexist in generate_experience (the planner counts
+      one model's head at a time); ``--compute_fp32_loss`` casts them to fp32 there (the planner keeps the
+      model-dtype head).
     - GenWorkSpace's allocation-time check that ``temp_size`` + 500 MB (100 MB under 1 GB free) stay free beyond
       the workspace (cudaMemGetInfo), the EMA update's per-parameter gathers (utils.py moving_average) and the
       prefill logits of HF generate.
@@ -740,19 +821,23 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
         raise ValueError(f"--from_deepspeed_chat: {gpus} GPU(s) is not a multiple of --inference_tp_size "
                          f"{a.inference_tp_size}")
     actor_arch, critic_arch = load_arch(actor_name), load_arch(a.critic_model_name_or_path)
-    stage = a.actor_zero_stage
+    stage, critic_stage = a.actor_zero_stage, a.critic_zero_stage
     others = not a.only_optimize_lora  # rlhf_engine.py: only_optimize_lora_parameters only with the flag
     actor = Role("actor", actor_arch, trained=True, group="all", dtype_bytes=2, lora_rank=a.actor_lora_dim,
                  lora_trains_others=others and a.actor_lora_dim > 0)
+    # rlhf_engine.py: get_train_ds_config(stage=--critic_zero_stage) for the critic, get_eval_ds_config with the
+    # trained model's stage if 3 else 0 for the reference (the actor's: the deployment's sharding gives the same, so
+    # it follows the actor) and the reward model (the critic's); the critic's checkpointing is switched on once in
+    # DeepSpeedRLHFEngine.__init__ (RewardModel.gradient_checkpointing_enable), the actor's for each PPO update
     critic = Role("critic", critic_arch, trained=True, group="all", dtype_bytes=2, value_head=True,
-                  lora_rank=a.critic_lora_dim, lora_trains_others=others and a.critic_lora_dim > 0)
+                  lora_rank=a.critic_lora_dim, lora_trains_others=others and a.critic_lora_dim > 0,
+                  sharding=_dschat_train_sharding(critic_stage, a.offload),
+                  gradient_checkpointing=a.critic_gradient_checkpointing)
     reference = Role("reference", actor_arch, group="all", dtype_bytes=2,
                      offload=a.offload_reference_model and stage == 3)
     reward = Role("reward", critic_arch, group="all", dtype_bytes=2, value_head=True,
-                  offload=a.offload_reward_model and a.critic_zero_stage == 3)
-    sharding = Sharding(f"zero{stage}", offload_optimizer=a.offload and stage > 0,
-                        offload_params=a.offload and stage == 3, mixed_precision=True, overlap_comm=True,
-                        prefetch_bucket=30_000_000)
+                  offload=a.offload_reward_model and critic_stage == 3, sharding=_dschat_eval_sharding(critic_stage))
+    sharding = _dschat_train_sharding(stage, a.offload)
     unsup = bool(a.unsupervised_dataset_name and a.unsupervised_dataset_config_name)
     return Deployment(actor=actor, critic=critic, reference=reference, reward=reward, groups={"all": gpus},
                       gpus_per_node=min(gpus_per_node, la.num_gpus or gpus_per_node), gpu_memory=gpu_memory,
@@ -763,7 +848,7 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
                       response_len=a.max_answer_seq_len, rollout_per_gpu=a.per_device_generation_batch_size,
                       gradient_checkpointing=a.actor_gradient_checkpointing,
                       gather_for_generation=a.enable_hybrid_engine and not a.unpin_actor_parameters,
-                      attn="eager", logprob_head="torch", framework="deepspeed-chat",
+                      attn="eager", logprob_head="model_dtype", framework="deepspeed-chat",
                       hybrid_engine=HybridEngine(tp=a.inference_tp_size,
                                                  tp_gather_partition_size=a.tp_gather_partition_size,
                                                  release_inference_cache=a.release_inference_cache,

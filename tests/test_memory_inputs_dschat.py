@@ -5,7 +5,7 @@ import json
 import pytest
 
 from memory.cli import main
-from memory.deploy import plan_deployment
+from memory.deploy import plan_deployment, role_checkpointing, role_sharding
 from memory.inputs import from_deepspeed_chat
 
 GiB = 2**30
@@ -76,6 +76,11 @@ def test_published_command_lines(cmd, params, gpus, stage, lora, micro, accum, g
     assert not dep.sharding.offload_optimizer and not dep.sharding.offload_params
     assert dep.micro_batch == micro and dep.score_micro_batch == micro and dep.rollout_per_gpu == micro
     assert dep.grad_accum == accum and dep.gradient_checkpointing is gc
+    # every script gives both models one stage; the critic checkpoints only where the script says so
+    assert role_sharding(dep.critic, dep) == dep.sharding and dep.reference.sharding is None
+    assert role_sharding(dep.reward, dep).kind == ("zero3" if stage == 3 else "zero0")
+    assert role_checkpointing(dep.critic, dep) is ("--critic_gradient_checkpointing" in cmd)
+    assert dep.logprob_head == "model_dtype"  # gather_log_probs on the fp16 logits
     assert dep.prompt_len == 256 and dep.response_len == 256
     assert dep.engine.kind == "hf" and dep.engine.group == "all"
     assert dep.gather_for_generation  # every script enables the hybrid engine, pinned (gathers under ZeRO-3)

@@ -25,3 +25,48 @@ def test_a_builtin_deployment_model_alone_is_planned_as_a_deployment(capsys):
     assert out.startswith("group train: 8 GPU(s)") and "fewest GPUs that fit" in out
     assert main(["plan", "--model", "gpt2"]) == 0  # the single-device planner's preset stays there
     assert "group train" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("trainer.n_gpus_per_node=abc", "--from_verl: trainer.n_gpus_per_node=abc is not a number"),
+    ("actor_rollout_ref.rollout.gpu_memory_utilization=lots",
+     "--from_verl: actor_rollout_ref.rollout.gpu_memory_utilization=lots is not a number"),
+    ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=3",
+     "--from_verl: actor_rollout_ref.actor.ulysses_sequence_parallel_size=3 does not divide the 8 GPUs"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size=3",
+     "--from_verl: actor_rollout_ref.rollout.tensor_model_parallel_size=3 does not divide the 8 GPUs"),
+])
+def test_verl_overrides_that_veRL_refuses_are_named(overrides, message, capsys):
+    """A value veRL cannot use is a one-line error naming its key (int('abc') named nothing; a Ulysses or rollout
+    TP size that does not divide the GPUs, which veRL's device meshes refuse, was planned)."""
+    rc = main(["plan", "--from_verl", f"actor_rollout_ref.model.path=Qwen2.5-7B {overrides}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_verl_actor_checkpointing_defaults_on():
+    """veRL has checkpointed the actor by default since 9fca71d2c (2025-01-28); the reader used to plan it off."""
+    from memory.inputs import from_verl
+
+    assert from_verl("actor_rollout_ref.model.path=Qwen2.5-7B").gradient_checkpointing
+    assert not from_verl("actor_rollout_ref.model.path=Qwen2.5-7B "
+                         "actor_rollout_ref.model.enable_gradient_checkpointing=False").gradient_checkpointing
+
+
+@pytest.mark.parametrize("command, message", [
+    ("--pretrain Qwen2.5-7B --vllm_num_engines 3 --vllm_tensor_parallel_size 2 --colocate_all_models",
+     "--vllm_num_engines x --vllm_tensor_parallel_size (6) must equal "
+     "--actor_num_nodes x --actor_num_gpus_per_node (8)"),
+    ("--actor.model_name_or_path Qwen2.5-7B --vllm.num_engines 3 --train.colocate_all",
+     "--vllm.num_engines x --vllm.tensor_parallel_size (3) must equal "
+     "--actor.num_nodes x --actor.num_gpus_per_node (8)"),
+])
+def test_openrlhf_colocated_engines_must_fill_the_actor_gpus(command, message, capsys):
+    """train_ppo_ray asserts it (a4ca1ab6 and later); the reader used to plan 3 engines on 8 GPUs."""
+    rc = main(["plan", "--from_openrlhf", command])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    from memory.inputs import from_openrlhf
+
+    assert from_openrlhf(command.replace("3", "8").replace("--vllm_tensor_parallel_size 2", "")).engine.group \
+        == "actor"
