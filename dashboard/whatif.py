@@ -12,6 +12,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from memory.advise import with_every_role
 from memory.deploy import Deployment, DeploymentPlan, plan_deployment
 from memory.deploy_json import deployment_from_dict
 from memory.planner import human
@@ -65,7 +66,7 @@ def changed_deployment(dep: Deployment, gpus: Any = None, zero: Any = None, micr
     if z is not None and f"zero{int(z)}" != dep.sharding.kind:
         if int(z) not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3; got {zero}")
-        dep = dep.with_(sharding=replace(dep.sharding, kind=f"zero{int(z)}"))
+        dep = with_every_role(dep, kind=f"zero{int(z)}")  # DeepSpeed-Chat's critic too, as its flags set both
         changes.append(f"ZeRO-{int(z)}")
     m = _num(micro_batch)
     if m is not None and int(m) != dep.micro_batch:

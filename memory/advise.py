@@ -139,7 +139,7 @@ def _fitting_util(dep: Deployment) -> float | None:
 _FLAGS_NAME_EVERY_ROLE = ("deepspeed-chat",)
 
 
-def _every_role(dep: Deployment, gradient_checkpointing: bool | None = None, **sharding: Any) -> Deployment:
+def with_every_role(dep: Deployment, gradient_checkpointing: bool | None = None, **sharding: Any) -> Deployment:
     """``dep`` with a checkpointing or sharding change: the deployment's setting and, where the framework's flags
     name every model, each role's own."""
     top: dict[str, Any] = {}
@@ -168,21 +168,22 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         out.append(("no_gather_for_generation", "generate without gathering the whole model",
                     dep.with_(gather_for_generation=False), None, "ZeRO-3 gathers one layer at a time: much slower"))
     if not all(role_checkpointing(r, dep) for r in reach):
-        out.append(("gradient_checkpointing", "gradient checkpointing", _every_role(dep, gradient_checkpointing=True),
-                    None, "saves all but each layer's input; ~30% more update compute"))
+        out.append(("gradient_checkpointing", "gradient checkpointing",
+                    with_every_role(dep, gradient_checkpointing=True), None,
+                    "saves all but each layer's input; ~30% more update compute"))
     # OpenRLHF's flat versions pin DeepSpeed releases that refuse ZeRO-3 under AutoTP (memory.inputs._openrlhf_check_tp)
     zero3_ok = dep.tensor_parallel == 1 or dep.framework != "openrlhf"
     if not all(role_sharding(r, dep).shards_params for r in reach) and dep.groups[a.group] > 1 and zero3_ok:
-        out.append(("zero3", "shard parameters too (ZeRO-3 / FSDP full shard)", _every_role(dep, kind="zero3"),
+        out.append(("zero3", "shard parameters too (ZeRO-3 / FSDP full shard)", with_every_role(dep, kind="zero3"),
                     None, "more all-gather traffic per step"))
     verl = dep.framework == "verl"  # veRL offloads between phases rather than inside the step
     if not (dep.phase_offload_optimizer if verl else sh.offload_optimizer) and a.trained_params:
         out.append(("offload_optimizer", "optimizer state on the CPU",
-                    dep.with_(phase_offload_optimizer=True) if verl else _every_role(dep, offload_optimizer=True),
+                    dep.with_(phase_offload_optimizer=True) if verl else with_every_role(dep, offload_optimizer=True),
                     None, "host memory and a slower optimizer step"))
     if sh.shards_params and not (dep.phase_offload_params if verl else sh.offload_params):
         out.append(("offload_params", "parameters on the CPU" + ("" if verl else " (ZeRO-3 offload)"),
-                    dep.with_(phase_offload_params=True) if verl else _every_role(dep, offload_params=True), None,
+                    dep.with_(phase_offload_params=True) if verl else with_every_role(dep, offload_params=True), None,
                     "slower phase switches" if verl else "much slower forward/backward"))
     if e.kind != "hf" and e.group == a.group and not e.sleep:
         out.append(("sleep", "engine sleep mode between generations",

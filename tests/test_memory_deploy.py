@@ -1,6 +1,5 @@
 """memory.deploy / memory.advise: sharding arithmetic, engine KV pools, placement, fit, min GPUs, suggestions,
 and the planner against torch's MemTracker on small real models of three families."""
-import time
 from dataclasses import replace
 
 import pytest
@@ -176,16 +175,15 @@ def test_fit_min_gpus_and_largest_micro_batch():
     assert largest_rollout_batch(v) == engine_memory(v).max_seqs
 
 
-def test_planning_70b_takes_under_two_seconds():
+def test_planning_70b_gives_the_whole_report():
+    """The deployment the planning-time benchmark times (benchmarks/bench_memory_plan_time.py: under 2 s)."""
     from memory.deploy_cli import report
 
     dep = Deployment(actor=actor(load_arch("Llama-3-70B")), reference=Role("reference", load_arch("Llama-3-70B")),
                      critic=Role("critic", load_arch("Llama-3-70B"), trained=True, value_head=True),
                      groups={"all": 32}, sharding=Sharding("zero3", offload_optimizer=True),
                      engine=Engine("vllm", group="all", tp=8, gpu_memory_utilization=0.5, sleep=True))
-    t0 = time.perf_counter()
     rep = report(dep)
-    assert time.perf_counter() - t0 < 2.0
     assert rep["groups"]["all"]["peak_bytes"] > 0 and "min_gpus" in rep
 
 
