@@ -53,6 +53,14 @@ class Role:
     sharding: Sharding | None = None
     gradient_checkpointing: bool | None = None
 
+    def __post_init__(self) -> None:
+        # a critic or reward model is the base model plus a (hidden x 1) value head, without the LM head (OpenRLHF
+        # get_llm_for_sequence_regression on AutoModel, veRL's AutoModelForTokenClassification, DeepSpeed-Chat's
+        # RewardModel v_head, TRL's sequence classification): an untied LM head's weights are not there
+        a = self.arch
+        if self.value_head and a.head_params:
+            object.__setattr__(self, "arch", replace(a, params=a.params - a.head_params + a.hidden, head_params=0))
+
     def projections(self) -> list[tuple[int, int]]:
         """(in, out) of each attention and MLP projection of one decoder layer: what peft's ``all-linear`` wraps."""
         a = self.arch

@@ -116,9 +116,9 @@ def test_tp_local_shapes_by_hand():
     assert (local.params, local.layer_params, local.head_params) == (2_361_600, 393_728, 262_144)
     assert local.largest_param == 2048 * 256  # the embedding stays whole on every rank
     assert tp_local(two.actor, _small(2, 2, head=False)).arch.params == 2_361_600 + 262_144
-    # a critic's value head is no LM head: nothing of the head is split
+    # a critic has no LM head, only its (hidden x 1) value head, which stays whole
     critic = Role("critic", two.actor.arch, trained=True, value_head=True)
-    assert tp_local(critic, two).arch.params == 2_361_600 + 262_144
+    assert tp_local(critic, two).arch.params == 2_361_600 - 262_144 + 256
     # more ranks than KV heads: whole KV heads, queries with theirs (rank 0 holds one KV head and 2 query heads)
     four = tp_local(two.actor, _small(4, 4)).arch
     assert (four.kv_heads, four.heads, four.intermediate) == (1, 2, 192)
