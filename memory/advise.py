@@ -305,7 +305,8 @@ def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]
             p = plan_deployment(new)
         except ValueError:
             continue
-        out.append(Change(key, name, _flag(key, dep.framework, value), before, p.peak_bytes, p.fits, note))
+        if p.fits or p.peak_bytes < before:  # a change that neither fits nor lowers the peak is noise
+            out.append(Change(key, name, _flag(key, dep.framework, value), before, p.peak_bytes, p.fits, note))
     if not plan.fits:
         n = min_gpus(dep)
         if n is not None and n > dep.total_gpus:
