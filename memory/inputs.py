@@ -21,12 +21,41 @@ GiB = 2**30
 
 
 def _split_command(cmdline: str, flag: str) -> list[str]:
-    """A pasted command line as its tokens: a script's backslash line continuations joined (shlex would keep the
-    newline in the next token, which then matches no flag), an unbalanced quote a one-line error."""
+    """A pasted command line as its tokens, as the shell reads them: a script's backslash line continuations
+    joined (shlex would keep the newline in the next token, which then matches no flag); ``#`` comments dropped
+    (example scripts keep commented-out alternatives such as ``# trainer.n_gpus_per_node=8``, which were read as
+    settings); a final continuation backslash (``$(cat script.sh)`` strips the newline after it) ignored; an
+    unbalanced quote a one-line error."""
+    text = _drop_comments(cmdline.replace("\\\r\n", " ").replace("\\\n", " ")).rstrip()
+    if text.endswith("\\") and not text.endswith("\\\\"):
+        text = text[:-1]
     try:
-        return shlex.split(cmdline.replace("\\\n", " "))
+        return shlex.split(text)
     except ValueError as err:
         raise ValueError(f"{flag}: cannot split the command line ({err})") from None
+
+
+def _drop_comments(text: str) -> str:
+    """Each line up to an unquoted, unescaped ``#`` that starts a word, as bash reads comments (shlex's own
+    comment rule also cuts inside a word: ``http://host/#x``)."""
+    out, quote, escaped = [], "", False
+    for line in text.split("\n"):
+        prev, cut = " ", len(line)
+        for i, ch in enumerate(line):
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote != "'":
+                escaped = True
+            elif quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#" and prev in " \t":
+                cut = i
+                break
+            prev = ch
+        out.append(line[:cut])
+    return "\n".join(out)
 
 
 def _load_mapping(path: str) -> dict[str, Any]:

@@ -70,3 +70,24 @@ def test_openrlhf_colocated_engines_must_fill_the_actor_gpus(command, message, c
 
     assert from_openrlhf(command.replace("3", "8").replace("--vllm_tensor_parallel_size 2", "")).engine.group \
         == "actor"
+
+
+def test_a_pasted_script_is_read_as_the_shell_reads_it():
+    """veRL's example scripts end with commented-out alternatives (``# trainer.n_gpus_per_node=8``), which were
+    read as settings and overrode the real ones; ``$(cat script.sh)`` leaves a final continuation backslash, which
+    failed to split. A ``#`` inside a word (a URL fragment) is no comment."""
+    from memory.inputs import _split_command, from_openrlhf, from_verl
+
+    script = ("set -x\n\npython3 -m verl.trainer.main_ppo \\\n    algorithm.adv_estimator=grpo \\\n"
+              "    actor_rollout_ref.model.path=Qwen/Qwen2.5-3B-Instruct \\\n    trainer.n_gpus_per_node=2 \\\n"
+              "    actor_rollout_ref.rollout.tensor_model_parallel_size=2 \\\n    trainer.nnodes=1 $@\n\n"
+              "    # actor_rollout_ref.actor.ppo_mini_batch_size=256 \\\n    # trainer.n_gpus_per_node=8 \\\n"
+              "    # actor_rollout_ref.model.use_shm=True \\")
+    assert from_verl(script).groups == {"all": 2}
+    assert _split_command("a=1 --url http://x/#frag b='#q' c=\"d # e\" # f=1\ng=2", "x") == \
+        ["a=1", "--url", "http://x/#frag", "b=#q", "c=d # e", "g=2"]
+    # bash: a commented line inside a continued command ends it (its backslash is part of the comment)
+    assert _split_command("a=1 \\\n  # b=2 \\\n  c=3", "x") == ["a=1"]
+    rm = from_openrlhf("--pretrain Qwen2.5-7B --remote_rm_url http://rm:5000/#reward --vllm_num_engines 8 "
+                       "--colocate_all_models --micro_train_batch_size 3")
+    assert rm.reward is None and rm.micro_batch == 3
