@@ -25,9 +25,6 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import launch_ranks, row, write_result  # noqa: E402
 
 # a small Llama (GQA, gated MLP, untied head)
 MODEL: dict[str, Any] = {
@@ -130,36 +127,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(cfg: dict[str, Any], timeout: float = 600) -> list[dict[str, Any]]:
     """Launch the ranks of one setting as processes of this script; their results in rank order."""
-    port = _free_port()
-    procs = []
-    for rank in range(cfg["world"]):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg["world"]),
-                   OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfg)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{cfg} timed out") from None
-        if p.returncode != 0:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"a rank failed (rc {p.returncode}) at {cfg}\n{err[-3000:]}")
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    return outs
+    return launch_ranks(__file__, cfg["world"], ["--worker", json.dumps(cfg)], str(cfg), timeout)
 
 
 # ---- the planner ------------------------------------------------------------------------------------------

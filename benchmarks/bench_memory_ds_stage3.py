@@ -32,9 +32,6 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import launch_ranks, row, write_result  # noqa: E402
 
 # a small Qwen2 (GQA, qkv bias, gated MLP, untied head); hidden <= 512 to stay cheap on a shared CPU
 MODEL: dict[str, Any] = {
@@ -258,36 +255,10 @@ def replay(prof: Any, min_bytes: int) -> dict[str, Any]:
     return {"large_events": events, "unseen_frees": unseen, "peak_reuse_as_free": fixed_peak}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(world: int, cfgs: list[dict[str, Any]], timeout: float = 900) -> list[list[dict[str, Any]]]:
     """Launch ``world`` rank processes of this script running ``cfgs`` in order; per setting, the ranks'
     results in rank order."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfgs)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{world} rank(s) timed out") from None
-        if p.returncode != 0:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"a rank failed (rc {p.returncode}) at world size {world}\n{err[-3000:]}")
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = launch_ranks(__file__, world, ["--worker", json.dumps(cfgs)], f"world size {world}", timeout)
     return [list(per) for per in zip(*outs)]
 
 

@@ -72,3 +72,36 @@ def measure_isolated(script: str | Path, index: int) -> dict[str, Any]:
         raise RuntimeError(f"measurement failed\n{out.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def launch_ranks(script: str | Path, world: int, args: Sequence[str], what: str, timeout: float = 600,
+                 env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``world`` processes of ``script`` (with ``args``) as the ranks of one CPU process group: gloo over a
+    free local port, DeepSpeed on its CPU accelerator, one thread each. Returns the JSON object each rank prints
+    on its last line, in rank order; a rank that fails or a timeout stops them all with ``what`` in the error."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    procs = []
+    for rank in range(world):
+        rank_env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], cwd=RESULTS.parents[1], env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"{what} timed out") from None
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"a rank failed (rc {p.returncode}) at {what}\n{err[-3000:]}")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
