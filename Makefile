@@ -42,7 +42,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) benchmarks/run_all.py
 
 # The corpus of real runs (docs/corpus.md): ~25-40 min on a shared 2-core CPU; runs go to benchmarks/corpus/runs/
