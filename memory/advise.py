@@ -314,5 +314,45 @@ def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]
             after = plan_deployment(dep.with_(groups=scaled)).peak_bytes
             out.append(Change("more_gpus", f"{n} GPUs with this layout", _flag("more_gpus", dep.framework, n), before,
                               after, True, "fewest GPUs that fit, every group scaled alike"))
+    if not plan.fits and not any(c.fits_after for c in out):
+        found = combined(dep, plan)
+        if found is not None:
+            out.append(found[0])
     out.sort(key=lambda c: (not c.fits_after, -c.saving))
     return out
+
+
+# changes that alter what is trained or optimised: listed alone, never folded into a combination
+_CHANGES_THE_OBJECTIVE = ("no_reference", "lora", "qlora")
+
+
+def combined(dep: Deployment, plan: DeploymentPlan | None = None, steps: int = 6) -> tuple[Change, Deployment] | None:
+    """When no single change fits: changes applied one after another, each the one that fits, else the largest
+    saving left, until the plan fits (at most ``steps``; None if it never does, or one change suffices). The
+    answer to "with what?" when the answer is several things at once."""
+    plan = plan or plan_deployment(dep)
+    before = cur_peak = plan.peak_bytes
+    cur = dep
+    taken: list[tuple[str, str, str]] = []  # (key, name, flag) of each change applied
+    for _ in range(steps):
+        best: tuple[str, str, Deployment, Any, DeploymentPlan] | None = None
+        for key, name, new, value, _note in candidates(cur):
+            if key in _CHANGES_THE_OBJECTIVE or key in (t[0] for t in taken):
+                continue
+            try:
+                p = plan_deployment(new)
+            except ValueError:
+                continue
+            if best is None or (p.fits, -p.peak_bytes) > (best[4].fits, -best[4].peak_bytes):
+                best = (key, name, new, value, p)
+        if best is None or (not best[4].fits and best[4].peak_bytes >= cur_peak):
+            return None
+        key, name, cur, value, p = best
+        taken.append((key, name, _flag(key, dep.framework, value) or f"({name}: no flag in this framework)"))
+        cur_peak = p.peak_bytes
+        if p.fits:
+            if len(taken) < 2:
+                return None
+            return (Change("combined", "together: " + " + ".join(t[1] for t in taken), "; ".join(t[2] for t in taken),
+                           before, cur_peak, True, "no single change fits; applied in this order"), cur)
+    return None

@@ -96,3 +96,27 @@ def test_token_budget_commands_are_told_the_scoring_budget(framework):
     assert name == f"scoring token budget {tokens} per GPU (micro-batch {new.score_micro_batch})"
     assert tokens == -(-new.score_micro_batch * dep.seq // 2)
     assert str(tokens) in FLAGS[key][framework].format(v=tokens)
+
+
+def test_several_changes_together_when_no_single_one_fits():
+    """Llama-3-70B PPO on 16 GPUs, micro-batch 8 of 4096 + 4096 tokens, no checkpointing: no single change fits,
+    so the answer is a combination, each step the largest saving left; applied, it fits. LoRA, QLoRA and dropping
+    the reference change what is trained and are never folded in."""
+    from memory.advise import combined
+    from memory.arch import load_arch
+    from memory.deploy import Deployment, Engine, Role, Sharding
+
+    big = load_arch("Llama-3-70B")
+    dep = Deployment(actor=Role("actor", big, trained=True), reference=Role("reference", big),
+                     critic=Role("critic", big, trained=True, value_head=True), groups={"all": 16},
+                     sharding=Sharding("zero3"), engine=Engine("vllm", group="all", tp=8, gpu_memory_utilization=0.5),
+                     micro_batch=8, prompt_len=4096, response_len=4096, gradient_checkpointing=False)
+    singles = [c for c in suggest(dep) if c.key != "combined"]
+    assert singles and not any(c.fits_after for c in singles)
+    change, applied = combined(dep)
+    assert suggest(dep)[0] == change and change.fits_after and change.name.startswith("together: ")
+    assert plan_deployment(applied).fits and plan_deployment(applied).peak_bytes == change.peak_after
+    assert applied.gradient_checkpointing and applied.micro_batch < 8
+    assert applied.actor.lora_rank == 0 and applied.reference is not None
+    assert change.flag.count(";") == change.name.count(" + ")  # one flag per step
+    assert combined(dep.with_(micro_batch=1, gradient_checkpointing=True, prompt_len=512, response_len=512)) is None
