@@ -80,14 +80,31 @@ def _load_mapping(path: str) -> dict[str, Any]:
     return data
 
 
+def _setting(cfg: dict[str, Any], key: str, default: Any, where: str, cast: Callable[[Any], Any] = int) -> Any:
+    """``cfg[key]`` as a number (missing, empty, 0 or ``"auto"``: ``default``), or a one-line error naming the
+    setting and its file (``int('abc')`` names neither)."""
+    v = cfg.get(key)
+    if v in (None, "", "auto") or v == 0:
+        return default
+    if isinstance(v, bool):
+        raise ValueError(f"{where}: {key}: {v!r} is not a number")
+    try:
+        return cast(float(v)) if cast is int and isinstance(v, str) and "e" in v.lower() else cast(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key}: {v!r} is not a number") from None
+
+
 def sharding_from_deepspeed(ds: dict[str, Any], mixed: bool = True) -> Sharding:
     """ZeRO stage, offload and bucket sizes from a DeepSpeed JSON (``"auto"`` values keep the defaults)."""
     z = ds.get("zero_optimization") or {}
-    stage = int(z.get("stage", 0) or 0)
+    if not isinstance(z, dict):
+        raise ValueError(f"DeepSpeed config: zero_optimization: expected a mapping, got {z!r}")
+    stage = _setting(z, "stage", 0, "DeepSpeed config zero_optimization")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config zero_optimization: stage: {stage} is not 0-3")
 
     def num(key: str, default: int) -> int:
-        v = z.get(key, default)
-        return default if v in (None, "auto") else int(float(v))
+        return int(_setting(z, key, default, "DeepSpeed config zero_optimization", cast=float))
 
     off_opt = (z.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
     off_par = (z.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
@@ -99,15 +116,18 @@ def sharding_from_deepspeed(ds: dict[str, Any], mixed: bool = True) -> Sharding:
 
 def sharding_from_accelerate(acc: dict[str, Any], base_dir: Path) -> tuple[Sharding, int, int]:
     """(sharding, processes, machines) from an accelerate config YAML (DeepSpeed or FSDP plugin)."""
-    procs = int(acc.get("num_processes", 1) or 1)
-    machines = int(acc.get("num_machines", 1) or 1)
+    procs = _setting(acc, "num_processes", 1, "accelerate config")
+    machines = _setting(acc, "num_machines", 1, "accelerate config")
     kind = str(acc.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
         dc = acc.get("deepspeed_config") or {}
         if dc.get("deepspeed_config_file"):
             f = Path(dc["deepspeed_config_file"])
             return sharding_from_deepspeed(_load_mapping(str(f if f.is_absolute() else base_dir / f))), procs, machines
-        return Sharding(f"zero{int(dc.get('zero_stage', 0))}",
+        stage = _setting(dc, "zero_stage", 0, "accelerate config deepspeed_config")
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"accelerate config deepspeed_config: zero_stage: {stage} is not 0-3")
+        return Sharding(f"zero{stage}",
                         offload_optimizer=dc.get("offload_optimizer_device", "none") in ("cpu", "nvme"),
                         offload_params=dc.get("offload_param_device", "none") in ("cpu", "nvme")), procs, machines
     if kind == "FSDP":
@@ -151,9 +171,9 @@ def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None 
         sharding, n_proc, machines = sharding_from_accelerate(accelerate, base_dir)
     if deepspeed:
         sharding = sharding_from_deepspeed(deepspeed)
-    gpus = num_processes or (n_proc * machines if accelerate else int(cfg.get("num_processes", n_proc)))
+    gpus = num_processes or (n_proc * machines if accelerate else _setting(cfg, "num_processes", n_proc, source))
     return trl_deployment(cfg, arch, gpus=int(gpus), sharding=sharding, gpu_memory=gpu_memory,
-                          gpus_per_node=gpus_per_node)
+                          gpus_per_node=gpus_per_node, source=source)
 
 
 def sharding_from_trl_args(cfg: dict[str, Any], base_dir: Path | None = None) -> Sharding:
@@ -178,7 +198,8 @@ def sharding_from_trl_args(cfg: dict[str, Any], base_dir: Path | None = None) ->
 
 def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Sharding, gpu_memory: int = 80 * GiB,
                    gpus_per_node: int = 8, dtype_bytes: int = 2, lora_rank: int | None = None,
-                   load_in_4bit: bool | None = None, prompt_len: int | None = None) -> Deployment:
+                   load_in_4bit: bool | None = None, prompt_len: int | None = None,
+                   source: str = "TRL config") -> Deployment:
     """The deployment of a TRL GRPO/RLOO run described by its config keys (a YAML file's mapping or
     ``GRPOConfig.to_dict()``): the one reader behind ``--trl_config`` and the TRL adapter's prediction.
 
@@ -188,37 +209,37 @@ def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Shar
     """
     use_vllm = bool(cfg.get("use_vllm", False))
     mode = str(cfg.get("vllm_mode") or "colocate")
-    lora = lora_rank if lora_rank is not None else (int(cfg.get("lora_r", 0) or 0) if cfg.get("use_peft") else 0)
+    lora = lora_rank if lora_rank is not None else (_setting(cfg, "lora_r", 0, source) if cfg.get("use_peft") else 0)
     four_bit = bool(cfg.get("load_in_4bit")) if load_in_4bit is None else load_in_4bit
     actor = Role("actor", arch, trained=True, group="train", dtype_bytes=dtype_bytes, lora_rank=lora,
                  load_in_4bit=four_bit)
-    beta = float(cfg.get("beta") or 0.0)
+    beta = _setting(cfg, "beta", 0.0, source, cast=float)
     reference = None
     if beta > 0 and not lora:  # with peft the reference is the base with adapters disabled
         reference = Role("reference", arch, group="train", dtype_bytes=dtype_bytes)
     groups = {"train": gpus}
     engine = Engine("hf", group="train")
     if use_vllm:
-        tp = int(cfg.get("vllm_tensor_parallel_size") or 1)
-        util = float(cfg.get("vllm_gpu_memory_utilization") or 0.3)
+        tp = _setting(cfg, "vllm_tensor_parallel_size", 1, source)
+        util = _setting(cfg, "vllm_gpu_memory_utilization", 0.3, source, cast=float)
         if mode == "server":
             groups["vllm"] = tp
             engine = Engine("vllm", group="vllm", tp=tp, gpu_memory_utilization=util)
         else:
             engine = Engine("vllm", group="train", tp=tp, gpu_memory_utilization=util,
                             sleep=bool(cfg.get("vllm_enable_sleep_mode", False)))
-    per_dev = int(cfg.get("per_device_train_batch_size") or 8)
-    accum = int(cfg.get("gradient_accumulation_steps") or 1)
-    steps_per_gen = int(cfg.get("steps_per_generation") or accum)
-    gen_global = cfg.get("generation_batch_size")
-    gen_batch = max(1, int(gen_global) // max(gpus, 1)) if gen_global else per_dev * steps_per_gen
+    per_dev = _setting(cfg, "per_device_train_batch_size", 8, source)
+    accum = _setting(cfg, "gradient_accumulation_steps", 1, source)
+    steps_per_gen = _setting(cfg, "steps_per_generation", accum, source)
+    gen_global = _setting(cfg, "generation_batch_size", None, source)
+    gen_batch = max(1, gen_global // max(gpus, 1)) if gen_global else per_dev * steps_per_gen
     gc = cfg.get("gradient_checkpointing")
     return Deployment(actor=actor, reference=reference, groups=groups, gpus_per_node=gpus_per_node,
                       gpu_memory=gpu_memory, sharding=sharding, engine=engine,
                       optimizer="adamw8bit" if "8bit" in str(cfg.get("optim", "")) else "adamw",
                       micro_batch=per_dev, grad_accum=accum,
-                      prompt_len=int(prompt_len or cfg.get("max_prompt_length") or 512),
-                      response_len=int(cfg.get("max_completion_length") or 256), rollout_per_gpu=gen_batch,
+                      prompt_len=int(prompt_len or _setting(cfg, "max_prompt_length", 512, source)),
+                      response_len=_setting(cfg, "max_completion_length", 256, source), rollout_per_gpu=gen_batch,
                       gradient_checkpointing=True if gc is None else bool(gc),
                       attn=_attn(cfg.get("attn_implementation") or (cfg.get("model_init_kwargs") or {}).get(
                           "attn_implementation")), framework="trl")

@@ -91,3 +91,29 @@ def test_a_pasted_script_is_read_as_the_shell_reads_it():
     rm = from_openrlhf("--pretrain Qwen2.5-7B --remote_rm_url http://rm:5000/#reward --vllm_num_engines 8 "
                        "--colocate_all_models --micro_train_batch_size 3")
     assert rm.reward is None and rm.micro_batch == 3
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"c.yaml": "model_name_or_path: Qwen2.5-7B\nper_device_train_batch_size: abc\n"},
+     "c.yaml: per_device_train_batch_size: 'abc' is not a number"),
+    ({"c.yaml": "model_name_or_path: Qwen2.5-7B\nuse_vllm: true\nvllm_gpu_memory_utilization: lots\n"},
+     "c.yaml: vllm_gpu_memory_utilization: 'lots' is not a number"),
+    ({"c.yaml": "model_name_or_path: Qwen2.5-7B\n", "ds.json": '{"zero_optimization": {"stage": "three"}}'},
+     "DeepSpeed config zero_optimization: stage: 'three' is not a number"),
+    ({"c.yaml": "model_name_or_path: Qwen2.5-7B\n", "ds.json": '{"zero_optimization": {"stage": 4}}'},
+     "DeepSpeed config zero_optimization: stage: 4 is not 0-3"),
+    ({"c.yaml": "model_name_or_path: Qwen2.5-7B\n", "acc.yaml": "distributed_type: DEEPSPEED\nnum_processes: x\n"},
+     "accelerate config: num_processes: 'x' is not a number"),
+])
+def test_trl_config_values_that_are_not_numbers_are_named(files, message, tmp_path, capsys):
+    """int('abc') named neither the setting nor the file; the TRL, DeepSpeed and accelerate readers now do."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = ["plan", "--trl_config", str(tmp_path / "c.yaml")]
+    if "ds.json" in files:
+        args += ["--deepspeed_config", str(tmp_path / "ds.json")]
+    if "acc.yaml" in files:
+        args += ["--accelerate_config", str(tmp_path / "acc.yaml")]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
