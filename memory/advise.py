@@ -15,6 +15,7 @@ from typing import Any
 from .deploy import (
     Deployment,
     DeploymentPlan,
+    fits_with,
     largest_micro_batch,
     min_gpus,
     plan_deployment,
@@ -263,25 +264,19 @@ def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deploymen
     def value(n: int) -> int:  # the flag's value: sequences, or under token budgets the tokens per GPU
         return -(-n * dep.seq // (dep.sequence_parallel * dep.tensor_parallel)) if dep.token_budget_batching else n
 
-    def fits(d: Deployment) -> bool:
-        try:
-            return plan_deployment(d).fits
-        except ValueError:
-            return False
-
-    s = min(largest_fitting(lambda n: fits(_scored(dep, n)), score - 1) or 1, score - 1)
+    s = min(largest_fitting(lambda n: fits_with(_scored(dep, n)), score - 1) or 1, score - 1)
     name = (f"scoring token budget {value(s)} per GPU (micro-batch {s})" if dep.token_budget_batching
             else f"scoring micro-batch {s}")
     out: list[tuple[str, str, Deployment, Any, str]] = [
         (key, name, _scored(dep, s), value(s), "more, smaller log-prob forwards per step")]
-    alone = fits(_scored(dep, s)) or (dep.micro_batch > 1 and _fits_with_micro(dep, largest_micro_batch(dep)))
+    alone = fits_with(_scored(dep, s)) or (dep.micro_batch > 1 and largest_micro_batch(dep) > 0)
     if not alone and dep.micro_batch > 1:
         top = max(dep.micro_batch, score) - 1
 
         def capped(n: int) -> Deployment:
             return _scored(dep, min(score, n)).with_(micro_batch=min(dep.micro_batch, n))
 
-        n = largest_fitting(lambda k: fits(capped(k)), top)
+        n = largest_fitting(lambda k: fits_with(capped(k)), top)
         if n:
             train = "token_budget" if dep.token_budget_batching else "micro_batch"
             flags = [f for f in (_flag(train, dep.framework, value(min(dep.micro_batch, n))),
@@ -289,10 +284,6 @@ def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deploymen
             out.append(("micro_batches", f"train and scoring micro-batches {n}", capped(n), " ".join(flags),
                         "both phases in smaller micro-batches; raise gradient accumulation to keep the batch"))
     return out
-
-
-def _fits_with_micro(dep: Deployment, mb: int) -> bool:
-    return mb > 0 and plan_deployment(dep.with_(micro_batch=mb)).fits
 
 
 def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]:

@@ -914,7 +914,8 @@ def plan_deployment(dep: Deployment) -> DeploymentPlan:
     return DeploymentPlan(dep, groups, eng, notes)
 
 
-def _fits_with(dep: Deployment, **changes: Any) -> bool:
+def fits_with(dep: Deployment, **changes: Any) -> bool:
+    """Whether ``dep`` with ``changes`` fits; a deployment the changes make invalid does not."""
     try:
         return plan_deployment(dep.with_(**changes)).fits
     except ValueError:
@@ -923,7 +924,7 @@ def _fits_with(dep: Deployment, **changes: Any) -> bool:
 
 def largest_micro_batch(dep: Deployment, hi: int = 4096) -> int:
     """Largest train micro-batch per GPU that fits (0: not even one sequence)."""
-    return largest_fitting(lambda n: _fits_with(dep, micro_batch=n), hi)
+    return largest_fitting(lambda n: fits_with(dep, micro_batch=n), hi)
 
 
 def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
@@ -931,7 +932,7 @@ def largest_rollout_batch(dep: Deployment, hi: int = 1 << 16) -> int:
     next to everything else; for vLLM/SGLang the sequences of the requested length the KV pool holds."""
     if dep.engine.kind != "hf":
         return engine_memory(dep).max_seqs
-    return largest_fitting(lambda n: _fits_with(dep, rollout_per_gpu=n), hi)
+    return largest_fitting(lambda n: fits_with(dep, rollout_per_gpu=n), hi)
 
 
 def min_gpus(dep: Deployment, limit: int = 1024) -> int | None:
@@ -944,6 +945,6 @@ def min_gpus(dep: Deployment, limit: int = 1024) -> int | None:
         groups = {g: max(1, round(n * scale)) for g, n in dep.groups.items()}
         if sum(groups.values()) != total or any(groups[dep.engine.group] < dep.engine.tp for _ in [0]):
             continue
-        if _fits_with(dep, groups=groups):
+        if fits_with(dep, groups=groups):
             return total
     return None
