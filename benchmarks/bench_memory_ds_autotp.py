@@ -72,7 +72,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "bf16": {"enabled": True}, "gradient_clipping": 1.0, "steps_per_print": 10**9,
         "zero_optimization": {"stage": cfg["stage"], "reduce_bucket_size": 100_000,
                               "stage3_param_persistence_threshold": 0},  # ZeRO-3: every tensor partitioned
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "tensor_parallel": {"autotp_size": tp}}
+        # torch's AdamW: the same fp32 master + moments as DeepSpeed's FusedAdam, without the JIT build of its
+        # CPU op (a minute and a half on a fresh machine, again whenever another environment rebuilt it)
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "tensor_parallel": {"autotp_size": tp}}
     engine, zopt, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                               config=ds_config)
     rank = torch.distributed.get_rank()
