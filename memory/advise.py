@@ -9,6 +9,7 @@ after on the worst group, so the ranking is as good as the planner.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -199,8 +200,7 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
         mb = largest_micro_batch(dep) or 1
         mb = min(mb, dep.micro_batch - 1)
         if dep.token_budget_batching:  # the micro-batch flags are ignored: the budget is the knob
-            # per GPU: a micro-batch's bins hold budget x sp x tp tokens (seqlen_balancing.py, every TP rank sees them)
-            budget = -(-mb * dep.seq // (dep.sequence_parallel * dep.tensor_parallel))
+            budget = _tokens_per_gpu(dep, mb)
             out.append(("token_budget", f"train token budget {budget} per GPU (micro-batch {mb})",
                         dep.with_(micro_batch=mb), budget, "more, smaller micro-batches per step"))
         else:
@@ -244,6 +244,12 @@ def candidates(dep: Deployment) -> list[tuple[str, str, Deployment, Any, str]]:
     return out
 
 
+def _tokens_per_gpu(dep: Deployment, n: int) -> int:
+    """A token budget per GPU that holds micro-batches of ``n`` sequences at the maximum length: the frameworks'
+    bins hold budget x sp x tp tokens (seqlen_balancing.py; every TP rank sees a micro-batch's tokens)."""
+    return -(-n * dep.seq // (dep.sequence_parallel * dep.tensor_parallel))
+
+
 def _scored(dep: Deployment, n: int) -> Deployment:
     """``dep`` scoring ``n`` sequences a micro-batch; DeepSpeed-Chat scores what it generated together, so its one
     flag moves the generation batch with it."""
@@ -262,9 +268,9 @@ def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deploymen
         return []
 
     def value(n: int) -> int:  # the flag's value: sequences, or under token budgets the tokens per GPU
-        return -(-n * dep.seq // (dep.sequence_parallel * dep.tensor_parallel)) if dep.token_budget_batching else n
+        return _tokens_per_gpu(dep, n) if dep.token_budget_batching else n
 
-    s = min(largest_fitting(lambda n: fits_with(_scored(dep, n)), score - 1) or 1, score - 1)
+    s = largest_fitting(lambda n: fits_with(_scored(dep, n)), score - 1) or 1
     name = (f"scoring token budget {value(s)} per GPU (micro-batch {s})" if dep.token_budget_batching
             else f"scoring micro-batch {s}")
     out: list[tuple[str, str, Deployment, Any, str]] = [
@@ -286,16 +292,21 @@ def _scoring_batch_candidates(dep: Deployment) -> list[tuple[str, str, Deploymen
     return out
 
 
+def _planned(dep: Deployment) -> Iterator[tuple[str, str, Deployment, Any, str, DeploymentPlan]]:
+    """Each candidate change with its plan; a change that makes the deployment invalid is skipped."""
+    for key, name, new, value, note in candidates(dep):
+        try:
+            yield key, name, new, value, note, plan_deployment(new)
+        except ValueError:
+            continue
+
+
 def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]:
     """Changes ranked: those that make it fit first, then by saving of the worst group's peak."""
     plan = plan or plan_deployment(dep)
     before = plan.peak_bytes
     out = []
-    for key, name, new, value, note in candidates(dep):
-        try:
-            p = plan_deployment(new)
-        except ValueError:
-            continue
+    for key, name, _new, value, note, p in _planned(dep):
         if p.fits or p.peak_bytes < before:  # a change that neither fits nor lowers the peak is noise
             out.append(Change(key, name, _flag(key, dep.framework, value), before, p.peak_bytes, p.fits, note))
     if not plan.fits:
@@ -327,12 +338,8 @@ def combined(dep: Deployment, plan: DeploymentPlan | None = None, steps: int = 6
     taken: list[tuple[str, str, str]] = []  # (key, name, flag) of each change applied
     for _ in range(steps):
         best: tuple[str, str, Deployment, Any, DeploymentPlan] | None = None
-        for key, name, new, value, _note in candidates(cur):
+        for key, name, new, value, _note, p in _planned(cur):
             if key in _CHANGES_THE_OBJECTIVE or key in (t[0] for t in taken):
-                continue
-            try:
-                p = plan_deployment(new)
-            except ValueError:
                 continue
             if best is None or (p.fits, -p.peak_bytes) > (best[4].fits, -best[4].peak_bytes):
                 best = (key, name, new, value, p)
