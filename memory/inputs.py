@@ -86,12 +86,17 @@ def _setting(cfg: dict[str, Any], key: str, default: Any, where: str, cast: Call
     v = cfg.get(key)
     if v in (None, "", "auto") or v == 0:
         return default
-    if isinstance(v, bool):
-        raise ValueError(f"{where}: {key}: {v!r} is not a number")
+    return _number(v, f"{where}: {key}: {v!r}", cast)
+
+
+def _number(value: Any, what: str, cast: Callable[[Any], Any] = int) -> Any:
+    """``value`` cast to a number (an int written ``1e9`` too), or the one-line error ``<what> is not a number``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} is not a number")
     try:
-        return cast(float(v)) if cast is int and isinstance(v, str) and "e" in v.lower() else cast(v)
+        return cast(float(value)) if cast is int and isinstance(value, str) and "e" in value.lower() else cast(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key}: {v!r} is not a number") from None
+        raise ValueError(f"{what} is not a number") from None
 
 
 def sharding_from_deepspeed(ds: dict[str, Any], mixed: bool = True) -> Sharding:
@@ -652,12 +657,8 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
         return str(get(key, default)).lower() == "true"
 
     def num(key: str, default: Any = None, cast: Callable[[Any], Any] = int) -> Any:
-        """A numeric key, or the reader's one-line error naming it (int('abc') names nothing)."""
         value = get(key, default)
-        try:
-            return cast(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--from_verl: {key}={value} is not a number") from None
+        return _number(value, f"--from_verl: {key}={value}", cast)
 
     name = model or get("actor_rollout_ref.model.path")
     if not name:
