@@ -309,7 +309,7 @@ def tp_local(role: Role, dep: Deployment) -> Role:
     kv = -(-a.kv_heads // tp)
     local = replace(a, kv_heads=kv, heads=a.heads // a.kv_heads * kv, intermediate=-(-a.intermediate // tp))
     cut = role.linear_weight_params() - replace(role, arch=local).linear_weight_params()
-    split_head = dep.tensor_parallel_head and a.head_params and not role.value_head
+    split_head = dep.tensor_parallel_head and a.head_params  # a value-head role has none (Role.__post_init__)
     head = a.head_params - (-(-a.vocab // tp)) * a.hidden if split_head else 0
     largest_linear = a.hidden * max(a.intermediate, a.q_dim, a.kv_dim)
     largest = max(largest_linear // tp, min(a.largest_param, a.vocab * a.hidden))
