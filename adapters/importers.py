@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .convert import SourceError
-from .mapping import MAPPERS
+from .mapping import MAPPERS, VERL_KL_TYPES
 from .openrlhf import import_openrlhf
 from .ray_timeline import main as ray_timeline_main
 from .tb_events import import_tensorboard
@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "openrlhf": "OpenRLHF TensorBoard folder (--logger.tensorboard_dir, or one <run_name> folder in it)",
         "tensorboard": "any TensorBoard event folder (scalars; canonical tags kept, others as src/<tag>)",
-        "verl": "veRL file-logger JSONL ({\"step\": N, \"data\": {...}} per line)",
+        "verl": "veRL log: its file logger's JSONL ({\"step\": N, \"data\": {...}} per line) or its console "
+                "output ('step:N - key:value - ...' lines, e.g. what `| tee run.log` kept)",
     }
     sub.add_parser("ray-timeline", help="a ray.timeline() trace of an OpenRLHF/veRL job (own options: "
                    "rlhfkit import ray-timeline --help)", add_help=False)
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
         if kind == "openrlhf":
             s.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1",
                            help="OpenRLHF's --algo.kl.estimator (its train/kl is this estimator; default k1)")
+        if kind == "verl":
+            s.add_argument("--kl-loss-type", choices=VERL_KL_TYPES, metavar="TYPE",
+                           help="the run's actor_rollout_ref.actor.kl_loss_type, the estimator in actor/kl_loss "
+                                "(default: as the console log's config says, else veRL's low_var_kl = k3)")
+            s.add_argument("--kl-penalty", choices=VERL_KL_TYPES, metavar="TYPE",
+                           help="the run's algorithm.kl_penalty, the estimator in actor/reward_kl_penalty "
+                                "(critic/kl before 2025-04; default: as the console log says, else kl = k1)")
+            s.add_argument("--grad-clip", type=float, metavar="NORM",
+                           help="the run's actor_rollout_ref.actor.grad_clip, the threshold its pre-clip "
+                                "actor/grad_norm was clipped at (default: as the console log says, else 1.0)")
         if kind == "tensorboard":
             s.add_argument("--mapping", choices=sorted(MAPPERS), default="none",
                            help="key table to apply to the tags (default: none)")
@@ -75,7 +86,8 @@ def main(argv: list[str]) -> int:
                                          config={"mapping": args.mapping}, **common)
         else:
 
-            summary = import_verl(args.source, out, **common)
+            summary = import_verl(args.source, out, kl_loss_type=args.kl_loss_type, kl_penalty=args.kl_penalty,
+                                  grad_clip=args.grad_clip, **common)
     except (SourceError, FileExistsError, OSError) as err:
         text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename and err.strerror else err
         print(f"rlhfkit import: {text}", file=sys.stderr)

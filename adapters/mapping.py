@@ -6,6 +6,7 @@ lost. A few entries also derive a value (veRL's GiB → bytes, TRL's truncation 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -122,6 +123,28 @@ VERL_KEYS: dict[str, str] = {
     "rollout_corr/kl": "rollout/kl_k1",
     "rollout_corr/k3_kl": "rollout/kl_k3",
 }
+# Older veRL names for the same quantities (console logs of releases before mid-2025: ``timing/*`` before
+# ``timing_s/*``, the entropy as ``actor/entropy_loss``, the reward penalty's coefficient as ``critic/kl_coeff``).
+# Where a record has both, the current name keeps the canonical key and the older one stays ``src/``.
+VERL_OLD_KEYS: dict[str, str] = {
+    "timing/gen": "time/rollout",
+    "timing/reward": "time/reward",
+    "timing/ref": "time/ref_logprobs",
+    "timing/old_log_prob": "time/old_logprobs",
+    "timing/values": "time/values",
+    "timing/adv": "time/advantages",
+    "timing/update_actor": "time/update",
+    "timing/update_critic": "time/update_critic",
+    "timing/step": "time/step",
+    "actor/entropy_loss": "policy/entropy",
+    "critic/kl_coeff": "kl/coef",
+    "actor/kl_coef": "kl/coef",
+}
+# veRL's KL estimators by name (core_algos.kl_penalty; "+" are straight-through variants with the same forward
+# value); "abs" and "full" are not one of the run format's estimators, so their series stay ``src/``.
+VERL_KL_ESTIMATORS: dict[str, str] = {"kl": "k1", "k1": "k1", "k1+": "k1", "mse": "k2", "k2": "k2", "k2+": "k2",
+                                      "low_var_kl": "k3", "k3": "k3", "k3+": "k3"}
+VERL_KL_TYPES = (*VERL_KL_ESTIMATORS, "abs", "full")
 _GIB = float(2**30)
 # canonical key → (source key, transform) for values that need converting, not just renaming.
 VERL_DERIVED: dict[str, tuple[str, Callable[[float], float]]] = {
@@ -208,9 +231,35 @@ def map_openrlhf(scalars: Mapping[str, Any], kl_estimator: str = "k1") -> dict[s
     return out
 
 
-def map_verl(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Canonical record from one veRL ``data`` dict."""
-    return _apply(data, VERL_KEYS, derived=VERL_DERIVED)
+@functools.lru_cache(maxsize=16)
+def _verl_table(kl_loss_type: str, kl_penalty: str) -> dict[str, str]:
+    """veRL's names in precedence order: current names, the KL series, older names."""
+    kl = {"actor/reward_kl_penalty": kl_penalty, "critic/kl": kl_penalty, "actor/kl_loss": kl_loss_type}
+    table = {key: f"kl/ref_{VERL_KL_ESTIMATORS[kind]}" for key, kind in kl.items() if kind in VERL_KL_ESTIMATORS}
+    return {**VERL_KEYS, **table, **VERL_OLD_KEYS}
+
+
+def map_verl(data: Mapping[str, Any], kl_loss_type: str = "low_var_kl", kl_penalty: str = "kl",
+             grad_clip: float | None = 1.0) -> dict[str, Any]:
+    """Canonical record from one veRL ``data`` dict.
+
+    The KL to the reference is ``actor/reward_kl_penalty`` (``critic/kl`` before 2025-04) with the estimator of
+    ``algorithm.kl_penalty``, and ``actor/kl_loss`` with ``actor_rollout_ref.actor.kl_loss_type``; the log does
+    not say which, so the caller passes them (veRL's defaults here). Where two names give the same canonical
+    key, the first in precedence order keeps it and the other stays ``src/``. ``actor/grad_norm`` is the norm
+    before clipping, and veRL always clips at ``actor.grad_clip`` (1.0 unless set; its dp_actor asserts one is
+    set), so that threshold is the record's ``grad/max_norm``.
+    """
+    table = _verl_table(kl_loss_type, kl_penalty)
+    rank = {key: i for i, key in enumerate(table)}
+    mapping: dict[str, str] = {}
+    for key in sorted((k for k in data if k in table), key=rank.__getitem__):
+        if table[key] not in mapping.values():
+            mapping[key] = table[key]
+    out = _apply(data, mapping, derived=VERL_DERIVED)
+    if grad_clip is not None and "grad/norm" in out:
+        out.setdefault("grad/max_norm", grad_clip)
+    return out
 
 
 def map_identity(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_verl_keys_and_unit_conversion():
                     "perf/max_memory_allocated_gb": 2.0, "actor/kl_loss": 0.01, "perf/mfu/actor": 0.3})
     assert out["loss/policy"] == 0.1 and out["reward/mean"] == 0.5 and out["time/rollout"] == 1.5
     assert out["time/step"] == 4.0 and out["mem/peak_bytes"] == 2 * 2**30
-    assert out["src/actor/kl_loss"] == 0.01 and out["src/perf/mfu/actor"] == 0.3
+    assert out["kl/ref_k3"] == 0.01 and out["src/perf/mfu/actor"] == 0.3  # kl_loss_type low_var_kl: k3
 
 
 def test_identity_keeps_canonical_and_nan_passes_through():
