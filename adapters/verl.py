@@ -41,7 +41,9 @@ CONSOLE_FORMAT = "step:N - key:value - ..."
 SETTING_DEFAULTS = {"kl_loss_type": "low_var_kl", "kl_penalty": "kl", "grad_clip": "1.0"}
 
 _ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
-_CONSOLE_RECORD = re.compile(r"(?:^|\s)step:(\d{1,15}) - (.*?)(?:\s*\[repeated \d+x across cluster\])?\s*$")
+# "step:" not inside a key ("training/global_step:3", "perf/delta_time/step:1.2"); a tqdm bar may end right
+# before it on the same line ("... 61.46s/it]step:3 - ...")
+_CONSOLE_RECORD = re.compile(r"(?<![\w/])step:(\d{1,15}) - (.*?)(?:\s*\[repeated \d+x across cluster\])?\s*$")
 _NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")  # pprint.pformat of a numpy scalar (veRL >= 2025-07)
 _SETTING = re.compile(r"(?<![\w/])['\"]?(kl_loss_type|kl_penalty|grad_clip)['\"]?\s*[:=]\s*['\"]?([\w.+-]+)")
 

@@ -56,8 +56,9 @@ def test_console_log_with_ray_prefixes_config_dump_and_both_value_formats(tmp_pa
                                   "perf/max_memory_allocated_gb": 40.0, "training/global_step": 1}, 1),
         "WARNING: some library line with step:abc in it",
         '{"note": "a JSON object another library printed"}',
-        RAY + concat_dict_to_str({"actor/pg_loss": float("nan"), "actor/kl_loss": 0.004,
-                                  "actor/grad_norm": float("inf"), "critic/score/mean": True}, 2),
+        "Epoch 1/1:  99%|#########9| 2/3 [0:01:11<01:11, 71.47s/it]"  # a tqdm bar left on the line
+        + concat_dict_to_str({"actor/pg_loss": float("nan"), "actor/kl_loss": 0.004, "training/global_step": 2,
+                              "actor/grad_norm": float("inf"), "critic/score/mean": True}, 2),
     ]
     run = _import(tmp_path, _log(tmp_path, CONFIG_DUMP + steps))
     summary = json.loads(capsys.readouterr().out)
