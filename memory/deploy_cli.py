@@ -29,9 +29,10 @@ from .deploy import (
 )
 from .inputs import from_deepspeed_chat, from_openrlhf, from_trl, from_verl
 from .planner import human, parse_bytes
+from .verl_log import overrides_from_log
 
 TRIGGERS = ("nodes", "gpus_per_node", "gpu_memory", "zero", "fsdp", "engine", "algorithm", "trl_config",
-            "from_openrlhf", "from_verl", "from_deepspeed_chat")
+            "from_openrlhf", "from_verl", "from_verl_log", "from_deepspeed_chat")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")
     g.add_argument("--from_openrlhf", default=None, metavar="FLAGS", help="an OpenRLHF train_ppo_ray command line")
     g.add_argument("--from_verl", default=None, metavar="OVERRIDES", help="veRL main_ppo key=value overrides")
+    g.add_argument("--from_verl_log", default=None, metavar="LOG",
+                   help="a veRL run's console log: the resolved config main_ppo printed at start (every setting, "
+                        "that veRL version's defaults included) is planned")
     g.add_argument("--from_deepspeed_chat", default=None, metavar="FLAGS",
                    help="a DeepSpeed-Chat step-3 main.py command line ([deepspeed --num_gpus G] main.py --flags); "
                         "--nodes sets the GPU count (x --gpus_per_node) when the launcher does not")
@@ -112,9 +116,10 @@ def deployment_from_args(a: argparse.Namespace) -> Deployment:
 
         dep = from_deepspeed_chat(a.from_deepspeed_chat, model=None if a.model == "tiny" else a.model,
                                   gpu_memory=gpu_memory, gpus=a.nodes * gpn if a.nodes else None, gpus_per_node=gpn)
-    elif a.from_verl is not None:
+    elif a.from_verl is not None or a.from_verl_log is not None:
 
-        dep = from_verl(a.from_verl, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory)
+        overrides = a.from_verl if a.from_verl is not None else overrides_from_log(a.from_verl_log)
+        dep = from_verl(overrides, model=None if a.model == "tiny" else a.model, gpu_memory=gpu_memory)
     elif a.trl_config is not None:
 
         dep = from_trl(a.trl_config, model=None if a.model == "tiny" else a.model, accelerate=a.accelerate_config,
