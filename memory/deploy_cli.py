@@ -64,8 +64,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trl_config", default=None, help="TRL GRPOConfig/TrainingArguments YAML or JSON")
     g.add_argument("--accelerate_config", default=None, help="accelerate config YAML (with --trl_config)")
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")
-    g.add_argument("--from_openrlhf", default=None, metavar="FLAGS", help="an OpenRLHF train_ppo_ray command line")
-    g.add_argument("--from_verl", default=None, metavar="OVERRIDES", help="veRL main_ppo key=value overrides")
+    g.add_argument("--from_openrlhf", default=None, metavar="FLAGS",
+                   help="an OpenRLHF train_ppo_ray command line, or its whole launch script")
+    g.add_argument("--from_verl", default=None, metavar="OVERRIDES",
+                   help="veRL main_ppo key=value overrides, or the whole launch script")
     g.add_argument("--from_verl_log", default=None, metavar="LOG",
                    help="a veRL run's console log: the resolved config main_ppo printed at start (every setting, "
                         "that veRL version's defaults included) is planned")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from .arch import Arch, load_arch
 from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
+from .shell import UNSET, expand_script, unresolved
 
 GiB = 2**30
 
@@ -24,13 +26,14 @@ def _split_command(cmdline: str, flag: str) -> list[str]:
     """A pasted command line as its tokens, as the shell reads them: a script's backslash line continuations
     joined (shlex would keep the newline in the next token, which then matches no flag); ``#`` comments dropped
     (example scripts keep commented-out alternatives such as ``# trainer.n_gpus_per_node=8``, which were read as
-    settings); a final continuation backslash (``$(cat script.sh)`` strips the newline after it) ignored; an
-    unbalanced quote a one-line error."""
+    settings); a final continuation backslash (``$(cat script.sh)`` strips the newline after it) ignored; the
+    variables a whole script sets expanded (memory/shell.py; the rest stay ``$NAME``); an unbalanced quote a
+    one-line error."""
     text = _drop_comments(cmdline.replace("\\\r\n", " ").replace("\\\n", " ")).rstrip()
     if text.endswith("\\") and not text.endswith("\\\\"):
         text = text[:-1]
     try:
-        return shlex.split(text)
+        return shlex.split(expand_script(text))
     except ValueError as err:
         raise ValueError(f"{flag}: cannot split the command line ({err})") from None
 
@@ -56,6 +59,66 @@ def _drop_comments(text: str) -> str:
             prev = ch
         out.append(line[:cut])
     return "\n".join(out)
+
+
+_PASS_MODEL = "pass --model (its config.json or folder, or a built-in name)"
+_WRITE_MODEL = "write a built-in name or a local config.json in its place"
+
+
+def _model(name: str, what: str, remedy: str = _PASS_MODEL) -> Arch:
+    """``load_arch(name)`` with its error one line that says where the name came from (``what``) and how to give
+    the model instead: the built-in list alone ran past the CLI's 300 characters and named neither."""
+    if unresolved(name):
+        raise ValueError(f"{what}: {UNSET}; {remedy}")
+    try:
+        return load_arch(name)
+    except ValueError as err:
+        if not str(err).startswith("unknown model"):
+            raise
+    raise ValueError(f"{what}: unknown model (no built-in config such as Qwen2.5-7B, no local config.json; nothing "
+                     f"is downloaded); {remedy}")
+
+
+def _actor_model(model: str | None, name: str, what: str) -> Arch:
+    """The actor's architecture: ``--model`` when given (its own error), else ``name`` as the input spells it."""
+    if model:
+        return _model(model, f"--model {model}", "give a built-in name, a config.json or its folder")
+    return _model(name, what)
+
+
+def _inner_commands(tokens: list[str], markers: tuple[str, ...]) -> list[str]:
+    """``tokens`` with a quoted command that names one of ``markers`` split into its words, as the shell that runs
+    it would (``srun ... bash -c "python3 -m openrlhf.cli.train_ppo_ray --flags"``)."""
+    out: list[str] = []
+    for t in tokens:
+        if any(m in t for m in markers) and any(c.isspace() for c in t.strip()):
+            try:
+                out.extend(shlex.split(t))
+                continue
+            except ValueError:
+                pass
+        out.append(t)
+    return out
+
+
+def _module(token: str) -> str:
+    """A script path (``openrlhf/cli/train_sft.py``, ``verl/trainer/main_ppo.py``) as its module name."""
+    if not (token.endswith(".py") and "/" in token):
+        return token
+    module = token[:-3].replace("/", ".")
+    at = max(module.rfind(p) for p in ("openrlhf.cli.", "verl.trainer.", "recipe."))
+    return module[at:] if at >= 0 else token
+
+
+# OpenRLHF's entry points (openrlhf/cli/, earlier examples/*.py run as ``deepspeed ../train_sft.py``)
+_OPENRLHF_ENTRIES = ("train_ppo_ray", "train_ppo", "train_sft", "train_rm", "train_dpo", "train_kto", "train_kd",
+                     "train_prm", "batch_inference", "serve_rm", "interactive_chat", "lora_combiner")
+
+
+def _openrlhf_module(token: str) -> str:
+    """An OpenRLHF script path as its module name (``../train_sft.py``: openrlhf.cli.train_sft)."""
+    stem = token.rsplit("/", 1)[-1].removesuffix(".py")
+    return f"openrlhf.cli.{stem}" if token.endswith(".py") and stem in _OPENRLHF_ENTRIES else _module(token)
 
 
 def _load_mapping(path: str) -> dict[str, Any]:
@@ -159,6 +222,14 @@ def from_trl(config_path: str, model: str | None = None, accelerate: str | None 
                              gpu_memory=gpu_memory, gpus_per_node=gpus_per_node, source=config_path)
 
 
+# keys only TRL's SFTConfig/DPOConfig have (max_length: their sequence cap; GRPO caps prompt and completion apart),
+# and keys only its online RL configs (GRPOConfig, RLOOConfig; open-r1's GRPOScriptArguments) have
+_TRL_SFT_KEYS = ("max_length", "max_seq_length", "packing", "dataset_text_field", "completion_only_loss",
+                 "assistant_only_loss")
+_TRL_RL_KEYS = ("num_generations", "max_completion_length", "use_vllm", "vllm_mode", "steps_per_generation",
+                "generation_batch_size", "reward_funcs", "num_iterations", "rloo_k")
+
+
 def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None = None,
                       deepspeed: dict[str, Any] | None = None, base_dir: Path = Path("."), model: str | None = None,
                       num_processes: int | None = None, gpu_memory: int = 80 * GiB, gpus_per_node: int = 8,
@@ -169,7 +240,11 @@ def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None 
     name = model or cfg.get("model_name_or_path") or cfg.get("model")
     if not name:
         raise ValueError(f"{source}: no model_name_or_path; pass --model")
-    arch = load_arch(str(name))
+    sft = sorted(k for k in _TRL_SFT_KEYS if k in cfg)
+    if sft and not any(k in cfg for k in _TRL_RL_KEYS):
+        raise ValueError(f"{source}: an SFT/DPO-style config ({', '.join(sft[:3])}; no num_generations or "
+                         "max_completion_length): --trl_config plans GRPO/RLOO runs")
+    arch = _actor_model(model, str(name), f"{source}: model_name_or_path {name}")
     n_proc, machines = 1, 1
     sharding = Sharding("zero0", mixed_precision=False)
     if accelerate:
@@ -561,19 +636,27 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     split over groups of that many GPUs that share each micro-batch (``Deployment.tensor_parallel``; the LM head is
     split too in the dotted syntax, whose 3c3be623 pins DeepSpeed 0.19.5), with OpenRLHF's and its DeepSpeed's
     constraints checked (:func:`_openrlhf_check_tp`)."""
-    toks = _split_command(cmdline, "--from_openrlhf")
-    if "openrlhf.cli.train_ppo_ray" in toks:  # what precedes it is the launcher's (ray job submit ... --)
-        toks = toks[toks.index("openrlhf.cli.train_ppo_ray") + 1:]
+    toks = [_openrlhf_module(t) for t in _inner_commands(_split_command(cmdline, "--from_openrlhf"),
+                                                                ("openrlhf.cli.", "train_ppo_ray"))]
+    entry = "openrlhf.cli.train_ppo_ray"
+    others = [t for t in toks if t.startswith("openrlhf.cli.") and t != entry]
+    if others and entry not in toks:  # train_sft, train_rm, train_dpo, serve_rm, ...: their flags overlap PPO's
+        raise ValueError(f"--from_openrlhf: {others[0]} is not OpenRLHF's PPO trainer ({entry}); the planner reads "
+                         "train_ppo_ray command lines only")
+    if entry in toks:  # what precedes it is the launcher's (ray job submit ... --)
+        toks = toks[toks.index(entry) + 1:]
     argv = [t for t in toks if t not in ("python", "python3", "-m")]
     a, dotted = _openrlhf_args(argv)
+    flag = {"actor": "--actor.model_name_or_path" if dotted else "--pretrain",
+            "critic": "--critic.model_name_or_path" if dotted else "--critic_pretrain",
+            "reward": "--reward.model_name_or_path" if dotted else "--reward_pretrain"}
     name = model or a.pretrain
     if not name:
-        raise ValueError("--from_openrlhf: no --actor.model_name_or_path in the command line; pass --model" if dotted
-                         else "--from_openrlhf: no --pretrain in the command line; pass --model")
+        raise ValueError(f"--from_openrlhf: no {flag['actor']} in the command line; pass --model")
     if dotted and not a.vllm_num_engines:  # train_ppo_ray.py ed62d0e2+: samples_generator only dispatches to vLLM
         raise ValueError("--from_openrlhf: OpenRLHF's dotted-flag versions generate only with vLLM; "
                          "set --vllm.num_engines")
-    actor_arch = load_arch(name)
+    actor_arch = _actor_model(model, name, f"--from_openrlhf: {flag['actor']} {name}")
     db = 2 if a.bf16 else 4
     lora = a.lora_rank
     groups: dict[str, int] = {"actor": a.actor_num_nodes * a.actor_num_gpus_per_node}
@@ -587,20 +670,23 @@ def from_openrlhf(cmdline: str, model: str | None = None, gpu_memory: int = 80 *
     critic = reward = None
     if a.advantage_estimator != "gae":  # train_ppo_ray: only GAE has a critic; it defaults to the reward model
         a.critic_pretrain = None
-    elif a.critic_pretrain is None:
+    elif a.critic_pretrain is None:  # the actor's model (``--model`` when given) unless a reward model
         a.critic_pretrain = a.reward_pretrain.split(",")[0] if (a.reward_pretrain and not a.remote_rm_url) \
-            else a.pretrain
+            else name
     if not a.colocate_all_models:  # train_ppo_ray turns sleep off without --colocate_all_models
         a.vllm_enable_sleep = False
     if a.critic_pretrain:
         g = "actor" if a.colocate_all_models else "critic"
         groups.setdefault(g, a.critic_num_nodes * a.critic_num_gpus_per_node)
-        critic = Role("critic", load_arch(a.critic_pretrain), trained=True, group=g, dtype_bytes=db,
+        critic_arch = actor_arch if a.critic_pretrain in (name, a.pretrain) else _model(
+            a.critic_pretrain, f"--from_openrlhf: {flag['critic']} {a.critic_pretrain}", _WRITE_MODEL)
+        critic = Role("critic", critic_arch, trained=True, group=g, dtype_bytes=db,
                       value_head=True, lora_rank=lora)
     if not a.remote_rm_url and a.reward_pretrain:
         g = "actor" if a.colocate_all_models else ("critic" if a.colocate_critic_reward and critic else "reward")
         groups.setdefault(g, a.reward_num_nodes * a.reward_num_gpus_per_node)
-        reward = Role("reward", load_arch(a.reward_pretrain), group=g, dtype_bytes=db, value_head=True,
+        reward = Role("reward", _model(a.reward_pretrain, f"--from_openrlhf: {flag['reward']} {a.reward_pretrain}",
+                                       _WRITE_MODEL), group=g, dtype_bytes=db, value_head=True,
                       offload=a.reward_offload)
     if a.vllm_num_engines:
         if a.colocate_all_models and not a.async_enable:  # async: vLLM gets its own GPUs
@@ -645,13 +731,29 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
     """A veRL ``main_ppo`` command line of Hydra ``key=value`` overrides (hybrid engine: actor, rollout and
     reference share every GPU; FSDP full shard; the rollout engine frees its cache while training)."""
     kv: dict[str, str] = {}
-    for tok in _split_command(cmdline, "--from_verl"):
-        if "=" in tok and not tok.startswith("-"):
+    toks = [_module(t) for t in _inner_commands(_split_command(cmdline, "--from_verl"), ("verl.trainer.", "main_ppo"))]
+    config = "ppo_trainer"
+    for i, tok in enumerate(toks):
+        if tok in ("--config-name", "-cn") and i + 1 < len(toks):
+            config = toks[i + 1]
+        elif tok.startswith(("--config-name=", "-cn=")):
+            config = tok.split("=", 1)[1]
+        elif "=" in tok and not tok.startswith("-"):
             k, v = tok.split("=", 1)
-            kv[k.lstrip("+")] = v.strip("'\"")
+            if v.strip("'\"") in ("null", "~"):  # Hydra's None: the setting left unset
+                kv.pop(k.lstrip("+"), None)
+            else:
+                kv[k.lstrip("+")] = v.strip("'\"")
+    _verl_check_entry(toks, config.strip("'\"").removesuffix(".yaml"))
+    if model and not any(k.split(".", 1)[0] in _VERL_SECTIONS for k in kv):  # else: no model path, below
+        raise ValueError("--from_verl: no veRL main_ppo override recognised (e.g. actor_rollout_ref.model.path=..., "
+                         "trainer.n_gpus_per_node=8)")
 
     def get(key: str, default: Any = None) -> Any:
-        return kv.get(key, default)
+        value = kv.get(key, default)
+        if isinstance(value, str) and unresolved(value):
+            raise ValueError(f"--from_verl: {key}={value}: {UNSET}; write its value")
+        return value
 
     def flag(key: str, default: bool = False) -> bool:
         return str(get(key, default)).lower() == "true"
@@ -660,10 +762,21 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
         value = get(key, default)
         return _number(value, f"--from_verl: {key}={value}", cast)
 
-    name = model or get("actor_rollout_ref.model.path")
+    for key, refused in (("actor_rollout_ref.actor.strategy", "megatron"),
+                         ("actor_rollout_ref.rollout.multi_turn.enable", "true")):
+        if str(get(key, "")).lower() == refused:
+            raise ValueError(f"--from_verl: {key}={get(key)}: " + (
+                "the Megatron workers are not modelled (the reader plans veRL's FSDP workers)" if refused == "megatron"
+                else "multi-turn rollouts (tools, interactions) are not modelled"))
+    eng = str(get("actor_rollout_ref.rollout.name", "vllm"))
+    if eng not in ("vllm", "sglang", "hf"):
+        raise ValueError(f"--from_verl: actor_rollout_ref.rollout.name={eng}: the planner models vllm, sglang and "
+                         "hf rollouts")
+    model_key = "actor_rollout_ref.model.path"
+    name = model or kv.get(model_key)
     if not name:
-        raise ValueError("--from_verl: no actor_rollout_ref.model.path; pass --model")
-    arch = load_arch(str(name))
+        raise ValueError(f"--from_verl: no {model_key}; pass --model")
+    arch = _actor_model(model, str(name), f"--from_verl: {model_key}={name}")
     n = num("trainer.n_gpus_per_node", 8) * num("trainer.nnodes", 1)
     sp = num("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1)
     tp = num("actor_rollout_ref.rollout.tensor_model_parallel_size", 2)
@@ -716,17 +829,40 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
         # fsdp_workers.py CriticWorker: its own checkpointing switch (ppo_trainer.yaml default True) and model_dtype
         # (default fp32: mixed precision, as for the actor); its offload and micro-batches follow the actor's here
         critic_dtype = str(get("critic.model.fsdp_config.model_dtype", "fp32")).lower()
-        critic = Role("critic", load_arch(str(get("critic.model.path", name))), trained=True, group="all",
+        critic_name = str(kv.get("critic.model.path", name))  # the actor's (``--model`` too) unless another
+        critic_arch = arch if critic_name in (name, kv.get(model_key)) else _model(
+            critic_name, f"--from_verl: critic.model.path={critic_name}", _WRITE_MODEL)
+        critic = Role("critic", critic_arch, trained=True, group="all",
                       value_head=True,
                       sharding=Sharding("fsdp_full", mixed_precision=critic_dtype in ("fp32", "float32")),
                       gradient_checkpointing=flag("critic.model.enable_gradient_checkpointing", True))
-    eng = str(get("actor_rollout_ref.rollout.name", "vllm"))
+    groups = {"all": n}
+    reward = None
+    if flag("reward_model.enable"):
+        # since 0102d04e0 (2025-12-09) ppo_trainer.yaml defaults to reward_model/dp_reward_loop.yaml
+        # (use_reward_loop: True): the reward model is served by its own rollout engine (reward_model.rollout.*)
+        if str(get("reward_model.use_reward_loop", True)).lower() != "false":
+            raise ValueError("--from_verl: reward_model.enable=True: veRL serves the reward model through its reward "
+                             "loop (its own rollout engine; the default since 0102d04e0, 2025-12), which is not "
+                             "modelled; add reward_model.use_reward_loop=False for the FSDP RewardModelWorker")
+        # fsdp_workers.py RewardModelWorker (49b08e95 and b178a3cd): a bf16 AutoModelForTokenClassification under
+        # FSDP with CPUOffload(offload_params=True) whatever its fsdp_config says, on every GPU unless
+        # reward_model.enable_resource_pool gives it its own (b178a3cd main_ppo.py)
+        rm_name = str(kv.get("reward_model.model.path", ""))
+        if not rm_name:
+            raise ValueError("--from_verl: reward_model.enable=True without reward_model.model.path")
+        rm_group = "all"
+        if flag("reward_model.enable_resource_pool"):
+            rm_group = "reward"
+            groups["reward"] = num("reward_model.n_gpus_per_node", 8) * num("reward_model.nnodes", 1)
+        reward = Role("reward", _model(rm_name, f"--from_verl: reward_model.model.path={rm_name}", _WRITE_MODEL),
+                      group=rm_group, value_head=True, offload=True)
     engine = Engine("sglang" if eng == "sglang" else ("hf" if eng == "hf" else "vllm"), group="all",
                     tp=tp,
                     gpu_memory_utilization=num("actor_rollout_ref.rollout.gpu_memory_utilization", 0.5, cast=float),
                     sleep=True, max_num_seqs=num("actor_rollout_ref.rollout.max_num_seqs", 1024),
                     max_num_batched_tokens=num("actor_rollout_ref.rollout.max_num_batched_tokens", 8192))
-    return Deployment(actor=actor, critic=critic, reference=reference, groups={"all": n}, gpus_per_node=int(
+    return Deployment(actor=actor, critic=critic, reference=reference, reward=reward, groups=groups, gpus_per_node=int(
                           get("trainer.n_gpus_per_node", 8)), gpu_memory=gpu_memory,
                       sharding=Sharding("fsdp_full", mixed_precision=dtype in ("fp32", "float32")),
                       phase_offload_params=param_off,
@@ -744,10 +880,36 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                           get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))
 
 
+# the top-level sections of ppo_trainer.yaml: a text with none of them is no main_ppo command line
+_VERL_SECTIONS = ("actor_rollout_ref", "critic", "data", "trainer", "algorithm", "reward_model",
+                  "custom_reward_function", "ray_init", "ray_kwargs")
+# veRL entry points whose config is main_ppo's: recipe/dapo/config/dapo_trainer.yaml (49b08e95) is ppo_trainer plus
+# DAPO's reward and filter keys
+_VERL_PPO = {"verl.trainer.main_ppo": "ppo_trainer", "recipe.dapo.main_dapo": "dapo_trainer"}
+
+
+def _verl_check_entry(toks: list[str], config: str) -> None:
+    """Refuse a script of another veRL trainer (SFT, generation, PRIME, SPIN...) or a Hydra config other than
+    main_ppo's: the reader fills in ppo_trainer.yaml's defaults, which a Megatron or multi-turn config changes."""
+    entries = [t for t in toks if re.fullmatch(r"(verl\.trainer|recipe\.\w+)\.\w+", t)]
+    ppo = [t for t in entries if t in _VERL_PPO]
+    if entries and not ppo:
+        raise ValueError(f"--from_verl: {entries[0]} is not veRL's PPO trainer (verl.trainer.main_ppo); the planner "
+                         "reads main_ppo runs only")
+    if unresolved(config):
+        raise ValueError(f"--from_verl: --config-name {config}: {UNSET}; write its value")
+    if config not in _VERL_PPO.values():
+        raise ValueError(f"--from_verl: --config-name {config}: " + (
+            "the Megatron workers are not modelled (the reader plans veRL's FSDP workers)" if "megatron" in config
+            else "the reader knows main_ppo's ppo_trainer.yaml defaults only; write its settings as overrides"))
+
+
 # ---- DeepSpeed-Chat (DeepSpeedExamples applications/DeepSpeed-Chat, step 3) ----------------------------------
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits; a reader raises one line
+        if "invalid" in message and "'$" in message:  # a script's variable that it does not set
+            message += f" ({UNSET}; write its value)"
         raise ValueError(f"{self.prog}: {message}")
 
 
@@ -871,7 +1033,10 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
     if gpus < 1 or gpus % a.inference_tp_size:
         raise ValueError(f"--from_deepspeed_chat: {gpus} GPU(s) is not a multiple of --inference_tp_size "
                          f"{a.inference_tp_size}")
-    actor_arch, critic_arch = load_arch(actor_name), load_arch(a.critic_model_name_or_path)
+    actor_arch = _actor_model(model, actor_name, f"--from_deepspeed_chat: --actor_model_name_or_path {actor_name}")
+    critic_arch = _model(a.critic_model_name_or_path,
+                         f"--from_deepspeed_chat: --critic_model_name_or_path {a.critic_model_name_or_path}",
+                         _WRITE_MODEL)
     stage, critic_stage = a.actor_zero_stage, a.critic_zero_stage
     others = not a.only_optimize_lora  # rlhf_engine.py: only_optimize_lora_parameters only with the flag
     actor = Role("actor", actor_arch, trained=True, group="all", dtype_bytes=2, lora_rank=a.actor_lora_dim,
