@@ -106,8 +106,16 @@ def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def overrides(config: Mapping[str, Any]) -> dict[str, str]:
     """``key=value`` settings as Hydra overrides spell them; unset (None) values and lists are left out, as an
-    unset key reads as its default and no setting the planner reads is a list."""
-    return {k: str(v) for k, v in config.items() if isinstance(v, (bool, int, float, str))}
+    unset key reads as its default and no setting the planner reads is a list.
+
+    A dump is the whole config of its version, so a key it lacks is one that version did not have: a reward
+    model with no ``use_reward_loop`` ran in the FSDP ``RewardModelWorker`` (veRL before 0102d04e0), not in the
+    reward loop the key's current default picks.
+    """
+    out = {k: str(v) for k, v in config.items() if isinstance(v, (bool, int, float, str))}
+    if "reward_model.enable" in config and "reward_model.use_reward_loop" not in config:
+        out["reward_model.use_reward_loop"] = "False"
+    return out
 
 
 def overrides_from_log(path: str | Path) -> str:

@@ -95,3 +95,18 @@ def test_a_log_without_a_dump_is_a_one_line_error(tmp_path, capsys, text, messag
     assert len(err) == 1 and message in err[0]
     assert main(["plan", "--from_verl_log", str(tmp_path / "missing.log")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_a_dump_without_the_reward_loop_key_is_an_older_veRL_whose_reward_model_ran_in_fsdp(tmp_path, capsys):
+    old = dict(CONFIG, reward_model={"enable": True, "micro_batch_size_per_gpu": 8,
+                                     "model": {"path": "Qwen/Qwen2.5-1.5B"}})
+    log = tmp_path / "run.log"
+    log.write_text(pprint.pformat(old) + "\n")
+    assert "reward_model.use_reward_loop=False" in overrides_from_log(log)
+    assert main(["plan", "--from_verl_log", str(log), "--json"]) == 0
+    roles = json.dumps(json.loads(capsys.readouterr().out)["groups"])
+    assert "reward" in roles
+    new = dict(old, reward_model=dict(old["reward_model"], use_reward_loop=True))
+    log.write_text(pprint.pformat(new) + "\n")
+    assert main(["plan", "--from_verl_log", str(log)]) == 2  # the reward loop's engine is not modelled: refused
+    assert "use_reward_loop" in capsys.readouterr().err
