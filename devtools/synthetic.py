@@ -105,12 +105,21 @@ def _negative_kl(c, at):
     c["kl/ref_k1"][at:at + 10] = -0.05
 
 
+def _collapse_unrewarded(c, at):
+    """The harmful kind: the exploration lost buys nothing, the reward falls back to where it started (a policy
+    that sharpens on what it is rewarded for loses entropy too, but its reward rises: a note, not a fault)."""
+    start = c["reward/mean"][:3].mean()
+    c["reward/mean"][at:] = start + (c["reward/mean"][at:] - c["reward/mean"][at:].mean()) * 0.5
+
+
 def _entropy_collapse_early(c, at):
     c["policy/entropy"][at:] *= 0.4
+    _collapse_unrewarded(c, at)
 
 
 def _entropy_collapse(c, at):
     c["policy/entropy"][at:] = 0.05 * c["policy/entropy"][:5].mean()
+    _collapse_unrewarded(c, at)
 
 
 def _ppo_ratio(c, at):

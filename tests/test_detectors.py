@@ -36,14 +36,17 @@ def test_planted_fault_fires_at_its_step(fault):
     assert a.severity in SEVERITIES and a.evidence and a.suggestion and a.message
 
 
-def test_kl_budget_notes_half_and_fires_on_the_first_step_over_budget():
+def test_kl_budget_notes_half_warns_on_the_first_step_over_and_is_critical_when_it_stays():
     cols = healthy_arrays(600, seed=1)
     budget = 0.015
     half = next(i for i, v in enumerate(cols["kl/ref_k3"]) if v > budget / 2)
     over = next(i for i, v in enumerate(cols["kl/ref_k3"]) if v > budget)
     alerts = diagnose(to_records(cols), {"kl_budget": budget})
+    kl = cols["kl/ref_k3"]
+    stays = next(i for i in range(len(kl) - 1) if kl[i] > budget and kl[i + 1] > budget)
     assert [(a.rule, a.severity, a.step) for a in alerts] == [("kl_budget", "info", half),
-                                                              ("kl_budget", "critical", over)]
+                                                              ("kl_budget", "warning", over),
+                                                              ("kl_budget", "critical", stays)]
     assert alerts[1].evidence["budget"] == budget and alerts[1].evidence["value"] > budget
 
 

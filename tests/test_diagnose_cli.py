@@ -104,7 +104,9 @@ def test_synthetic_demo_writer_feeds_diagnose(tmp_path, capsys):
     assert synthetic.main([str(tmp_path / "demo"), "entropy_collapse", "300"]) == 0
     assert main([str(tmp_path / "demo"), "--json"]) == 1
     alerts = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    # the planted collapse buys no reward (it falls back to its start while KL grows): reward_hacking_kl sees that
     assert [(a["rule"], a["severity"], a["step"]) for a in alerts] == [("entropy_collapse", "warning", 150),
-                                                                        ("entropy_collapse", "critical", 150)]
+                                                                        ("entropy_collapse", "critical", 150),
+                                                                        ("reward_hacking_kl", "warning", 160)]
     assert synthetic.main([str(tmp_path / "x"), "nope"]) == 2
     assert "unknown fault 'nope'" in capsys.readouterr().err

@@ -263,11 +263,16 @@ def test_kl_explosion_from_the_second_step_without_history():
 def test_kl_budget_default_and_off():
     kl = [0.01, 0.02, 0.6, 0.7, 1.5] + [1.5] * 10
     budget = [(a.severity, a.step) for a in diagnose(records(15, **{"kl/ref_k3": kl})) if a.rule == "kl_budget"]
-    assert budget == [("info", 3), ("critical", 5)]  # half the budget is a note, not a warning
+    # half the budget is a note; past it a warning at once, critical (dated at its first step) when it stays there
+    assert budget == [("info", 3), ("warning", 5), ("critical", 5)]
     assert not [a for a in diagnose(records(15, **{"kl/ref_k3": kl}), {"kl_budget": None}) if a.rule == "kl_budget"]
     jump = [(a.severity, a.step) for a in diagnose(records(5, **{"kl/ref_k3": [0.01, 5, 5, 5, 5]}))
             if a.rule == "kl_budget"]
-    assert jump == [("critical", 2)]  # past both levels at once: one critical alert
+    assert jump == [("warning", 2), ("critical", 2)]  # past both levels at once: a warning, not a note too
+    once = [(a.severity, a.step) for a in diagnose(records(8, **{"kl/ref_k3": [0.01, 0.02, 5, 0.03, 0.02, 0.03,
+                                                                               0.02, 0.03]}))
+            if a.rule == "kl_budget"]
+    assert once == [("warning", 3)]  # one batch past the budget and back: no "roll back" critical
 
 
 def test_kl_from_an_exact_probe_when_no_estimator_is_logged():

@@ -112,6 +112,9 @@ class DetectorConfig:
     entropy_early_frac: float = 0.5
     entropy_min_frac: float = 0.1
     entropy_patience: int = 2             # consecutive low steps: one odd batch is not a collapse
+    # while each of the last entropy_reward_window reward/mean values is above each of the first
+    # entropy_baseline_steps ones, the fall is sharpening: the early fall a note, below entropy_min_frac a warning
+    entropy_reward_window: int = 5
 
     # PPO ratio and clip fraction: sustained, since one batch of a few hundred tokens holds odd tokens
     ratio_mean_dev: float = 0.1

@@ -73,11 +73,15 @@ class KLExplosion(Rule):
 
 
 class KLBudget(Rule):
-    """KL above an absolute level: critical past ``kl_budget``, a note (``info``) past ``kl_note_frac`` of it.
+    """KL above an absolute level: a warning the step it passes ``kl_budget``, critical when it stays past it for
+    ``kl_patience`` steps (dated at the first), a note (``info``) past ``kl_note_frac`` of it.
 
     On by default (1 nat/token), so a run that blows up is named from its first step even when nobody set
     a budget; ``kl_budget=None`` turns it off. The lower level is only a note: healthy runs that learn can
-    sit at half the budget for hundreds of steps; fast growth towards it is ``kl_explosion``'s warning.
+    sit at half the budget for hundreds of steps; fast growth towards it is ``kl_explosion``'s warning. One step
+    past the budget is a warning, not "roll back now": public healthy GRPO runs have single-step k3 spikes of
+    1-5 nats/token that are gone the next step (docs/diagnose.md, "Real runs nobody here generated"), while a
+    blow-up that the next step does not undo is critical.
     """
 
     name = "kl_budget"
@@ -86,7 +90,8 @@ class KLBudget(Rule):
         self.keys, self.budget = cfg.kl_keys, cfg.kl_budget
         self.note = None if cfg.kl_budget is None else cfg.kl_note_frac * cfg.kl_budget
         self.note_trigger = Trigger(1, cfg.rearm_steps)
-        self.crit_trigger = Trigger(1, cfg.rearm_steps)
+        self.warn_trigger = Trigger(1, cfg.rearm_steps)
+        self.crit_trigger = Trigger(cfg.kl_patience, cfg.rearm_steps)
         self.knobs = Knobs(cfg.producer)
 
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
@@ -94,14 +99,22 @@ class KLBudget(Rule):
         if found is None or self.note is None or self.budget is None:
             return []
         key, kl = found
-        critical = self.crit_trigger.observe(kl > self.budget, step) is not None
+        over = kl > self.budget
+        critical = self.crit_trigger.observe(over, step)
+        warned = self.warn_trigger.observe(over, step) is not None
         noted = self.note_trigger.observe(kl > self.note, step) is not None
         evidence = {"key": key, "value": rnd(kl), "budget": self.budget, "note_level": rnd(self.note)}
-        if critical:  # a jump past both levels is one critical alert, not a note too
+        if critical is not None:
             return [Alert(
-                self.name, "critical", step, f"{key} = {kl:.4g} at step {step} exceeds the KL budget "
-                f"{self.budget:g} nats/token",
-                f"roll back to a checkpoint from before step {step}, then {_raise_kl(self.knobs)}", evidence)]
+                self.name, "critical", critical, f"{key} has exceeded the KL budget {self.budget:g} nats/token "
+                f"for {self.crit_trigger.streak} steps from step {critical}: {kl:.4g} at step {step}",
+                f"roll back to a checkpoint from before step {critical}, then {_raise_kl(self.knobs)}",
+                {**evidence, "steps_over": self.crit_trigger.streak})]
+        if warned:  # past both levels at once: one warning, not a note too
+            return [Alert(
+                self.name, "warning", step, f"{key} = {kl:.4g} at step {step} exceeds the KL budget "
+                f"{self.budget:g} nats/token (critical if it stays past it for {self.crit_trigger.patience} steps)",
+                f"watch the next steps; if KL stays high, {_raise_kl(self.knobs)}", evidence)]
         if noted:
             return [Alert(
                 self.name, "info", step, f"{key} = {kl:.4g} at step {step} is past {self.note:g} nats/token, "

@@ -238,9 +238,11 @@ class Spike(Rule):
     not call a 20% wiggle a spike.
 
     A loss spike matters only when the update felt it: the step's ``grad/norm`` is at least
-    ``spike_loss_grad_ratio`` x its median (or no gradient norm is logged). Otherwise it is ``info``: RL
+    ``spike_loss_grad_ratio`` x its median. Otherwise, or with no gradient norm logged, it is ``info``: RL
     surrogate losses (PPO/GRPO) sit near 0 and jump with the batch's composition (the lengths and rewards
-    that happened to be drawn) without moving the policy.
+    that happened to be drawn) without moving the policy; public GRPO logs without a gradient norm jump from
+    0 to 1e-3 this way on healthy runs (docs/diagnose.md, "Real runs nobody here generated"). A series held at
+    exactly 0 has no scale at all and is not judged.
 
     A spike the update felt is judged by its consequence (:class:`Consequence`). Unclipped (no clip threshold,
     or the producer's ``grad/clipped`` is 0) the whole step went into the weights: a ``warning`` at once.
@@ -266,11 +268,14 @@ class Spike(Rule):
         self.consequence = Consequence(cfg) if key in ("grad/norm", "loss/total") else None
 
     def _severity(self, rec: Mapping[str, Any]) -> tuple[str, float | None]:
-        """``warning`` when the step's gradient norm is also up (or unknown), else ``info``; and that ratio."""
+        """``warning`` when the step's gradient norm is also up (or has too short a history to say), ``info`` when
+        it is not or is not logged; and that ratio."""
         if self.grads is None:
             return "warning", None
         norm = finite(rec, "grad/norm")
-        if norm is None or len(self.grads) < self.min_history or self.grads.median <= 0:
+        if norm is None:
+            return "info", None
+        if len(self.grads) < self.min_history or self.grads.median <= 0:
             return "warning", None
         ratio = norm / self.grads.median
         return ("warning" if ratio >= self.grad_ratio else "info"), ratio
@@ -336,7 +341,9 @@ class Spike(Rule):
         if len(self.window) < self.min_history:
             return []
         median = self.window.median
-        sigma = max(self.window.sigma, self.rel_floor * abs(median), 1e-12)
+        if median == 0 and self.window.sigma == 0:
+            return []  # a series held at exactly 0 (a loss rounded to 4 decimals, ~1e-5) has no scale to judge by
+        sigma = max(self.window.sigma, self.rel_floor * abs(median))
         z = (value - median) / sigma
         bad = z > self.sigma and (self.min_ratio == 0.0 or value > self.min_ratio * median)
         first = self.trigger.observe(bad, step)

@@ -1,10 +1,12 @@
 """PPO update health: policy entropy, importance ratios, clip fraction and the critic's explained variance."""
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from rlhf_core.stability.rules.base import Alert, Rule, Trigger, finite, rnd
+from rlhf_core.stability.rules.base import Alert, Rule, Trigger, finite, first_finite, rnd
 from rlhf_core.stability.rules.config import DetectorConfig
 from rlhf_core.stability.rules.knobs import Knobs
 
@@ -19,6 +21,17 @@ class EntropyCollapse(Rule):
 
     H0 is the largest of the first few values, not their mean: a policy that collapses from step 2 would
     otherwise drag its own baseline down. Judged from the second value on (H0 so far is the max seen).
+
+    What the fall means depends on the reward. A policy that sharpens on what it is rewarded for loses entropy
+    while ``reward/mean`` rises: public healthy PPO/GRPO runs on GSM8K fall below H0/2 within 10-55 steps and to
+    0.03-0.3 H0 later while their score climbs (docs/diagnose.md, "Real runs nobody here generated"). So while
+    every one of the last ``entropy_reward_window`` values of ``reward/mean`` is above every one of its first
+    ``entropy_baseline_steps`` (a rise no batch-to-batch noise makes), the early fall is a note and the fall below
+    ``entropy_min_frac`` a warning; with a flat or falling reward (nothing learned for the exploration lost, or
+    nothing to tell) they stay a warning and critical. A reward bought with KL past ``kl_note_frac`` of the budget
+    is not sharpening but the over-optimisation signature (the policy collapsing onto what the reward model
+    over-scores), and with no KL logged (GRPO at beta 0) the two cannot be told apart: then the fall keeps its
+    severity too (the corpus's beta-0 GRPO runs that hack a sentiment reward rise in reward as they collapse).
     """
 
     name = "entropy_collapse"
@@ -31,8 +44,31 @@ class EntropyCollapse(Rule):
         self.early = Trigger(cfg.entropy_patience, cfg.rearm_steps)
         self.late = Trigger(cfg.entropy_patience, cfg.rearm_steps)
         self.knobs = Knobs(cfg.producer)
+        self.reward_start: list[float] = []
+        self.reward_recent: deque[float] = deque(maxlen=cfg.entropy_reward_window)
+        self.kl_limit = None if cfg.kl_budget is None else cfg.kl_note_frac * cfg.kl_budget
+        self.kl: float | None = None
+
+    def _reward_rise(self) -> tuple[float, float] | None:
+        """(first mean, recent mean) of the reward when every recent value is above every first one, else None."""
+        if len(self.reward_start) < self.cfg.entropy_baseline_steps or \
+                len(self.reward_recent) < self.cfg.entropy_reward_window:
+            return None
+        if self.kl is None or (self.kl_limit is not None and self.kl > self.kl_limit):
+            return None  # without a KL to the reference, learning and over-optimisation look the same
+        if min(self.reward_recent) <= max(self.reward_start):
+            return None
+        return statistics.fmean(self.reward_start), statistics.fmean(self.reward_recent)
 
     def update(self, step: int, rec: Mapping[str, Any]) -> list[Alert]:
+        kl = first_finite(rec, self.cfg.kl_keys)
+        if kl is not None:
+            self.kl = kl[1]
+        reward = finite(rec, "reward/mean")
+        if reward is not None:
+            if len(self.reward_start) < self.cfg.entropy_baseline_steps:
+                self.reward_start.append(reward)
+            self.reward_recent.append(reward)
         h = finite(rec, self.cfg.entropy_key)
         if h is None:
             return []
@@ -46,29 +82,36 @@ class EntropyCollapse(Rule):
         if self.h0 is None or self.h0 <= 0:
             return []
         out: list[Alert] = []
+        rise = self._reward_rise()
         in_early = step - self.first_step < self.cfg.entropy_early_steps
         early_bad = in_early and h < self.cfg.entropy_early_frac * self.h0
         first = self.early.observe(early_bad, step)
         if first is not None:
-            out.append(self._alert("warning", first, h, self.cfg.entropy_early_frac,
-                                   f" within the first {self.cfg.entropy_early_steps} steps"))
+            out.append(self._alert("info" if rise else "warning", first, h, self.cfg.entropy_early_frac,
+                                   f" within the first {self.cfg.entropy_early_steps} steps", rise))
         first = self.late.observe(h < self.cfg.entropy_min_frac * self.h0, step)
         if first is not None:
-            out.append(self._alert("critical", first, h, self.cfg.entropy_min_frac, ""))
+            out.append(self._alert("warning" if rise else "critical", first, h, self.cfg.entropy_min_frac, "",
+                                   rise))
         return out
 
-    def _alert(self, severity: str, first: int, h: float, frac: float, when: str) -> Alert:
+    def _alert(self, severity: str, first: int, h: float, frac: float, when: str,
+               rise: tuple[float, float] | None) -> Alert:
         assert self.h0 is not None
-        return Alert(
-            self.name, severity, first,
-            f"policy entropy fell below {frac:g} x its initial value{when}: {h:.4g} vs H0 = {self.h0:.4g} "
-            f"(from step {first})",
-            f"raise {self.knobs['entropy_coef']} or {self.knobs['temperature']}, lower "
-            f"{self.knobs['learning_rate']}; a collapsing entropy often comes with reward hacking, so read some "
-            "samples",
-            {"key": self.cfg.entropy_key, "value": rnd(h), "h0": rnd(self.h0), "threshold_frac": frac,
-             "ratio": rnd(h / self.h0, 4)},
-        )
+        evidence: dict[str, Any] = {"key": self.cfg.entropy_key, "value": rnd(h), "h0": rnd(self.h0),
+                                    "threshold_frac": frac, "ratio": rnd(h / self.h0, 4)}
+        message = (f"policy entropy fell below {frac:g} x its initial value{when}: {h:.4g} vs H0 = {self.h0:.4g} "
+                   f"(from step {first})")
+        suggestion = (f"raise {self.knobs['entropy_coef']} or {self.knobs['temperature']}, lower "
+                      f"{self.knobs['learning_rate']}; a collapsing entropy often comes with reward hacking, so read "
+                      "some samples")
+        if rise is not None:
+            evidence.update(reward_start=rnd(rise[0]), reward_recent=rnd(rise[1]))
+            message += (f", while the reward rose from {rise[0]:.4g} to {rise[1]:.4g}: the policy is sharpening on "
+                        "what it is rewarded for")
+            suggestion = (f"if the reward stalls while entropy keeps falling, raise {self.knobs['entropy_coef']} or "
+                          f"{self.knobs['temperature']}; read some samples to rule out reward hacking")
+        return Alert(self.name, severity, first, message, suggestion, evidence)
 
 
 class PPORatioMean(Rule):
