@@ -60,15 +60,16 @@ def test_rule_config_reads_trl_args_and_drops_bad_meta_values():
 
 
 def test_cli_reads_the_runs_budget_like_the_dashboard(tmp_path, capsys):
-    """The issue's case: a runner run with kl_budget 0.001 in its meta and KL 0.01 gets the critical kl_budget
-    alert from the CLI too, not only from the dashboard."""
+    """The issue's case: a runner run with kl_budget 0.001 in its meta and KL 0.01 gets the kl_budget alerts (a
+    warning the step KL passes it, critical the next step it is still past) from the CLI too, not only from the
+    dashboard."""
     run_dir = tmp_path / "budget"
     with RunWriter(run_dir, source="rlhf_core", config={"kl_budget": 0.001}, tensorboard=False) as w:
         for step, rec in enumerate(_kl_series(), start=1):
             w.log(step, rec)
     code, alerts = _cli_alerts(run_dir, capsys)
     budget = [a for a in alerts if a["rule"] == "kl_budget"]
-    assert code == 1 and budget and budget[0]["severity"] == "critical" and budget[0]["step"] == 12
+    assert code == 1 and [(a["severity"], a["step"]) for a in budget] == [("warning", 12), ("critical", 13)]
     assert budget[0]["evidence"]["budget"] == 0.001 and budget[0]["run"] == "budget"
     dash = [(a.rule, a.step, a.severity) for a in _dashboard_alerts(run_dir)]
     assert dash == [(a["rule"], a["step"], a["severity"]) for a in alerts]
@@ -83,7 +84,7 @@ def test_live_cli_report_and_dashboard_agree_on_a_real_generic_run(tmp_path, cap
             run.log(step, rec)
         live = [(a.rule, a.step, a.severity) for a in run.alerts]
         assert all(a.run == "live" for a in run.alerts)
-    assert ("kl_budget", 12, "critical") in live
+    assert ("kl_budget", 12, "warning") in live and ("kl_budget", 13, "critical") in live
     assert json.loads((run_dir / "meta.json").read_text())[META_KEY] == {"kl_budget": 0.004}
     events = [(e["rule"], e["step"], e["severity"]) for e in Run(run_dir).events() if e["kind"] == "alert"]
     _, cli = _cli_alerts(run_dir, capsys)
@@ -108,7 +109,7 @@ def test_run_analysis_reads_only_what_was_appended(tmp_path):
     writer.close()
     alerts = analysis.alerts()
     assert analysis.records_seen == len(series)
-    assert [(a.rule, a.step) for a in alerts if a.rule == "kl_budget"] == [("kl_budget", 12)]
+    assert [(a.rule, a.step) for a in alerts if a.rule == "kl_budget"] == [("kl_budget", 12), ("kl_budget", 13)]
 
 
 def test_live_alerts_label_a_ranks_own_records(tmp_path):

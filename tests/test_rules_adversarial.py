@@ -263,12 +263,12 @@ def test_kl_explosion_from_the_second_step_without_history():
 def test_kl_budget_default_and_off():
     kl = [0.01, 0.02, 0.6, 0.7, 1.5] + [1.5] * 10
     budget = [(a.severity, a.step) for a in diagnose(records(15, **{"kl/ref_k3": kl})) if a.rule == "kl_budget"]
-    # half the budget is a note; past it a warning at once, critical (dated at its first step) when it stays there
-    assert budget == [("info", 3), ("warning", 5), ("critical", 5)]
+    # half the budget is a note; past it a warning at once, critical when it has stayed there 2 steps
+    assert budget == [("info", 3), ("warning", 5), ("critical", 6)]
     assert not [a for a in diagnose(records(15, **{"kl/ref_k3": kl}), {"kl_budget": None}) if a.rule == "kl_budget"]
     jump = [(a.severity, a.step) for a in diagnose(records(5, **{"kl/ref_k3": [0.01, 5, 5, 5, 5]}))
             if a.rule == "kl_budget"]
-    assert jump == [("warning", 2), ("critical", 2)]  # past both levels at once: a warning, not a note too
+    assert jump == [("warning", 2), ("critical", 3)]  # past both levels at once: a warning, not a note too
     once = [(a.severity, a.step) for a in diagnose(records(8, **{"kl/ref_k3": [0.01, 0.02, 5, 0.03, 0.02, 0.03,
                                                                                0.02, 0.03]}))
             if a.rule == "kl_budget"]
@@ -281,7 +281,8 @@ def test_kl_from_an_exact_probe_when_no_estimator_is_logged():
     for rec in recs:
         del rec["kl/ref_k3"], rec["kl/ref_k1"]
     alerts = [(a.rule, a.severity, a.step) for a in diagnose(recs) if a.rule.startswith("kl_")]
-    assert ("kl_budget", "critical", 5) in alerts and ("kl_explosion", "warning", 3) in alerts
+    assert ("kl_budget", "warning", 5) in alerts and ("kl_budget", "critical", 6) in alerts
+    assert ("kl_explosion", "warning", 3) in alerts
 
 
 @pytest.mark.parametrize("with_limit", [True, False])

@@ -19,8 +19,9 @@ from rlhf_core.stability.detectors import Alert, DetectorConfig, rule_names
 
 # flag -> config field, for the settings people change most
 _FLAGS = {
-    "--kl-budget": ("kl_budget", float, "KL budget in nats/token: critical alert above it, info note above "
-                                        "half of it (default 1.0, or the run's own kl_budget)"),
+    "--kl-budget": ("kl_budget", float, "KL budget in nats/token: a warning above it, critical when it stays "
+                                        "above it 2 steps, an info note above half of it (default 1.0, or the "
+                                        "run's own kl_budget)"),
     "--max-grad-norm": ("max_grad_norm", float, "clip norm for the frequent-clipping note grad_clipping "
                                                 "(default: the run's grad/max_norm)"),
     "--spike-sigma": ("spike_sigma", float, "robust sigmas above the window median that count as a spike "

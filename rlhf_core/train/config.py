@@ -181,7 +181,7 @@ class TrainConfig:
         "group": "KL penalty", "min": 1, "help": "horizon (samples) of the --adaptive_kl controller"})
     kl_budget: float | None = field(default=None, metadata={
         "group": "KL penalty", "gt": 0.0,
-        "help": "KL budget in nats/token: a critical alert above it, a note above half (unset: the rules' 1.0)"})
+        "help": "KL budget in nats/token: a warning above it, critical 2 steps above, a note above half (unset: 1.0)"})
     # observability
     no_tensorboard: bool = field(default=False, metadata={
         "group": "observability", "help": "do not write TensorBoard event files"})

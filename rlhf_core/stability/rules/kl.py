@@ -73,8 +73,8 @@ class KLExplosion(Rule):
 
 
 class KLBudget(Rule):
-    """KL above an absolute level: a warning the step it passes ``kl_budget``, critical when it stays past it for
-    ``kl_patience`` steps (dated at the first), a note (``info``) past ``kl_note_frac`` of it.
+    """KL above an absolute level: a warning the step it passes ``kl_budget``, critical when it has stayed past it
+    for ``kl_patience`` steps, a note (``info``) past ``kl_note_frac`` of it.
 
     On by default (1 nat/token), so a run that blows up is named from its first step even when nobody set
     a budget; ``kl_budget=None`` turns it off. The lower level is only a note: healthy runs that learn can
@@ -104,9 +104,9 @@ class KLBudget(Rule):
         warned = self.warn_trigger.observe(over, step) is not None
         noted = self.note_trigger.observe(kl > self.note, step) is not None
         evidence = {"key": key, "value": rnd(kl), "budget": self.budget, "note_level": rnd(self.note)}
-        if critical is not None:
+        if critical is not None:  # dated when it became critical: the warning already marks where it began
             return [Alert(
-                self.name, "critical", critical, f"{key} has exceeded the KL budget {self.budget:g} nats/token "
+                self.name, "critical", step, f"{key} has exceeded the KL budget {self.budget:g} nats/token "
                 f"for {self.crit_trigger.streak} steps from step {critical}: {kl:.4g} at step {step}",
                 f"roll back to a checkpoint from before step {critical}, then {_raise_kl(self.knobs)}",
                 {**evidence, "steps_over": self.crit_trigger.streak})]
