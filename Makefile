@@ -38,8 +38,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# Two pytest-xdist workers; tests/conftest.py's scheduler keeps each file, and each group of tests that start
+# processes of their own (Ray, torchrun ranks, Chromium), on one worker, and queues the groups first (kept in that
+# order by --no-loadscope-reorder). TEST_WORKERS=0 runs the tests in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

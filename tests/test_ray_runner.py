@@ -177,6 +177,7 @@ def _diagnose(run_dir: Path, capsys) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # which phases are slow is the point: no other test's load (conftest.py)
 def test_diagnose_names_an_actor_that_became_slow_and_the_trainer_that_waited(tmp_path, cluster, capsys):
     from rlhf_core.train.runner import train
 
@@ -196,6 +197,7 @@ def test_diagnose_names_an_actor_that_became_slow_and_the_trainer_that_waited(tm
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # which phases are slow is the point: no other test's load (conftest.py)
 def test_diagnose_of_a_healthy_ray_run_has_no_straggler(tmp_path, cluster, capsys):
     from rlhf_core.train.runner import train
 

@@ -206,10 +206,13 @@ def test_parse_steps() -> None:
 
 
 def _two_rank_run(run_dir: Path) -> None:
-    """Two ranks' files written in one process (as two producers would), rank 1 slow in rollout."""
+    """Two ranks' files written in one process (as two producers would), rank 1 slow in rollout. Both map the
+    synthetic times through one (perf, wall) anchor: each its own would put them a preemption apart."""
     RunWriter(run_dir, source="generic", world_size=2, tensorboard=False).close()
+    wall0 = clock.wall_ns()
     for rank, slow in ((0, 0.0), (1, 0.03)):
         rec = TimelineRecorder(run_dir, rank=rank, world_size=2, collective=("update",))
+        rec.anchor(0.0, wall0)
         for step in range(1, 4):
             base = 10.0 + step
             rec.record_step(step, base, base + 0.05, [("rollout", base, base + 0.01 + slow),

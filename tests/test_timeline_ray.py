@@ -23,6 +23,8 @@ from rlhf_core.runformat.run_reader import Run
 from rlhf_core.runformat.timeline import read_timeline
 
 ROOT = Path(__file__).resolve().parent.parent
+# the generation's sleep, 6x the update's: their phase shares keep that order on a busy machine (a parallel run)
+ROLLOUT_S = 0.3
 
 
 def test_method_names_map_to_phases_and_roles() -> None:
@@ -102,7 +104,7 @@ def _ray_job(path: str) -> None:
     @ray.remote
     class RolloutRayActor:
         def generate(self, n: int) -> int:
-            time.sleep(0.15)
+            time.sleep(ROLLOUT_S)
             return n
 
         def update_weight(self, name: str) -> None:
@@ -158,7 +160,7 @@ def test_import_of_a_real_ray_job(tmp_path: Path, capsys) -> None:
     for step in (1, 2, 3):
         names = [n for n, _, _ in tl.steps[rollout][step].phases]
         assert names == ["rollout", "weight_sync"]  # the engine's weight update stays in its step
-        assert tl.steps[rollout][step].phases[0][2] >= 0.15e9
+        assert tl.steps[rollout][step].phases[0][2] >= ROLLOUT_S * 1e9
     out = tmp_path / "trace.json"
     assert timeline_main([str(run_dir), "--out", str(out), "--json"]) == 0
     shares = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["phase_share"]
@@ -168,7 +170,7 @@ def test_import_of_a_real_ray_job(tmp_path: Path, capsys) -> None:
     assert {n.split(" ")[2].strip("()") for pid, n in names.items() if pid < 4} == {"actor", "ref", "reward",
                                                                                   "rollout"}
     rows = Run(run_dir).metrics()
-    assert len(rows) == 3 and all(r["time/rollout"] >= 0.15 and r["time/weight_sync"] > 0 for r in rows)
+    assert len(rows) == 3 and all(r["time/rollout"] >= ROLLOUT_S and r["time/weight_sync"] > 0 for r in rows)
 
 
 if __name__ == "__main__":
