@@ -17,7 +17,7 @@ from typing import Any
 
 from .arch import Arch, load_arch
 from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
-from .shell import UNSET, expand_script, unresolved
+from .shell import UNSET, Quoting, expand_script, unresolved
 
 GiB = 2**30
 
@@ -41,22 +41,13 @@ def _split_command(cmdline: str, flag: str) -> list[str]:
 def _drop_comments(text: str) -> str:
     """Each line up to an unquoted, unescaped ``#`` that starts a word, as bash reads comments (shlex's own
     comment rule also cuts inside a word: ``http://host/#x``)."""
-    out, quote, escaped = [], "", False
+    out, quoting = [], Quoting()
     for line in text.split("\n"):
-        prev, cut = " ", len(line)
+        cut = len(line)
         for i, ch in enumerate(line):
-            if escaped:
-                escaped = False
-            elif ch == "\\" and quote != "'":
-                escaped = True
-            elif quote:
-                quote = "" if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == "#" and prev in " \t":
+            if quoting.plain(ch) and ch == "#" and (i == 0 or line[i - 1] in " \t"):
                 cut = i
                 break
-            prev = ch
         out.append(line[:cut])
     return "\n".join(out)
 

@@ -75,30 +75,42 @@ def expand_script(text: str) -> str:
     return "\n".join(out)
 
 
+class Quoting:
+    """bash's quoting, read one character at a time: :meth:`plain` says whether a character stands outside
+    quotes and unescaped (the one place the readers' scanners keep that state)."""
+
+    def __init__(self) -> None:
+        self.quote, self.escaped = "", False
+
+    def plain(self, ch: str) -> bool:
+        if self.escaped:
+            self.escaped = False
+        elif ch == "\\" and self.quote != "'":
+            self.escaped = True
+        elif self.quote:
+            self.quote = "" if ch == self.quote else self.quote
+        elif ch in "'\"":
+            self.quote = ch
+        else:
+            return True
+        return False
+
+
 def _segments(text: str) -> list[str]:
     """Commands split at newlines and ``;`` outside quotes and outside an array's parentheses."""
     segs: list[str] = []
-    cur: list[str] = []
-    quote, escaped, parens = "", False, 0
+    quoting, start, parens = Quoting(), 0, 0
     for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quote != "'":
-            escaped = True
-        elif quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "(":
+        if not quoting.plain(ch):
+            continue
+        if ch == "(":
             parens += 1
         elif ch == ")":
             parens = max(0, parens - 1)
         elif parens == 0 and (ch == "\n" or (ch == ";" and text[i + 1:i + 2] != ";" and text[i - 1:i] != ";")):
-            segs.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    segs.append("".join(cur))
+            segs.append(text[start:i])
+            start = i + 1
+    segs.append(text[start:])
     return [s for s in segs if s.strip()]
 
 
@@ -126,17 +138,11 @@ def _assignment(body: str, env: dict[str, _Value]) -> tuple[str, _Value] | None:
 
 def _one_word(raw: str) -> bool:
     """Whether ``raw`` is one shell word: no blank outside quotes, ``$(...)``, ``$((...))`` and ``${...}``."""
-    quote, escaped, level = "", False, 0
+    quoting, level = Quoting(), 0
     for i, ch in enumerate(raw):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quote != "'":
-            escaped = True
-        elif quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "({" and (raw[i - 1:i] in ("$", "(") or level):
+        if not quoting.plain(ch):
+            continue
+        if ch in "({" and (raw[i - 1:i] in ("$", "(") or level):
             level += 1
         elif ch in ")}" and level:
             level -= 1
