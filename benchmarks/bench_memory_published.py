@@ -13,7 +13,8 @@ lengths" (counted apart).
 Second, for the veRL rows (all GSM8K, same maximum lengths, n=5) one unknown is shared: the packed length
 per sequence. It is fitted on one published boundary (Qwen2.5-7B LoRA: 100 sequences fit, 101 run out) and
 the other rows are then predicted with it; this tests the planner's scaling across model sizes and GPU counts,
-not its absolute level (the fitted length also absorbs veRL's own log-prob/entropy kernels). That fit and its
+not its absolute level (veRL's own log-prob head is planned, memory.deploy.VERL_HEAD; the fitted length is shown
+next to GSM8K's in a veRL log of another model, REFERENCE_LENGTH, which the fit never sees). That fit and its
 prediction cover the "verl-lora" family only (the rows it was made for); other veRL rows are shown at the same
 length for information, outside the agreement.
 
@@ -99,6 +100,14 @@ def verdict(row: dict) -> dict:
 
 
 CALIBRATION_ROWS = ("verl-Qwen2.5-7B-Instruct-lora-1xH100-b100", "verl-Qwen2.5-7B-Instruct-lora-1xH100-b101")
+# What a fitted length can be checked against, from a source the fit never saw: veRL's own GSM8K log of
+# Qwen2.5-0.5B-Instruct GRPO/PPO (max_response_length 512, rarely reached), prompt_length/mean and
+# response_length/mean over its steps 0-4, the start of training where the LoRA scripts' batch tests ran
+REFERENCE_LENGTH = {
+    "source": "https://github.com/eric-haibin-lin/verl-data/blob/f07af3291bd1c87fe8a7301cc3b883c0d2572720/"
+              "gsm8k/Qwen2.5-0.5B-bsz256_2-prompt1024-resp512-0.567.log",
+    "prompt_mean": 103.2, "response_mean": 309.6, "tokens_per_sequence": 412.8,
+}
 
 
 def _at_length(row: dict, total: int):
@@ -164,6 +173,7 @@ def missing_at_boundaries(rows: list[dict], t: int) -> list[dict]:
                     "last_fit": last_fit["id"], "first_oom": first_oom["id"],
                     "missing_bytes_low": low, "missing_bytes_high": high,
                     "engine_weights_bytes": pf.engine.weights, "engine_weights_plus_fp32_layer_bytes": size,
+                    "engine_weights_inside_window": low < pf.engine.weights <= high,
                     "size_inside_window": low < size <= high})
     return out
 
@@ -252,6 +262,8 @@ def main() -> int:
             by_id[c["id"]]["final"] = c["planner_at_fitted_length"]
     print(f"with the packed length fitted on {CALIBRATION_ROWS[0]} / ...b101 ({t} tokens per sequence): "
           f"{cal_agree}/{len(cal)} other veRL LoRA rows agree")
+    print(f"  GSM8K in veRL's own log (another model, {REFERENCE_LENGTH['source'].rsplit('/', 1)[1]}): "
+          f"{REFERENCE_LENGTH['tokens_per_sequence']} tokens per sequence at the start of training")
     other = other_verl_at_length(rows, t) if t else []
     for o in other:
         print(f"  (information) at fitted length {t}: {o['id']:44s} published {o['published']:5s} planner "
@@ -278,7 +290,7 @@ def main() -> int:
     details = {"rows": out, "decided": len(decided), "agree": agree, "fitted_length": t, "calibrated": cal,
                "calibrated_agree": cal_agree, "missing_at_boundaries": missing, "families": fam,
                "overall_checked": checked, "overall_agree": overall, "disagreements": disagreements,
-               "other_verl_at_fitted_length": other}
+               "other_verl_at_fitted_length": other, "reference_length": REFERENCE_LENGTH}
     write_result("memory_published", summary(details), details, path=Path(a.out))
     return 0
 
@@ -294,6 +306,7 @@ def summary(details: dict) -> list[dict]:
                      f"{m['missing_bytes_high'] / 1e9:.1f} GB (engine weights {m['engine_weights_bytes'] / 1e9:.1f}"
                      f", + one fp32 layer {m['engine_weights_plus_fp32_layer_bytes'] / 1e9:.2f})" for m in multi)
     inside = sum(bool(m.get("size_inside_window")) for m in multi)
+    weights_inside = sum(bool(m.get("engine_weights_inside_window")) for m in multi)
     misses = [r for r in details["calibrated"] if not r["agree"]]
     kinds = {(r["published"], r["planner_at_fitted_length"]) for r in misses}
     per_family = "; ".join(
@@ -319,11 +332,15 @@ def summary(details: dict) -> list[dict]:
                 + ("every miss is an out-of-memory point of a multi-GPU script (vLLM TP > 1, Ulysses 2) called "
                    "fitting" if kinds == {("oom", "fits")} and all("1xH100" not in r["id"] for r in misses)
                    else f"{len(misses)} misses")
-                + (f"; per GPU the planner lacks, at those boundaries, {gaps}: the vLLM weights at TP degree "
-                   f"plus one fp32 decoder layer fall inside {inside} of {len(multi)} windows, but veRL 49b08e9 "
-                   "sleeps vLLM (level 1) before training and FSDP1 measured on CPU ranks keeps no such copy "
-                   "(memory_fsdp1_verl), so no source explains it and it is not modelled (see docs/memory.md)"
+                + (f"; per GPU the planner lacks, at those boundaries, {gaps}; the vLLM weights at TP degree fall "
+                   f"inside {weights_inside} of {len(multi)} windows (with one fp32 decoder layer added, {inside}), "
+                   "and veRL 49b08e9 "
+                   "sleeps vLLM (level 1) before training and FSDP1 measured on CPU ranks keeps no parameter-sized "
+                   "copy (memory_fsdp1_verl), so no source explains it and it is not modelled (see docs/memory.md)"
                    if gaps else "")
+                + (f"; the fitted length against GSM8K in veRL's own log (another model): "
+                   f"{details['reference_length']['tokens_per_sequence']} tokens per sequence"
+                   if details.get("reference_length") else "")
                 + (f"; {len(outside)} other disagreements (see details.disagreements)" if outside else
                    "; no disagreement outside those")
                 + other_note)]

@@ -191,7 +191,10 @@ class Deployment:
     gather_for_generation: bool = True  # HF generate under ZeRO-3: whole model gathered (ds3_gather_for_generation)
     attn: str = "flash"
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk;
-    # model_dtype: log-softmax on the 16-bit logits, which stay alive through backward (DeepSpeed-Chat)
+    # model_dtype: log-softmax on the 16-bit logits, which stay alive through backward (DeepSpeed-Chat);
+    # verl: veRL's actor head, flash-attn cross entropy plus entropy_impl (see VERL_HEAD)
+    entropy_impl: str = "compiled"     # verl head: how veRL computes the entropy (a key of VERL_HEAD)
+    entropy_in_update: bool = False    # verl head: the update computes the entropy (entropy_coeff != 0)
     framework: str = "trl"             # trl | openrlhf | openrlhf-dotted | verl | deepspeed-chat (suggestions' flags)
     # veRL's weight sync (see sync_terms): actor.strategy fsdp (FSDP1, 1) or fsdp2 (2), rollout.layered_summon
     fsdp_version: int = 2
@@ -217,6 +220,10 @@ class Deployment:
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
             raise ValueError(f"unknown optimizer_impl {self.optimizer_impl!r}; choose fused, foreach, single_tensor")
+        if self.logprob_head not in ("torch", "chunked", "model_dtype", "verl"):
+            raise ValueError(f"unknown logprob_head {self.logprob_head!r}; choose torch, chunked, model_dtype, verl")
+        if self.entropy_impl not in VERL_HEAD:
+            raise ValueError(f"unknown entropy_impl {self.entropy_impl!r}; choose from {', '.join(VERL_HEAD)}")
         if self.fsdp_version not in (1, 2):
             raise ValueError(f"fsdp_version must be 1 or 2; got {self.fsdp_version}")
         if self.optimizer not in OPTIMIZERS:
@@ -467,6 +474,32 @@ def step_temporaries(role: Role, dep: Deployment, n: int) -> int:
 
 # ---- transient terms ------------------------------------------------------------------------------------------
 
+# veRL's actor head (dp_actor.py _forward_micro_batch, the same at 49b08e9 and b178a3c): logits in the model dtype,
+# divided by the temperature in place; log-probs by flash-attn's Triton cross entropy, whose backward writes into the
+# logits unless the entropy needs them too; the entropy by entropy_from_logits (the fp32 casts of CUDA autocast),
+# torch.compile'd unless use_torch_compile=False, or under torch.utils.checkpoint (entropy_checkpointing), or in fp32
+# chunks of 2048 tokens (entropy_from_logits_with_chunking). Bytes per token and vocabulary entry, (with grad,
+# without), measured on CPU by benchmarks/bench_memory_verl_head.py; "none": no entropy.
+VERL_HEAD: dict[str, tuple[float, float, float, float]] = {
+    # mode: (with grad, without, and per token of one 2048-token entropy chunk: with grad, without)
+    "none": (4.0, 2.0, 0.0, 0.0),
+    "compiled": (8.0, 6.0, 0.0, 0.0),
+    "checkpointed": (8.0, 6.0, 0.0, 0.0),
+    "eager": (28.0, 14.0, 0.0, 0.0),
+    "checkpointed_eager": (28.0, 14.0, 0.0, 0.0),
+    "chunked": (8.0, 2.0, 0.0, 0.0),
+    "chunked_eager": (10.0, 2.0, 20.0, 12.0),
+}
+VERL_ENTROPY_CHUNK = 2048  # entropy_from_logits_with_chunking's chunk_size
+
+
+def verl_head_mode(role: Role, dep: Deployment, grad: bool) -> str:
+    """The VERL_HEAD row a role's pass uses: the actor's old-log-prob pass always computes the entropy
+    (fsdp_workers.py compute_log_prob), the update when entropy_in_update, a separate reference never."""
+    wants = dep.entropy_in_update if grad else role.name == "actor"
+    return dep.entropy_impl if wants else "none"
+
+
 def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
     """Log-prob head per token: no-grad = bf16 logits + fp32 copy + fp32 log-softmax (10·V); with grad, the
     saved fp32 log-softmax plus two fp32 vocab tensors in its backward (12·V). Value heads: a scalar.
@@ -483,14 +516,23 @@ def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
     if dep.logprob_head == "chunked":
         return 0.0  # see _chunk_head_bytes
     extra = 2 * V if role.arch.family == "gemma2" else 0  # final logit soft-capping keeps the logits
+    if dep.logprob_head == "verl":
+        return VERL_HEAD[verl_head_mode(role, dep, grad)][0 if grad else 1] * V + extra
     if dep.logprob_head == "model_dtype":
         db = role.dtype_bytes
         return (4 * db * V + extra) if grad else 3 * db * V
     return (12 * V + extra) if grad else 10 * V
 
 
-def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool) -> int:
-    if role.value_head or dep.logprob_head != "chunked":
+def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool, tokens: int = 0) -> int:
+    """The head's bytes that do not grow with the micro-batch: one chunk's (chunked head, veRL's chunked eager
+    entropy, whose chunk is 2048 of the micro-batch's ``tokens`` at most)."""
+    if role.value_head:
+        return 0
+    if dep.logprob_head == "verl":
+        per_row = VERL_HEAD[verl_head_mode(role, dep, grad)][2 if grad else 3]
+        return int(per_row * role.arch.vocab * min(tokens, VERL_ENTROPY_CHUNK))
+    if dep.logprob_head != "chunked":
         return 0
     V = role.arch.vocab
     chunk_tokens = max(1, (1 << 21) // V)
@@ -508,7 +550,7 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     tokens = micro_tokens(dep, dep.score_micro_batch or dep.micro_batch)
     a = role.arch
     db = role.dtype_bytes
-    head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False)
+    head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False, tokens)
     body = tokens * layer_transient(a).bytes(db)
     gathered = 0
     sh = role_sharding(role, dep)
@@ -554,7 +596,7 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4
     lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
     head = tokens * (_head_bytes_per_token(role, dep, grad=True) + final_norm_saved(a).bytes(db))
-    head += _chunk_head_bytes(role, dep, True)
+    head += _chunk_head_bytes(role, dep, True, tokens)
     if role_checkpointing(role, dep):
         layers = a.layers * tokens * a.hidden * db
         recompute = tokens * per_layer * 2  # one layer's saved tensors plus its backward temporaries

@@ -208,7 +208,9 @@ def _inputs(dep: Deployment) -> dict[str, Any]:
             "hybrid_engine": asdict(dep.hybrid_engine) if dep.hybrid_engine is not None else None,
             "actor_ema": dep.actor_ema, "sequence_parallel": dep.sequence_parallel,
             "tensor_parallel": dep.tensor_parallel, "tensor_parallel_head": dep.tensor_parallel_head,
-            "token_budget_batching": dep.token_budget_batching}
+            "token_budget_batching": dep.token_budget_batching, "logprob_head": dep.logprob_head,
+            **({"entropy_impl": dep.entropy_impl, "entropy_in_update": dep.entropy_in_update}
+               if dep.logprob_head == "verl" else {})}
 
 
 def render(rep: dict[str, Any]) -> str:

@@ -863,12 +863,34 @@ def from_verl(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB
                       response_len=num("data.max_response_length", 512), rollout_per_gpu=1,
                       # on by default since veRL 9fca71d2c (2025-01-28), as the critic's
                       gradient_checkpointing=flag("actor_rollout_ref.model.enable_gradient_checkpointing", True),
-                      attn="flash", framework="verl",
+                      attn="flash", framework="verl", **_verl_head(get, flag),
                       fsdp_version=2 if str(get("actor_rollout_ref.actor.strategy", "fsdp")) == "fsdp2" else 1,
                       # fsdp_vllm.py refuses layered_summon unless the engine preloaded the base (no dummy format)
                       token_budget_batching=dyn, sequence_parallel=sp,
                       layered_summon=flag("actor_rollout_ref.rollout.layered_summon") and "dummy" not in str(
                           get("actor_rollout_ref.rollout.load_format", "dummy_dtensor")))
+
+
+def _verl_head(get: Callable[..., Any], flag: Callable[..., bool]) -> dict[str, Any]:
+    """The actor's log-prob head as veRL's dp_actor.py computes it (memory.deploy.VERL_HEAD): fused kernels
+    (model.use_fused_kernels) compute log-probs and entropy chunk by chunk without the full logits; otherwise the
+    entropy's implementation, and whether the update computes it (entropy_coeff != 0, or b178a3c's
+    calculate_entropy; both default off at 49b08e9 and b178a3c)."""
+    actor = "actor_rollout_ref.actor."
+    if flag("actor_rollout_ref.model.use_fused_kernels"):
+        return {"logprob_head": "chunked"}
+    try:
+        coeff = float(get(actor + "entropy_coeff", 0))
+    except (TypeError, ValueError):
+        raise ValueError(f"--from_verl: {actor}entropy_coeff={get(actor + 'entropy_coeff')}: not a number") from None
+    # dp_actor.py: chunking picks the function, torch.compile wraps it, checkpointing wraps the call (around the
+    # chunked function it is planned as chunked: not measured)
+    impl = ("chunked" if flag(actor + "entropy_from_logits_with_chunking")
+            else "checkpointed" if flag(actor + "entropy_checkpointing") else "compiled")
+    if not flag(actor + "use_torch_compile", True):
+        impl = "eager" if impl == "compiled" else impl + "_eager"
+    return {"logprob_head": "verl", "entropy_impl": impl,
+            "entropy_in_update": coeff != 0 or flag(actor + "calculate_entropy")}
 
 
 # the top-level sections of ppo_trainer.yaml: a text with none of them is no main_ppo command line

@@ -162,7 +162,10 @@ BEFORE = {
                  # head's 4096, in bf16 over the critic's 2 GPUs = 525,332,480 B below the first anchor
                  "critic": (8998961536, 12459262336, 15178842496, 8998961536, 8998961536),
                  "vllm": (68719476736,) * 5},
-    "verl_lora": {"all": (38288657152, 15495767808, 18729600768, 3969288960, 34714346240)},
+    # veRL's own log-prob head (memory.deploy.VERL_HEAD) since the anchor: scoring 3737124864 B lower, exactly
+    # (10 - 6) B x vocabulary x 4 x 1536 tokens; the update 6542018560 B lower (its head no longer the larger of
+    # head and recomputed layer)
+    "verl_lora": {"all": (38288657152, 11758642944, 12187582208, 3969288960, 34714346240)},
 }
 
 

@@ -641,6 +641,8 @@ def test_token_budget_batching_is_advised_by_its_budget():
                      "data.max_prompt_length=1024 data.max_response_length=3072 "
                      "actor_rollout_ref.actor.ppo_mini_batch_size=256 actor_rollout_ref.actor.use_dynamic_bsz=True "
                      "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=65536 actor_rollout_ref.rollout.n=8 "
+                     # log-probs at a smaller budget, so that the update is the peak phase
+                     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=16384 "
                      "trainer.n_gpus_per_node=8", gpu_memory=40 * 2**30)
     assert verl.token_budget_batching and verl.micro_batch > 1
     changes = {c.key: c for c in suggest(verl)}
