@@ -173,11 +173,42 @@ def sharding_from_deepspeed(ds: dict[str, Any], mixed: bool = True) -> Sharding:
                     prefetch_bucket=num("stage3_prefetch_bucket_size", 50_000_000))
 
 
+# accelerate's ParallelismConfig (accelerate/parallelism_config.py, 1.10+), set in an accelerate config YAML as
+# parallelism_config: {parallelism_config_<dim>_size: N}: data-parallel replicas and shards, tensor, context and
+# sequence parallelism, whose product is the process count
+_ACC_PARALLEL_DIMS = ("dp_replicate", "dp_shard", "tp", "cp", "sp")
+
+
+def _check_parallelism_config(acc: dict[str, Any], kind: str, procs: int) -> None:
+    """Refuse an accelerate ParallelismConfig the planner would misread: it plans FSDP sharded over every process,
+    so only a config that says just that (every size 1 but dp_shard, which is 1 or the process count) passes."""
+    pc = acc.get("parallelism_config") or {}
+    if not pc:
+        return
+    if not isinstance(pc, dict):
+        raise ValueError(f"accelerate config parallelism_config: {pc!r} is not a mapping")
+    sizes = {d: _setting(pc, f"parallelism_config_{d}_size", 1, "accelerate config parallelism_config")
+             for d in _ACC_PARALLEL_DIMS}
+    others = [f"{d}_size {n}" for d, n in sizes.items() if d != "dp_shard" and n != 1]
+    if others:
+        raise ValueError(f"accelerate config parallelism_config: {', '.join(others)} is not modelled (the planner "
+                         "plans FSDP sharded over every process; tensor, context and sequence parallelism and HSDP "
+                         "replicas are not)")
+    if sizes["dp_shard"] not in (1, procs):
+        raise ValueError(f"accelerate config parallelism_config: dp_shard_size {sizes['dp_shard']} is not the "
+                         f"{procs} processes (num_processes): accelerate needs the sizes' product to be the process "
+                         "count")
+    if kind != "FSDP":
+        raise ValueError(f"accelerate config parallelism_config: needs distributed_type FSDP (fsdp_version 2), "
+                         f"not {kind}")
+
+
 def sharding_from_accelerate(acc: dict[str, Any], base_dir: Path) -> tuple[Sharding, int, int]:
     """(sharding, processes, machines) from an accelerate config YAML (DeepSpeed or FSDP plugin)."""
     procs = _setting(acc, "num_processes", 1, "accelerate config")
     machines = _setting(acc, "num_machines", 1, "accelerate config")
     kind = str(acc.get("distributed_type", "NO")).upper()
+    _check_parallelism_config(acc, kind, procs)
     if kind == "DEEPSPEED":
         dc = acc.get("deepspeed_config") or {}
         if dc.get("deepspeed_config_file"):

@@ -1,6 +1,7 @@
 """memory.inputs and ``rlhfkit memory plan`` for deployments: CLI flags, TRL config + DeepSpeed/accelerate
 files, an OpenRLHF command line, --json output, and one-line errors."""
 import json
+import re
 
 import pytest
 
@@ -689,3 +690,36 @@ def test_a_pasted_multi_line_script_reads_as_one_line(flag, one_line):
     with pytest.raises(ValueError, match=f"{flag}: cannot split the command line") as err:
         reader(one_line + " '--unclosed")
     assert "\n" not in str(err.value)
+
+
+ACC_FSDP2 = {"distributed_type": "FSDP", "num_processes": 8, "fsdp_config": {"fsdp_version": 2}}
+GRPO_CFG = {"model_name_or_path": "Qwen/Qwen2.5-7B", "num_generations": 8, "max_completion_length": 512}
+
+
+@pytest.mark.parametrize("pc, message", [
+    ({"parallelism_config_tp_size": 2, "parallelism_config_dp_shard_size": 4}, "tp_size 2 is not modelled"),
+    ({"parallelism_config_cp_size": 2, "parallelism_config_dp_shard_size": 4}, "cp_size 2 is not modelled"),
+    ({"parallelism_config_dp_replicate_size": 2, "parallelism_config_dp_shard_size": 4},
+     "dp_replicate_size 2 is not modelled"),
+    ({"parallelism_config_dp_shard_size": 4}, "dp_shard_size 4 is not the 8 processes"),
+    ({"parallelism_config_tp_size": "two"}, "parallelism_config_tp_size: 'two' is not a number"),
+])
+def test_accelerate_parallelism_config_the_planner_would_misread_is_refused(pc, message):
+    """accelerate's ParallelismConfig (1.10+) splits the processes into replicas, shards, TP, CP and SP groups;
+    the planner plans FSDP over every process, so any other split is refused in one line rather than misplanned."""
+    from memory.inputs import trl_from_mappings
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trl_from_mappings(dict(GRPO_CFG), accelerate={**ACC_FSDP2, "parallelism_config": pc})
+
+
+def test_accelerate_parallelism_config_of_plain_fsdp_is_planned_as_fsdp():
+    from memory.inputs import trl_from_mappings
+
+    plain = trl_from_mappings(dict(GRPO_CFG), accelerate=ACC_FSDP2)
+    same = trl_from_mappings(dict(GRPO_CFG), accelerate={
+        **ACC_FSDP2, "parallelism_config": {"parallelism_config_dp_shard_size": 8, "parallelism_config_tp_size": 1}})
+    assert same == plain and same.sharding.kind == "fsdp_full"
+    with pytest.raises(ValueError, match="needs distributed_type FSDP"):
+        trl_from_mappings(dict(GRPO_CFG), accelerate={"distributed_type": "DEEPSPEED", "num_processes": 8,
+                                                      "parallelism_config": {"parallelism_config_dp_shard_size": 8}})
