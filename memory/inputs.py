@@ -248,6 +248,9 @@ def from_trl(config_path: str, model: str | None = None, accelerate: str | None 
 # and keys only its online RL configs (GRPOConfig, RLOOConfig; open-r1's GRPOScriptArguments) have
 _TRL_SFT_KEYS = ("max_length", "max_seq_length", "packing", "dataset_text_field", "completion_only_loss",
                  "assistant_only_loss")
+# open-r1's PassRateScriptArguments (scripts/pass_rate_filtering/compute_pass_rate.py at 1416fa0): a GRPO-shaped
+# config for a vLLM-only dataset filter (recipes/dataset_filtering/*.yaml)
+_OPEN_R1_PASS_RATE_KEYS = ("pass_rate_min", "pass_rate_max", "output_dataset_name")
 _TRL_RL_KEYS = ("num_generations", "max_completion_length", "use_vllm", "vllm_mode", "steps_per_generation",
                 "generation_batch_size", "reward_funcs", "num_iterations", "rloo_k")
 
@@ -262,6 +265,11 @@ def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None 
     name = model or cfg.get("model_name_or_path") or cfg.get("model")
     if not name:
         raise ValueError(f"{source}: no model_name_or_path; pass --model")
+    filtering = sorted(k for k in _OPEN_R1_PASS_RATE_KEYS if k in cfg)
+    if filtering:
+        raise ValueError(f"{source}: an open-r1 pass-rate filtering config ({', '.join(filtering)}): "
+                         "scripts/pass_rate_filtering/compute_pass_rate.py only generates with vLLM and scores, it "
+                         "does not train; --trl_config plans GRPO/RLOO training")
     sft = sorted(k for k in _TRL_SFT_KEYS if k in cfg)
     if sft and not any(k in cfg for k in _TRL_RL_KEYS):
         raise ValueError(f"{source}: an SFT/DPO-style config ({', '.join(sft[:3])}; no num_generations or "

@@ -723,3 +723,15 @@ def test_accelerate_parallelism_config_of_plain_fsdp_is_planned_as_fsdp():
     with pytest.raises(ValueError, match="needs distributed_type FSDP"):
         trl_from_mappings(dict(GRPO_CFG), accelerate={"distributed_type": "DEEPSPEED", "num_processes": 8,
                                                       "parallelism_config": {"parallelism_config_dp_shard_size": 8}})
+
+
+def test_open_r1_pass_rate_filtering_config_is_not_planned_as_training():
+    """open-r1's recipes/dataset_filtering/filter_dapo.yaml (at 1416fa0) is GRPO-shaped (num_generations,
+    max_completion_length, reward_funcs) but drives a vLLM-only pass-rate filter, not a trainer."""
+    from memory.inputs import trl_from_mappings
+
+    cfg = {"model_name_or_path": "Qwen/Qwen2.5-7B", "max_completion_length": 32000, "num_generations": 8,
+           "reward_funcs": ["accuracy"], "pass_rate_min": 0.1, "pass_rate_max": 0.6,
+           "output_dataset_name": "open-r1/DAPO-Math-17k-Processed-filter"}
+    with pytest.raises(ValueError, match="pass-rate filtering config .*does not train"):
+        trl_from_mappings(cfg)
