@@ -1008,6 +1008,32 @@ def _dschat_eval_sharding(trained_stage: int) -> Sharding:
     return Sharding("zero3" if trained_stage == 3 else "zero0")
 
 
+def _deepspeed_launcher_gpus(la: argparse.Namespace, gpus_per_node: int) -> int:
+    """The GPUs the ``deepspeed`` launcher starts (deepspeed/launcher/runner.py): an ``--include`` that lists every
+    node's slots (``NODE[:SLOT[,SLOT...]][@NODE...]``) counts them; a hostfile, ``--exclude`` or an include with a
+    whole node leaves the count to the hostfile, which the planner cannot read, unless ``--num_nodes`` and
+    ``--num_gpus`` fix it; otherwise ``--num_nodes`` x ``--num_gpus`` (one node and every local GPU by default)."""
+    if la.include:
+        nodes: dict[str, set[int]] = {}
+        for spec in la.include.split("@"):
+            host, _, slots = spec.partition(":")
+            try:
+                nodes.setdefault(host, set()).update(int(x) for x in slots.split(",") if x)
+            except ValueError:
+                raise ValueError(f"--from_deepspeed_chat: --include {la.include}: slots must be GPU numbers "
+                                 "(NODE:0,1@NODE:0)") from None
+        if all(nodes.values()):
+            return sum(len(v) for v in nodes.values())
+    if la.hostfile or la.include or la.exclude:
+        if la.num_nodes and la.num_gpus and not la.exclude:
+            return int(la.num_nodes * la.num_gpus)
+        given = " ".join(f"--{k} {v}" for k, v in (("hostfile", la.hostfile), ("include", la.include),
+                                                    ("exclude", la.exclude)) if v)
+        raise ValueError(f"--from_deepspeed_chat: the launcher's {given} takes its GPUs from a hostfile the planner "
+                         "cannot read; pass --nodes N (and --gpus_per_node G)")
+    return int(la.num_gpus * (la.num_nodes or 1) if la.num_gpus else (la.num_nodes or 1) * gpus_per_node)
+
+
 def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int = 80 * GiB,
                         gpus: int | None = None, gpus_per_node: int = 8) -> Deployment:
     """A DeepSpeed-Chat step-3 (PPO) command line: ``[deepspeed --num_nodes N --num_gpus G] main.py --flags``.
@@ -1063,6 +1089,9 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
     lp = _OneLineParser(prog="--from_deepspeed_chat (launcher)", add_help=False)
     lp.add_argument("--num_nodes", type=int, default=None)
     lp.add_argument("--num_gpus", "--num_accelerators", dest="num_gpus", type=int, default=None)
+    lp.add_argument("-H", "--hostfile", default=None)
+    lp.add_argument("-i", "--include", default="")
+    lp.add_argument("-e", "--exclude", default="")
     la, _ = lp.parse_known_args(launcher)
     a, _ = _dschat_parser().parse_known_args(argv)
     actor_name = model or a.actor_model_name_or_path
@@ -1081,7 +1110,7 @@ def from_deepspeed_chat(cmdline: str, model: str | None = None, gpu_memory: int 
         if getattr(a, name) < 1:
             raise ValueError(f"--from_deepspeed_chat: --{name} must be >= 1; got {getattr(a, name)}")
     if gpus is None:
-        gpus = la.num_gpus * (la.num_nodes or 1) if la.num_gpus else (la.num_nodes or 1) * gpus_per_node
+        gpus = _deepspeed_launcher_gpus(la, gpus_per_node)
     if gpus < 1 or gpus % a.inference_tp_size:
         raise ValueError(f"--from_deepspeed_chat: {gpus} GPU(s) is not a multiple of --inference_tp_size "
                          f"{a.inference_tp_size}")

@@ -179,3 +179,33 @@ def test_suggestions_name_deepspeed_chat_flags():
     assert changes["no_gather_for_generation"].flag == "--unpin_actor_parameters"
     assert changes["no_gather_for_generation"].fits_after
     assert all(c.flag is not None for k, c in changes.items() if k in ("micro_batch", "offload_optimizer"))
+
+
+MAIN = ("main.py --actor_model_name_or_path facebook/opt-1.3b --critic_model_name_or_path facebook/opt-350m "
+        "--actor_zero_stage 3")
+
+
+@pytest.mark.parametrize("launcher, gpus", [
+    ("deepspeed --include localhost:0,1,2,3", 4),
+    ("deepspeed -i worker-0:0,1@worker-1:0,1,2", 5),
+    ("deepspeed --hostfile hosts --num_nodes 8 --num_gpus 8", 64),
+    ("deepspeed --num_nodes 2", 16),
+    ("deepspeed --master_port 12346", 8),
+])
+def test_the_deepspeed_launchers_gpu_count(launcher, gpus):
+    """deepspeed/launcher/runner.py: --include counts its slots; a hostfile with --num_nodes and --num_gpus is
+    their product; with neither, one node of every local GPU (the CLI's --gpus_per_node, 8)."""
+    assert from_deepspeed_chat(f"{launcher} {MAIN}").groups == {"all": gpus}
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed --hostfile /job/hostfile", "deepspeed -H hosts --num_gpus 8",
+                                      "deepspeed --include worker-0@worker-1:0", "deepspeed --exclude worker-1:0"])
+def test_a_gpu_count_left_to_a_hostfile_asks_for_nodes(launcher):
+    with pytest.raises(ValueError, match="takes its GPUs from a hostfile the planner cannot read; pass --nodes"):
+        from_deepspeed_chat(f"{launcher} {MAIN}")
+    assert from_deepspeed_chat(f"{launcher} {MAIN}", gpus=32).groups == {"all": 32}
+
+
+def test_bad_include_slots_are_named():
+    with pytest.raises(ValueError, match="--include localhost:a,b: slots must be GPU numbers"):
+        from_deepspeed_chat(f"deepspeed --include localhost:a,b {MAIN}")
