@@ -43,6 +43,15 @@ CUDA_METHOD = ("cuda.max_memory_allocated since the previous TRL span ended (com
 GENERATING = ("GRPO", "RLOO")
 
 
+def _trl_version() -> str | None:
+    """The installed TRL's version (its GRPO head differs by version, memory.deploy.TRL_HEAD)."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return str(trl.__version__)
+
+
 def live_arch(model: Any) -> Arch:
     """The planner's shape of a live transformers model (PEFT-wrapped or not), its base parameters counted
     exactly on the model (shared tensors once, LoRA adapters not part of the base)."""
@@ -103,9 +112,11 @@ def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int
         cfg.update(max_prompt_length=max(1, length - 1), max_completion_length=1, beta=0.0, use_vllm=False)
     dep = trl_deployment(cfg, arch, gpus=gpus, sharding=sharding_from_trl_args(cfg), gpu_memory=gpu_memory,
                          gpus_per_node=gpus, dtype_bytes=dtype_bytes, lora_rank=lora, load_in_4bit=four_bit,
-                         prompt_len=prompt_len if kind in GENERATING else None)
+                         prompt_len=prompt_len if kind in GENERATING else None, trl_version=_trl_version())
     if kind in GENERATING:
         dep = dep.with_(rollout_per_gpu=max(dep.rollout_per_gpu, int(cfg.get("num_generations") or 1)))
+    else:  # the loss covers every token, not a completion: the reference fp32 log-softmax head
+        dep = dep.with_(logprob_head="torch")
     inputs = {"trainer": trainer_name, "kind": kind, "world_size": gpus, "model": arch.name,
               "family": arch.family, "params": arch.params, "dtype_bytes": dtype_bytes, "lora_rank": lora,
               "load_in_4bit": four_bit, "reference": dep.reference is not None, "sharding": dep.sharding.kind,

@@ -49,12 +49,12 @@ from memory.inputs import (  # noqa: E402
 
 def from_trl_row(inp: dict[str, Any], model: str | None = None, gpu_memory: int = 80 * GiB) -> Deployment:
     """A TRL row's input: ``config`` (GRPOConfig args), ``accelerate`` (an accelerate config mapping) or
-    ``deepspeed`` (a DeepSpeed JSON mapping), ``num_processes`` (accelerate's total, which overrides the config's)
-    and ``gpus_per_node``; read by the same function as ``--trl_config``."""
+    ``deepspeed`` (a DeepSpeed JSON mapping), ``num_processes`` (accelerate's total, which overrides the config's),
+    ``gpus_per_node`` and ``trl_version``; read by the same function as ``--trl_config``."""
     return trl_from_mappings(dict(inp["config"]), accelerate=inp.get("accelerate"), deepspeed=inp.get("deepspeed"),
                              base_dir=ROOT, model=model, num_processes=inp.get("num_processes"),
                              gpu_memory=gpu_memory, gpus_per_node=int(inp.get("gpus_per_node", 8)),
-                             source="TRL row")
+                             source="TRL row", trl_version=inp.get("trl_version"))
 
 
 # framework name -> reader(input, model=None, gpu_memory=...) -> Deployment; a new framework is one line here

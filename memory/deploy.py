@@ -192,7 +192,8 @@ class Deployment:
     attn: str = "flash"
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk;
     # model_dtype: log-softmax on the 16-bit logits, which stay alive through backward (DeepSpeed-Chat);
-    # verl: veRL's actor head, flash-attn cross entropy plus entropy_impl (see VERL_HEAD)
+    # verl: veRL's actor head, flash-attn cross entropy plus entropy_impl (see VERL_HEAD);
+    # trl, trl_copy, trl_nodiv: TRL GRPO's, logits of the completion only, by TRL version (see TRL_HEAD)
     entropy_impl: str = "compiled"     # verl head: how veRL computes the entropy (a key of VERL_HEAD)
     entropy_in_update: bool = False    # verl head: the update computes the entropy (entropy_coeff != 0)
     framework: str = "trl"             # trl | openrlhf | openrlhf-dotted | verl | deepspeed-chat (suggestions' flags)
@@ -220,8 +221,9 @@ class Deployment:
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
             raise ValueError(f"unknown optimizer_impl {self.optimizer_impl!r}; choose fused, foreach, single_tensor")
-        if self.logprob_head not in ("torch", "chunked", "model_dtype", "verl"):
-            raise ValueError(f"unknown logprob_head {self.logprob_head!r}; choose torch, chunked, model_dtype, verl")
+        if self.logprob_head not in ("torch", "chunked", "model_dtype", "verl", *TRL_HEAD):
+            raise ValueError(f"unknown logprob_head {self.logprob_head!r}; choose torch, chunked, model_dtype, verl, "
+                             "trl, trl_copy, trl_nodiv")
         if self.entropy_impl not in VERL_HEAD:
             raise ValueError(f"unknown entropy_impl {self.entropy_impl!r}; choose from {', '.join(VERL_HEAD)}")
         if self.fsdp_version not in (1, 2):
@@ -493,6 +495,41 @@ VERL_HEAD: dict[str, tuple[float, float, float, float]] = {
 VERL_ENTROPY_CHUNK = 2048  # entropy_from_logits_with_chunking's chunk_size
 
 
+# TRL's GRPO head (GRPOTrainer._get_per_token_logps): the model returns the logits of the completion only
+# (logits_to_keep + 1 positions) in its dtype and selective_log_softmax takes one log_softmax per sequence (TRL
+# 0.15 on). The temperature division decides what autograd keeps: none before TRL 0.16 ("trl_nodiv"), a copy from
+# 0.16 ("trl_copy"), in place from 1.0 ("trl": the rebased view keeps the model's logits and its gradients). Bytes
+# per completion token and vocabulary entry (with grad, without) and per token of the one sequence in the loop
+# (with grad, without), measured on CPU with TRL's own selective_log_softmax by
+# benchmarks/bench_memory_trl_head.py.
+TRL_HEAD: dict[str, tuple[float, float, float, float]] = {
+    "trl_nodiv": (4.0, 2.0, 0.0, 4.0),
+    "trl_copy": (4.0, 4.0, 0.0, 0.0),
+    "trl": (8.0, 2.0, 0.0, 4.0),
+}
+
+
+def trl_head(version: str | None) -> str:
+    """The TRL_HEAD entry of a TRL version ("0.18.0"); None: the newest modelled (1.0 on)."""
+    if not version:
+        return "trl"
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        raise ValueError(f"TRL version {version!r}: expected MAJOR.MINOR[.PATCH]") from None
+    if major >= 1:
+        return "trl"
+    return "trl_copy" if minor >= 16 else "trl_nodiv"
+
+
+def head_tokens(dep: Deployment, micro: int) -> int:
+    """Tokens whose logits one GPU's head holds: every token of the micro-batch, or the completions' only (TRL
+    asks the model for ``logits_to_keep`` positions)."""
+    if dep.logprob_head in TRL_HEAD:
+        return micro * dep.response_len
+    return micro_tokens(dep, micro)
+
+
 def verl_head_mode(role: Role, dep: Deployment, grad: bool) -> str:
     """The VERL_HEAD row a role's pass uses: the actor's old-log-prob pass always computes the entropy
     (fsdp_workers.py compute_log_prob), the update when entropy_in_update, a separate reference never."""
@@ -518,6 +555,8 @@ def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
     extra = 2 * V if role.arch.family == "gemma2" else 0  # final logit soft-capping keeps the logits
     if dep.logprob_head == "verl":
         return VERL_HEAD[verl_head_mode(role, dep, grad)][0 if grad else 1] * V + extra
+    if dep.logprob_head in TRL_HEAD:
+        return TRL_HEAD[dep.logprob_head][0 if grad else 1] * V + extra
     if dep.logprob_head == "model_dtype":
         db = role.dtype_bytes
         return (4 * db * V + extra) if grad else 3 * db * V
@@ -526,9 +565,11 @@ def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
 
 def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool, tokens: int = 0) -> int:
     """The head's bytes that do not grow with the micro-batch: one chunk's (chunked head, veRL's chunked eager
-    entropy, whose chunk is 2048 of the micro-batch's ``tokens`` at most)."""
+    entropy, whose chunk is 2048 of the micro-batch's ``tokens`` at most, TRL's one-sequence loop)."""
     if role.value_head:
         return 0
+    if dep.logprob_head in TRL_HEAD:
+        return int(TRL_HEAD[dep.logprob_head][2 if grad else 3] * role.arch.vocab * min(tokens, dep.response_len))
     if dep.logprob_head == "verl":
         per_row = VERL_HEAD[verl_head_mode(role, dep, grad)][2 if grad else 3]
         return int(per_row * role.arch.vocab * min(tokens, VERL_ENTROPY_CHUNK))
@@ -547,10 +588,11 @@ def micro_tokens(dep: Deployment, micro: int) -> int:
 
 def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     """No-grad forward of one micro-batch to log-probs (or values): the head, or one layer's buffers."""
-    tokens = micro_tokens(dep, dep.score_micro_batch or dep.micro_batch)
+    micro = dep.score_micro_batch or dep.micro_batch
+    tokens, htokens = micro_tokens(dep, micro), head_tokens(dep, micro)
     a = role.arch
     db = role.dtype_bytes
-    head = tokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False, tokens)
+    head = htokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False, htokens)
     body = tokens * layer_transient(a).bytes(db)
     gathered = 0
     sh = role_sharding(role, dep)
@@ -578,13 +620,13 @@ def head_slack(role: Role, dep: Deployment) -> int:
     head's vocabulary-sized tensors about 2 B per vocabulary entry and token stay through the layers' backward."""
     if role.value_head or dep.logprob_head == "chunked":
         return 0
-    tokens = micro_tokens(dep, dep.micro_batch)
+    tokens, htokens = micro_tokens(dep, dep.micro_batch), head_tokens(dep, dep.micro_batch)
     if role_checkpointing(role, dep):
         _, head, layer = _update_terms(role, dep)
     else:
-        head = int(tokens * _head_bytes_per_token(role, dep, grad=True))
+        head = int(htokens * _head_bytes_per_token(role, dep, grad=True))
         layer = int(tokens * layer_saved(role.arch, dep.attn, dep.seq).bytes(role.dtype_bytes))
-    return max(0, head - 2 * role.arch.vocab * tokens - layer)
+    return max(0, head - 2 * role.arch.vocab * htokens - layer)
 
 
 def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
@@ -595,8 +637,9 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     per_layer = layer_saved(a, dep.attn, dep.seq).bytes(db)
     n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4
     lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
-    head = tokens * (_head_bytes_per_token(role, dep, grad=True) + final_norm_saved(a).bytes(db))
-    head += _chunk_head_bytes(role, dep, True, tokens)
+    htokens = head_tokens(dep, dep.micro_batch)
+    head = htokens * _head_bytes_per_token(role, dep, grad=True) + tokens * final_norm_saved(a).bytes(db)
+    head += _chunk_head_bytes(role, dep, True, htokens)
     if role_checkpointing(role, dep):
         layers = a.layers * tokens * a.hidden * db
         recompute = tokens * per_layer * 2  # one layer's saved tensors plus its backward temporaries

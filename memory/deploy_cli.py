@@ -64,6 +64,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trl_config", default=None, help="TRL GRPOConfig/TrainingArguments YAML or JSON")
     g.add_argument("--accelerate_config", default=None, help="accelerate config YAML (with --trl_config)")
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")
+    g.add_argument("--trl_version", default=None,
+                   help="TRL version the run uses, e.g. 0.18.0 (with --trl_config): picks TRL's log-prob head; "
+                        "default: TRL 1.0 and later")
     g.add_argument("--from_openrlhf", default=None, metavar="FLAGS",
                    help="an OpenRLHF train_ppo_ray command line, or its whole launch script")
     g.add_argument("--from_verl", default=None, metavar="OVERRIDES",
@@ -125,7 +128,8 @@ def deployment_from_args(a: argparse.Namespace) -> Deployment:
     elif a.trl_config is not None:
 
         dep = from_trl(a.trl_config, model=None if a.model == "tiny" else a.model, accelerate=a.accelerate_config,
-                       deepspeed=a.deepspeed_config, gpu_memory=gpu_memory, gpus_per_node=gpn)
+                       deepspeed=a.deepspeed_config, gpu_memory=gpu_memory, gpus_per_node=gpn,
+                       trl_version=a.trl_version)
     else:
         dep = _from_flags(a, gpu_memory, gpn)
     if a.framework:

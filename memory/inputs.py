@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .arch import Arch, load_arch
-from .deploy import Deployment, Engine, HybridEngine, Role, Sharding
+from .deploy import Deployment, Engine, HybridEngine, Role, Sharding, trl_head
 from .shell import UNSET, Quoting, expand_script, unresolved
 
 GiB = 2**30
@@ -230,7 +230,8 @@ def sharding_from_accelerate(acc: dict[str, Any], base_dir: Path) -> tuple[Shard
 
 
 def from_trl(config_path: str, model: str | None = None, accelerate: str | None = None,
-             deepspeed: str | None = None, gpu_memory: int = 80 * GiB, gpus_per_node: int = 8) -> Deployment:
+             deepspeed: str | None = None, gpu_memory: int = 80 * GiB, gpus_per_node: int = 8,
+             trl_version: str | None = None) -> Deployment:
     """A TRL GRPO/PPO run: actor (+ reference when ``beta > 0``), generation by vLLM when ``use_vllm``."""
     cfg = _load_mapping(config_path)
     base = Path(config_path).parent
@@ -241,7 +242,8 @@ def from_trl(config_path: str, model: str | None = None, accelerate: str | None 
         ds = _load_mapping(str(f if f.is_absolute() or f.exists() else base / f))
     return trl_from_mappings(cfg, accelerate=_load_mapping(accelerate) if accelerate else None, deepspeed=ds,
                              base_dir=Path(accelerate).parent if accelerate else base, model=model,
-                             gpu_memory=gpu_memory, gpus_per_node=gpus_per_node, source=config_path)
+                             gpu_memory=gpu_memory, gpus_per_node=gpus_per_node, source=config_path,
+                             trl_version=trl_version)
 
 
 # keys only TRL's SFTConfig/DPOConfig have (max_length: their sequence cap; GRPO caps prompt and completion apart),
@@ -258,7 +260,7 @@ _TRL_RL_KEYS = ("num_generations", "max_completion_length", "use_vllm", "vllm_mo
 def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None = None,
                       deepspeed: dict[str, Any] | None = None, base_dir: Path = Path("."), model: str | None = None,
                       num_processes: int | None = None, gpu_memory: int = 80 * GiB, gpus_per_node: int = 8,
-                      source: str = "TRL config") -> Deployment:
+                      source: str = "TRL config", trl_version: str | None = None) -> Deployment:
     """A TRL run from its settings already read: the GRPOConfig/TrainingArguments mapping, an accelerate config
     (its sharding and process count; files it names resolve against ``base_dir``) and a DeepSpeed JSON, which
     overrides the accelerate config's sharding. ``num_processes``: the launch's total, when known apart."""
@@ -283,7 +285,7 @@ def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None 
         sharding = sharding_from_deepspeed(deepspeed)
     gpus = num_processes or (n_proc * machines if accelerate else _setting(cfg, "num_processes", n_proc, source))
     return trl_deployment(cfg, arch, gpus=int(gpus), sharding=sharding, gpu_memory=gpu_memory,
-                          gpus_per_node=gpus_per_node, source=source)
+                          gpus_per_node=gpus_per_node, source=source, trl_version=trl_version)
 
 
 def sharding_from_trl_args(cfg: dict[str, Any], base_dir: Path | None = None) -> Sharding:
@@ -309,13 +311,14 @@ def sharding_from_trl_args(cfg: dict[str, Any], base_dir: Path | None = None) ->
 def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Sharding, gpu_memory: int = 80 * GiB,
                    gpus_per_node: int = 8, dtype_bytes: int = 2, lora_rank: int | None = None,
                    load_in_4bit: bool | None = None, prompt_len: int | None = None,
-                   source: str = "TRL config") -> Deployment:
+                   source: str = "TRL config", trl_version: str | None = None) -> Deployment:
     """The deployment of a TRL GRPO/RLOO run described by its config keys (a YAML file's mapping or
     ``GRPOConfig.to_dict()``): the one reader behind ``--trl_config`` and the TRL adapter's prediction.
 
     ``generation_batch_size`` is TRL's global count (``per_device_train_batch_size x num_processes x
     steps_per_generation``), so each GPU generates its share of it. ``lora_rank``/``load_in_4bit`` override
     the config's ``use_peft``/``lora_r`` (the adapter reads them from the live model's PEFT config).
+    ``trl_version`` picks TRL's log-prob head (memory.deploy.TRL_HEAD); None plans TRL 1.0 and later.
     """
     use_vllm = bool(cfg.get("use_vllm", False))
     mode = str(cfg.get("vllm_mode") or "colocate")
@@ -352,7 +355,7 @@ def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Shar
                       response_len=_setting(cfg, "max_completion_length", 256, source), rollout_per_gpu=gen_batch,
                       gradient_checkpointing=True if gc is None else bool(gc),
                       attn=_attn(cfg.get("attn_implementation") or (cfg.get("model_init_kwargs") or {}).get(
-                          "attn_implementation")), framework="trl")
+                          "attn_implementation")), logprob_head=trl_head(trl_version), framework="trl")
 
 
 def _attn(name: Any) -> str:

@@ -47,6 +47,14 @@ def test_builtin_table_has_the_issue_models_with_sources():
     assert load_arch("Qwen/Qwen2.5-7B-Instruct").params == load_arch("qwen2.5-7b").params
 
 
+def test_untied_qwen2_matches_its_published_count():
+    """DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-1.5B's shape with its own LM head; a saved copy's safetensors index
+    states total_parameters 1777088000 (memory/model_configs.json names it)."""
+    cfg = builtin_config("DeepSeek-R1-Distill-Qwen-1.5B")
+    assert load_arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B").params == 1_777_088_000 == meta_count(cfg)[0]
+    assert load_arch("DeepSeek-R1-Distill-Qwen-1.5B").params - load_arch("Qwen2.5-1.5B").params == 151936 * 1536
+
+
 def test_shapes_gqa_tied_and_kv_bytes():
     q = load_arch("Qwen2.5-7B")
     assert (q.kv_heads, q.head_dim, q.kv_dim, q.tied) == (4, 128, 512, False)

@@ -236,10 +236,10 @@ def test_trl_sft_config_is_refused(tmp_path, capsys):
 
 
 def test_trl_unknown_model_names_its_key(tmp_path, capsys):
-    (tmp_path / "g.yaml").write_text("model_name_or_path: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n"
+    (tmp_path / "g.yaml").write_text("model_name_or_path: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B\n"
                                      "num_generations: 8\n")
     err = one_line_error(capsys, "--trl_config", str(tmp_path / "g.yaml"))
-    assert "model_name_or_path deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B: unknown model" in err
+    assert "model_name_or_path deepseek-ai/DeepSeek-R1-Distill-Qwen-7B: unknown model" in err
     assert "pass --model" in err
 
 

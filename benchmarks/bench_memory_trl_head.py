@@ -1,0 +1,126 @@
+"""TRL's GRPO log-prob head measured on CPU: bytes per completion token and vocabulary entry, next to
+memory.deploy.TRL_HEAD.
+
+    python benchmarks/bench_memory_trl_head.py [--out benchmarks/results/memory_trl_head.json]
+
+Why: with a 152k vocabulary the head is most of a GRPO micro-batch's activations, and TRL's is not the planner's
+reference one (an fp32 log-softmax over every token: 12 B per token and vocabulary entry with grad). TRL's
+``GRPOTrainer._get_per_token_logps`` (0.15 to 1.9) asks the model for the logits of the completion only
+(``logits_to_keep + 1`` positions, in the model's dtype), drops the last position, divides by the temperature
+(not at all in 0.15, a copy from 0.16, ``div_`` in place from 1.0) and takes ``selective_log_softmax``: for
+16-bit logits one ``log_softmax`` per sequence (row), gathered at the labels.
+
+What runs, with and without grad: a bf16 LM head (``h @ W.T``) over ``L + 1`` positions per sequence, the two
+slices, the division (``none``, ``copy`` or ``inplace``), and TRL's own ``trl.trainer.utils.selective_log_softmax`` from
+the installed TRL (its fused Triton kernel is for CUDA tensors only, so on CPU it runs the per-row path 0.18 has),
+then the backward. Each run is a fresh process. The peak (memory.measure, CPU allocator events) is taken at 4 and
+8 sequences of ``L`` completion tokens: the slope per completion token, divided by the vocabulary, is the head's
+bytes per token and vocabulary entry; the intercept, per row token, is the one-row loop's.
+
+Limits: CPU kernels (a bf16 log-softmax here may keep an fp32 temporary the CUDA kernel does not); TRL after 1.9
+runs a fused Triton log-prob kernel on CUDA, which is not measured here (no GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import row, write_result  # noqa: E402
+
+SEQS = (4, 8)
+VOCAB, HIDDEN, LENGTH = 2048, 16, 512
+DIVISIONS = ("none", "copy", "inplace")  # TRL 0.15, 0.16 to 0.29, 1.0 on
+
+
+def _worker() -> None:
+    """One measurement: DIVISION, GRAD, SEQS in the environment; prints {"peaks": [...]} as one JSON line."""
+    import torch
+    from trl.trainer.utils import selective_log_softmax
+
+    from memory.measure import measure_peak
+
+    grad = os.environ["GRAD"] == "1"
+    division = os.environ["DIVISION"]
+    torch.manual_seed(0)
+    weight = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16) * 0.05
+
+    def step(seqs: int):
+        completion_ids = torch.randint(0, VOCAB, (seqs, LENGTH))
+        hidden = torch.randn(seqs, LENGTH + 1, HIDDEN, dtype=torch.bfloat16, requires_grad=grad)
+
+        def run() -> float:
+            with torch.set_grad_enabled(grad):
+                logits = hidden @ weight.t()  # the model's logits for logits_to_keep + 1 positions
+                logits = logits[:, :-1, :]
+                logits = logits[:, -LENGTH:]
+                if division == "inplace":
+                    logits.div_(0.7)
+                elif division == "copy":
+                    logits = logits / 0.7
+                logps = selective_log_softmax(logits, completion_ids)
+                del logits
+                loss = logps.sum()
+                if grad:
+                    loss.backward()
+            return float(loss)
+        return run
+
+    sizes = [int(s) for s in os.environ["SEQS"].split(",")]
+    print(json.dumps({"peaks": [measure_peak(step(s))[1].delta_peak_bytes for s in sizes]}))
+
+
+def measure(division: str, grad: bool, seqs: tuple[int, int] = SEQS) -> dict:
+    """Peaks at two sequence counts (a fresh process each), and the fitted per-token-and-vocab slope and
+    per-row-token intercept, in bytes."""
+    env = dict(os.environ, DIVISION=division, GRAD="1" if grad else "0", SEQS=",".join(map(str, seqs)),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"{division} (grad={grad}): {proc.stderr.strip().splitlines()[-1:]}")
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])["peaks"]
+    slope = (peaks[1] - peaks[0]) / ((seqs[1] - seqs[0]) * LENGTH)
+    intercept = peaks[0] - slope * seqs[0] * LENGTH
+    return {"division": division, "grad": grad, "seqs": list(seqs), "length": LENGTH, "peaks": peaks,
+            "per_token_vocab": slope / VOCAB, "per_row_token_vocab": intercept / (LENGTH * VOCAB)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_trl_head.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker()
+        return
+    from memory.deploy import TRL_HEAD
+
+    rows, details = [], []
+    for division, head in zip(DIVISIONS, ("trl_nodiv", "trl_copy", "trl"), strict=True):
+        for grad in (True, False):
+            m = measure(division, grad)
+            planned, planned_row = TRL_HEAD[head][0 if grad else 1], TRL_HEAD[head][2 if grad else 3]
+            details.append({**m, "head": head, "planned_per_token_vocab": planned,
+                            "planned_per_row_token_vocab": planned_row})
+            err = (planned - m["per_token_vocab"]) / m["per_token_vocab"]
+            row_ok = abs(m["per_row_token_vocab"] - planned_row) <= max(0.5, 0.05 * planned_row)
+            phase = "update (grad)" if grad else "log-prob pass (no grad)"
+            rows.append(row(f"TRL head {head} (division {division}), {phase}: bytes per completion token and "
+                            "vocabulary entry", round(m["per_token_vocab"], 3), "B/(token*V)",
+                            target=f"planner {planned} within 5%", met=abs(err) <= 0.05 and row_ok,
+                            notes=f"one-row term measured {m['per_row_token_vocab']:.2f}, planned {planned_row}"))
+            print(f"{head:10s} grad={grad!s:5s} measured {m['per_token_vocab']:7.3f} (row "
+                  f"{m['per_row_token_vocab']:6.2f})  planned {planned} ({planned_row})")
+    write_result("memory_trl_head", rows, details={"runs": details, "vocab": VOCAB, "hidden": HIDDEN,
+                                                   "length": LENGTH}, path=Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""TRL's GRPO log-prob head in the planner: the version that picks it, the completion-only logits it holds, the
+readers and the adapter that set it, and the table checked against TRL's own function measured on CPU."""
+import json
+
+import pytest
+
+from benchmarks.bench_memory_trl_head import measure
+from memory.cli import main
+from memory.deploy import TRL_HEAD, _head_bytes_per_token, head_tokens, plan_deployment, trl_head
+from memory.inputs import trl_from_mappings
+
+CONFIG = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "per_device_train_batch_size": 16,
+          "max_prompt_length": 512, "max_completion_length": 2048, "num_generations": 16, "beta": 0.0,
+          "gradient_checkpointing": True, "bf16": True}
+
+
+@pytest.mark.parametrize("version, head", [
+    (None, "trl"), ("1.16.0", "trl"), ("1.0.0", "trl"), ("0.18.0", "trl_copy"), ("0.16.1", "trl_copy"),
+    ("0.15.2", "trl_nodiv"), ("0.14", "trl_nodiv"),
+])
+def test_the_version_picks_the_head(version, head):
+    assert trl_head(version) == head
+    assert trl_from_mappings(dict(CONFIG), trl_version=version).logprob_head == head
+
+
+def test_a_bad_version_is_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "grpo.json"
+    cfg.write_text(json.dumps(CONFIG))
+    assert main(["plan", "--trl_config", str(cfg), "--trl_version", "latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MAJOR.MINOR" in err
+
+
+def test_cli_takes_the_version_and_names_the_head(tmp_path, capsys):
+    cfg = tmp_path / "grpo.json"
+    cfg.write_text(json.dumps(CONFIG))
+    assert main(["plan", "--trl_config", str(cfg), "--trl_version", "0.18.0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"]["logprob_head"] == "trl_copy"
+
+
+def test_only_the_completion_has_logits():
+    """TRL asks the model for logits_to_keep positions: a longer prompt adds no head bytes (the reference head,
+    over every token, grows with it)."""
+    dep = trl_from_mappings(dict(CONFIG))
+    assert head_tokens(dep, 4) == 4 * 2048
+    longer = dep.with_(prompt_len=4096)
+    scoring = [plan_deployment(d).groups[0].table["actor.activations"]["scoring"] for d in (dep, longer)]
+    assert scoring[0] == pytest.approx(scoring[1], rel=0.02)
+    torch_head = [plan_deployment(d.with_(logprob_head="torch")).groups[0].table["actor.activations"]["scoring"]
+                  for d in (dep, longer)]
+    assert torch_head[1] > 2 * torch_head[0]
+
+
+def test_each_version_costs_its_measured_bytes():
+    dep = trl_from_mappings(dict(CONFIG))
+    V = dep.actor.arch.vocab
+    for head, (grad, nograd, _, _) in TRL_HEAD.items():
+        d = dep.with_(logprob_head=head)
+        assert _head_bytes_per_token(d.actor, d, True) == grad * V
+        assert _head_bytes_per_token(d.actor, d, False) == nograd * V
+    assert _head_bytes_per_token(dep.actor, dep.with_(logprob_head="torch"), True) == 12 * V
+
+
+def test_adapter_plans_grpo_with_the_installed_head_and_dpo_with_the_reference_head(tiny_model_dir, tmp_path):
+    """The adapter predicts a live trainer: GRPO/RLOO with the installed TRL's head over the completion, DPO and
+    SFT (a loss over every token) with the reference head."""
+    import trl
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, GRPOConfig
+
+    from adapters.trl_memory import _trl_version, trainer_deployment
+
+    assert _trl_version() == trl.__version__
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    common = dict(report_to=[], use_cpu=True, save_strategy="no")
+    grpo = GRPOConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, **common)
+    dep, _ = trainer_deployment(grpo, model, "GRPOTrainer", 8 << 30, prompt_len=16)
+    assert dep.logprob_head == trl_head(trl.__version__) and head_tokens(dep, 4) == 4 * 8
+    dpo = DPOConfig(output_dir=str(tmp_path / "d"), per_device_train_batch_size=2, max_length=64, **common)
+    dep, _ = trainer_deployment(dpo, model, "DPOTrainer", 8 << 30)
+    assert dep.logprob_head == "torch"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("division, grad, head", [("copy", True, "trl_copy"), ("inplace", True, "trl"),
+                                                  ("none", False, "trl_nodiv")])
+def test_table_matches_trls_own_function(division, grad, head):
+    """TRL's selective_log_softmax (the installed TRL's per-row path, which CPU tensors take) behind a bf16 LM
+    head and the version's division, measured at 4 and 8 sequences in fresh processes: per completion token and
+    vocabulary entry (and per token of the looped row) within 5% of TRL_HEAD. Every entry both ways:
+    benchmarks/bench_memory_trl_head.py."""
+    m = measure(division, grad)
+    planned = TRL_HEAD[head]
+    assert m["per_token_vocab"] == pytest.approx(planned[0 if grad else 1], rel=0.05)
+    row = planned[2 if grad else 3]
+    if row:
+        assert m["per_row_token_vocab"] == pytest.approx(row, rel=0.05)
+    else:
+        assert abs(m["per_row_token_vocab"]) < 0.5
