@@ -174,7 +174,56 @@ def missing_at_boundaries(rows: list[dict], t: int) -> list[dict]:
                     "missing_bytes_low": low, "missing_bytes_high": high,
                     "engine_weights_bytes": pf.engine.weights, "engine_weights_plus_fp32_layer_bytes": size,
                     "engine_weights_inside_window": low < pf.engine.weights <= high,
-                    "size_inside_window": low < size <= high})
+                    "size_inside_window": low < size <= high,
+                    # the window as a share of the bf16 parameters per GPU (= the engine's weights at TP = N)
+                    "share_of_bf16_params_low": low / pf.engine.weights,
+                    "share_of_bf16_params_high": high / pf.engine.weights})
+    return out
+
+
+def common_share(missing: list[dict]) -> tuple[float, float] | None:
+    """The shares c for which one term c x (bf16 parameters per GPU), present only on more than one GPU, puts every
+    multi-GPU boundary where its script says (None if no single c does): a size that scales with P/N, not a
+    mechanism."""
+    multi = [m for m in missing if m["gpus"] > 1]
+    if not multi:
+        return None
+    lo = max(m["share_of_bf16_params_low"] for m in multi)
+    hi = min(m["share_of_bf16_params_high"] for m in multi)
+    return (lo, hi) if lo < hi else None
+
+
+def per_token_sweep(rows: list[dict], scales=(2, 4, 6, 8, 10, 12, 16, 20)) -> list[dict]:
+    """The other reading of the gap: bytes the update lacks per token, decoder layer and hidden unit (a stash the
+    planner misses). For each extra ``k`` bytes per token x layer x hidden in the update phase, refit the packed
+    length on the calibration pair and count the veRL LoRA rows that agree: if the gap were per token, some k
+    would fit them all."""
+    from memory.deploy import plan_deployment
+
+    by_id = {r["id"]: r for r in rows}
+    lora = [r for r in rows if r.get("family") == "verl-lora"]
+    cache: dict[tuple[str, int], tuple[dict[str, int], int, int]] = {}
+
+    def fits(r: dict, t: int, k: int) -> bool:
+        if (r["id"], t) not in cache:
+            d = _at_length(r, t)
+            g = plan_deployment(d).groups[0]
+            n = int(r["id"].rsplit("-b", 1)[1])  # per-GPU sequences, the script's nproc_per_gpu
+            cache[r["id"], t] = (g.totals, n * t * d.actor.arch.hidden * d.actor.arch.layers, d.gpu_memory)
+        totals, stash, mem = cache[r["id"], t]
+        return max(v + (k * stash if ph == "update" else 0) for ph, v in totals.items()) <= mem
+
+    out = []
+    fit_row, oom_row = (by_id[i] for i in CALIBRATION_ROWS)
+    for k in scales:
+        window = [t for t in range(8, 1537, 2) if fits(fit_row, t, k) and not fits(oom_row, t, k)]
+        if not window:
+            out.append({"bytes_per_token_layer_hidden": k, "fitted_length": None, "agree": None})
+            continue
+        t = window[len(window) // 2]
+        others = [r for r in lora if r["id"] not in CALIBRATION_ROWS]
+        out.append({"bytes_per_token_layer_hidden": k, "fitted_length": t, "of": len(others),
+                    "agree": sum(fits(r, t, k) == (r["published"] == "fits") for r in others)})
     return out
 
 
@@ -275,6 +324,14 @@ def main() -> int:
               f"engine weights {m['engine_weights_bytes'] / 1e9:.1f} GB per GPU, + one fp32 layer "
               f"{m['engine_weights_plus_fp32_layer_bytes'] / 1e9:.2f} GB "
               f"({'inside' if m['size_inside_window'] else 'outside'} the window)")
+    share = common_share(missing)
+    if missing:
+        print("  one term c x bf16 parameters per GPU on more than one GPU fits every multi-GPU boundary for c in "
+              + (f"{share[0]:.3f} .. {share[1]:.3f}" if share else "no range"))
+    sweep = per_token_sweep(rows) if t else []
+    for s in sweep:
+        print(f"  + {s['bytes_per_token_layer_hidden']} B per token x layer x hidden in the update: "
+              + (f"length {s['fitted_length']}, {s['agree']}/{s['of']} agree" if s["fitted_length"] else "no length fits"))
     fam = families(out)
     checked = sum(f["checked"] for f in fam.values())
     overall = sum(f["agree"] for f in fam.values())
@@ -289,6 +346,7 @@ def main() -> int:
                      if r["final"] is not None and r["final"] != r["published"]]
     details = {"rows": out, "decided": len(decided), "agree": agree, "fitted_length": t, "calibrated": cal,
                "calibrated_agree": cal_agree, "missing_at_boundaries": missing, "families": fam,
+               "common_share_of_bf16_params": share, "per_token_sweep": sweep,
                "overall_checked": checked, "overall_agree": overall, "disagreements": disagreements,
                "other_verl_at_fitted_length": other, "reference_length": REFERENCE_LENGTH}
     write_result("memory_published", summary(details), details, path=Path(a.out))
@@ -299,6 +357,8 @@ def summary(details: dict) -> list[dict]:
     """README row: agreement with published fit/out-of-memory rows, overall and per source family (decided as
     stated, the veRL LoRA rows at their fitted length), with what is counted apart and why."""
     n, cal, agree = len(details["rows"]), len(details["calibrated"]), details["calibrated_agree"]
+    share, sweep = details.get("common_share_of_bf16_params"), details.get("per_token_sweep", [])
+    best = max((x for x in sweep if x["agree"] is not None), key=lambda x: x["agree"], default=None)
     fam = details["families"]
     checked, overall = details["overall_checked"], details["overall_agree"]
     multi = [m for m in details.get("missing_at_boundaries", []) if m["gpus"] > 1]
@@ -333,8 +393,15 @@ def summary(details: dict) -> list[dict]:
                    "fitting" if kinds == {("oom", "fits")} and all("1xH100" not in r["id"] for r in misses)
                    else f"{len(misses)} misses")
                 + (f"; per GPU the planner lacks, at those boundaries, {gaps}; the vLLM weights at TP degree fall "
-                   f"inside {weights_inside} of {len(multi)} windows (with one fp32 decoder layer added, {inside}), "
-                   "and veRL 49b08e9 "
+                   f"inside {weights_inside} of {len(multi)} windows (with one fp32 decoder layer added, {inside}); "
+                   + (f"one size c x bf16 parameters per GPU fits all {len(multi)} for c = {share[0]:.3f}-{share[1]:.3f}"
+                      if share else "no one share of the bf16 parameters per GPU fits all")
+                   + (f" at the fitted length; read instead as bytes per token missing in the update, the best of "
+                      f"k = {sweep[0]['bytes_per_token_layer_hidden']}..{sweep[-1]['bytes_per_token_layer_hidden']} B "
+                      f"per token x layer x hidden (length refitted) is k = {best['bytes_per_token_layer_hidden']}: "
+                      f"{best['agree']}/{best['of']} at {best['fitted_length']} tokens per sequence, less than half "
+                      "GSM8K's length in veRL's log" if best else "")
+                   + "; veRL 49b08e9 "
                    "sleeps vLLM (level 1) before training and FSDP1 measured on CPU ranks keeps no parameter-sized "
                    "copy (memory_fsdp1_verl), so no source explains it and it is not modelled (see docs/memory.md)"
                    if gaps else "")

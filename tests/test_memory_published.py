@@ -84,3 +84,26 @@ def test_bench_reports_families_and_explains_every_disagreement(tmp_path, monkey
     assert all(d["explanation"] for d in det["disagreements"])
     # the veRL LoRA rows keep their own fitted-length verdicts, whatever else the file holds
     assert {c["id"] for c in det["calibrated"]} <= {r["id"] for r in ROWS if r["family"] == "verl-lora"}
+    # the two readings of the multi-GPU gap are computed from the same plans: with nothing added the sweep refits
+    # the same length and agrees with the same rows as the fitted-length verdicts
+    from benchmarks.bench_memory_published import common_share, per_token_sweep
+
+    (zero,) = per_token_sweep(ROWS, scales=(0,))
+    assert zero["fitted_length"] == det["fitted_length"]
+    assert zero["agree"] == det["calibrated_agree"] and zero["of"] == len(det["calibrated"])
+    share = common_share(det["missing_at_boundaries"])
+    for m in det["missing_at_boundaries"]:
+        if m["gpus"] > 1 and share:
+            w = m["engine_weights_bytes"]
+            assert m["missing_bytes_low"] <= share[0] * w and share[1] * w <= m["missing_bytes_high"] + 1
+
+
+def test_common_share_is_the_intersection_of_the_windows():
+    from benchmarks.bench_memory_published import common_share
+
+    def m(gpus, lo, hi):
+        return {"gpus": gpus, "share_of_bf16_params_low": lo, "share_of_bf16_params_high": hi}
+
+    assert common_share([m(1, -0.1, 0.0), m(2, 0.9, 0.95), m(4, 0.92, 1.0)]) == (0.92, 0.95)
+    assert common_share([m(2, 0.9, 0.91), m(4, 0.92, 1.0)]) is None
+    assert common_share([m(1, 0.0, 0.1)]) is None
