@@ -331,7 +331,8 @@ def main() -> int:
     sweep = per_token_sweep(rows) if t else []
     for s in sweep:
         print(f"  + {s['bytes_per_token_layer_hidden']} B per token x layer x hidden in the update: "
-              + (f"length {s['fitted_length']}, {s['agree']}/{s['of']} agree" if s["fitted_length"] else "no length fits"))
+              + (f"length {s['fitted_length']}, {s['agree']}/{s['of']} agree" if s["fitted_length"]
+                 else "no length fits"))
     fam = families(out)
     checked = sum(f["checked"] for f in fam.values())
     overall = sum(f["agree"] for f in fam.values())
@@ -394,7 +395,8 @@ def summary(details: dict) -> list[dict]:
                    else f"{len(misses)} misses")
                 + (f"; per GPU the planner lacks, at those boundaries, {gaps}; the vLLM weights at TP degree fall "
                    f"inside {weights_inside} of {len(multi)} windows (with one fp32 decoder layer added, {inside}); "
-                   + (f"one size c x bf16 parameters per GPU fits all {len(multi)} for c = {share[0]:.3f}-{share[1]:.3f}"
+                   + (f"one size c x bf16 parameters per GPU fits all {len(multi)} for c = "
+                      f"{share[0]:.3f}-{share[1]:.3f}"
                       if share else "no one share of the bf16 parameters per GPU fits all")
                    + (f" at the fitted length; read instead as bytes per token missing in the update, the best of "
                       f"k = {sweep[0]['bytes_per_token_layer_hidden']}..{sweep[-1]['bytes_per_token_layer_hidden']} B "
