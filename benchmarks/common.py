@@ -105,3 +105,29 @@ def launch_ranks(script: str | Path, world: int, args: Sequence[str], what: str,
             raise RuntimeError(f"a rank failed (rc {p.returncode}) at {what}\n{err[-3000:]}")
         outs.append(json.loads(out.strip().splitlines()[-1]))
     return outs
+
+
+def two_point_fit(script: str | Path, env: dict[str, str], sizes: Sequence[int], what: str,
+                  timeout: float = 600) -> tuple[list[int], float, float]:
+    """Run ``script --worker`` once in a fresh process (a clean allocator: the peaks are its own) with ``env``,
+    read the peak bytes it prints for each of two ``sizes`` on its last line (``{"peaks": [...]}``), and return
+    them with the line through them: bytes per unit of size, and the bytes at size zero."""
+    proc = subprocess.run([sys.executable, str(script), "--worker"], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(RESULTS.parents[1]), **env))
+    if proc.returncode:
+        raise RuntimeError(f"{what}: {proc.stderr.strip().splitlines()[-1:]}")
+    peaks: list[int] = json.loads(proc.stdout.strip().splitlines()[-1])["peaks"]
+    slope = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    return peaks, slope, peaks[0] - slope * sizes[0]
+
+
+def head_entry_matches(slope: float, intercept: float, planned_slope: float, planned_intercept: float,
+                       rel: float = 0.05) -> bool:
+    """One entry of a log-prob head table against its two-point measurement (bytes per token and vocabulary
+    entry, and the fixed term per token of a row or chunk): each within ``rel`` of the planned value, a fixed term
+    the table leaves at zero under half a byte."""
+    if abs(slope - planned_slope) > rel * planned_slope:
+        return False
+    if planned_intercept:
+        return abs(intercept - planned_intercept) <= rel * planned_intercept
+    return abs(intercept) < 0.5

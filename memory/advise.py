@@ -307,7 +307,9 @@ def suggest(dep: Deployment, plan: DeploymentPlan | None = None) -> list[Change]
     before = plan.peak_bytes
     out = []
     for key, name, _new, value, note, p in _planned(dep):
-        if p.fits or p.peak_bytes < before:  # a change that neither fits nor lowers the peak is noise
+        # a change that neither lowers the peak nor makes the plan fit is noise (on a plan that fits already,
+        # a change that fits as well but saves nothing is noise too)
+        if p.peak_bytes < before or (p.fits and not plan.fits):
             out.append(Change(key, name, _flag(key, dep.framework, value), before, p.peak_bytes, p.fits, note))
     if not plan.fits:
         n = min_gpus(dep)

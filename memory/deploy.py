@@ -989,6 +989,29 @@ def plan_group(dep: Deployment, name: str, engine: EngineMemory) -> GroupPlan:
                      peak_phase, peak, host, peak <= dep.gpu_memory, notes)
 
 
+def torch_counted_peak(plan: DeploymentPlan, group: str | None = None) -> int:
+    """What ``torch.cuda.max_memory_allocated()`` reports on a GPU of ``group`` (default: the engine's) when vLLM
+    sleeps: its ``CuMemAllocator`` unmaps the physical memory of the weights and KV pool but keeps their blocks,
+    allocated from a torch ``MemPool``, alive in torch's caching allocator, so torch still counts them through
+    the training phases (veRL's ``perf/max_memory_allocated_gb`` does; its reserved counter then exceeds the
+    GPU). The planner's phases count physical bytes; this is the number to set next to such a log."""
+    dep = plan.deployment
+    name = group or dep.engine.group
+    g = next(x for x in plan.groups if x.name == name)
+    if dep.engine.kind != "vllm" or not dep.engine.sleep or dep.engine.group != name:
+        return g.peak_bytes
+    slept = plan.engine.weights + plan.engine.kv_pool
+    awake = ("generation",)
+
+    def counted(ph: str) -> int:
+        if ph in awake:
+            return g.totals[ph]
+        physical_engine = sum(row[ph] for comp, row in g.table.items() if comp.startswith("engine."))
+        return g.totals[ph] - physical_engine + slept
+
+    return max(counted(ph) for ph in PHASES)
+
+
 def plan_deployment(dep: Deployment) -> DeploymentPlan:
     """Per-group component x phase bytes per GPU, the peak phase, and whether each group fits."""
     eng = engine_memory(dep)
@@ -996,7 +1019,14 @@ def plan_deployment(dep: Deployment) -> DeploymentPlan:
     notes = [eng.rule]
     if dep.engine.kind != "hf" and eng.max_seqs < 1:
         notes.append(f"{dep.engine.kind}: no room for a KV pool holding one {dep.seq}-token sequence")
-    return DeploymentPlan(dep, groups, eng, notes)
+    plan = DeploymentPlan(dep, groups, eng, notes)
+    counted = torch_counted_peak(plan)
+    group = next(g for g in groups if g.name == dep.engine.group)
+    if counted != group.peak_bytes:
+        group.notes.append(f"torch.cuda.max_memory_allocated() will read about {counted / 2**30:.2f} GiB here (veRL's "
+                           "perf/max_memory_allocated_gb): the sleeping vLLM's weights and KV pool stay allocated in "
+                           "torch's allocator while their memory is unmapped")
+    return plan
 
 
 def fits_with(dep: Deployment, **changes: Any) -> bool:

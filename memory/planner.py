@@ -18,9 +18,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 MAX_BATCH = 1 << 16
 # What a GPU really holds, by the name people type: the totals NVML (nvidia-smi) reports, in MiB, from Modal's table
 # (thundergolfer.com/blog/nvidia-gpu-memory-capacity), not the marketing size: an "80 GB" H100 holds 79.65 GiB
-# (85.5e9 bytes), an "80 GB" A100 80 GiB; "80GB" read as 80e9 bytes is 74.5 GiB.
-GPU_MEMORY_MIB = {"H200": 143_771, "H100": 81_559, "A100-80GB": 81_920, "A100-40GB": 40_960, "L40S": 46_068,
-                  "A10": 23_028, "L4": 23_034, "T4": 15_360}
+# (85.5e9 bytes), an "80 GB" A100 80 GiB; "80GB" read as 80e9 bytes is 74.5 GiB. The China-market parts, from
+# nvidia-smi output: H800 as H100 (81559 MiB), H20 97871 MiB, A800 80GB as A100 80GB; A40 as L40S, RTX 4090
+# 24564 MiB.
+GPU_MEMORY_MIB = {"H200": 143_771, "H100": 81_559, "H800": 81_559, "H20": 97_871, "A100-80GB": 81_920,
+                  "A800-80GB": 81_920, "A100-40GB": 40_960, "L40S": 46_068, "A40": 46_068, "A10": 23_028,
+                  "L4": 23_034, "RTX-4090": 24_564, "T4": 15_360}
 
 
 def parse_bytes(text: str) -> int:

@@ -153,7 +153,11 @@ def test_verl_overrides(capsys):
     assert gae.critic is not None and gae.critic.value_head
     rep = _json(capsys, ["plan", "--from_verl", cmd, "--json"])
     assert rep["groups"]["all"]["gpus"] == 16
-    assert any(s["flag"] and s["flag"].startswith("actor_rollout_ref.") for s in rep["suggestions"])
+    # it fits with room to spare: no change is offered that saves nothing
+    assert rep["fits"] and all(s["saving_bytes"] > 0 for s in rep["suggestions"])
+    tight = _json(capsys, ["plan", "--from_verl", cmd, "--gpu_memory", "12GiB", "--json"])
+    assert not tight["fits"]
+    assert any(s["flag"] and s["flag"].startswith("actor_rollout_ref.") for s in tight["suggestions"])
     with pytest.raises(ValueError, match="model.path"):
         from_verl("trainer.n_gpus_per_node=8")
     # the weight-sync path: actor.strategy (fsdp = FSDP1 by default) and layered_summon, which veRL only

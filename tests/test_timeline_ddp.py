@@ -1,6 +1,6 @@
 """Phase intervals of real torchrun ranks (CPU, gloo) on one clock, one rank's clock skewed by 5 s.
 
-The runner: ``--debug_slow_rank 1 --debug_slow_seconds 0.3`` makes rank 1 sleep in its rollout each step, and
+The runner: ``--debug_slow_rank 1 --debug_slow_seconds 1.0`` makes rank 1 sleep in its rollout each step, and
 ``RLHFKIT_DEBUG_CLOCK_SKEW_NS=1:5000000000`` puts rank 1's wall clock 5 s ahead, as on a host without NTP. The
 offset measured at start-up must bring the ranks back together (they leave each collective at the same
 instant), rank 0 must show the wait in ``advantages`` (its first collective) and rank 1 must be the straggler.
@@ -20,7 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SKEW_NS = 5_000_000_000
-SLOW_S = 0.3
+SLOW_S = 1.0
+# the wait rank 0 must show: half the injected delay, because rank 0's own rollout (the same work as rank 1's before
+# its sleep) runs slower on a loaded 2-core machine and eats into the wait; 0.3 s with a 0.05 s margin failed there
+MIN_WAIT_S = SLOW_S / 2
 
 
 def _env() -> dict[str, str]:
@@ -76,16 +79,16 @@ def test_the_slowed_rank_is_the_straggler_and_the_other_shows_the_wait(ddp_run: 
 
     report = analyse(read_timeline(ddp_run))
     for s in report.steps:
-        assert s.phase_wait["advantages"][0] >= (SLOW_S - 0.05) * 1e9
+        assert s.phase_wait["advantages"][0] >= MIN_WAIT_S * 1e9
         assert s.wait[1] < s.wait[0] / 2 and s.phase_busy["rollout"][1] >= SLOW_S * 1e9
         assert s.critical_path[0][:2] == (1, "rollout")
     assert report.slowest_per_phase()["rollout"]["rank"] == 1
     per_rank = report.per_rank()
-    assert per_rank[0]["wait_s"] >= 4 * (SLOW_S - 0.05) and per_rank[0]["wait_share"] > 2 * per_rank[1]["wait_share"]
+    assert per_rank[0]["wait_s"] >= 4 * MIN_WAIT_S and per_rank[0]["wait_share"] > 2 * per_rank[1]["wait_share"]
     assert report.critical_path_share()[0]["rank"] == 1 and report.critical_path_share()[0]["phase"] == "rollout"
     # the live exchange wrote the same waits into the rank records
     recs = [json.loads(x) for x in (ddp_run / "metrics.rank0.jsonl").read_text().splitlines()]
-    assert all(r["wait/advantages"] >= SLOW_S - 0.05 and r["wait/total"] >= r["wait/advantages"] for r in recs)
+    assert all(r["wait/advantages"] >= MIN_WAIT_S and r["wait/total"] >= r["wait/advantages"] for r in recs)
     for r, s in zip(recs, report.steps):
         assert r["wait/advantages"] == pytest.approx(s.phase_wait["advantages"][0] / 1e9, abs=0.01)
 
@@ -121,7 +124,7 @@ def test_merged_trace_is_valid_chrome_json_with_one_process_per_rank(ddp_run: Pa
     markers = sorted((e["pid"], e["name"]) for e in events if e["ph"] == "i")
     assert markers == [(r, f"step {s}") for r in (0, 1) for s in range(1, 5)]
     waits = [e for e in events if e["ph"] == "X" and e["cat"] == "wait" and e["name"] == "wait (advantages)"]
-    assert {e["pid"] for e in waits} == {0} and min(e["dur"] for e in waits) >= (SLOW_S - 0.05) * 1e6
+    assert {e["pid"] for e in waits} == {0} and min(e["dur"] for e in waits) >= MIN_WAIT_S * 1e6
 
 
 # ------------------------------------------------------------------ adapters.generic under torchrun
