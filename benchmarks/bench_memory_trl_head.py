@@ -22,7 +22,6 @@ runs a fused Triton log-prob kernel on CUDA, which is not measured here (no GPU)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import head_entry_matches, row, two_point_fit, write_result  # noqa: E402
+from benchmarks.common import head_row, out_or_work, two_point_fit, write_result  # noqa: E402
 
 SEQS = (4, 8)
 VOCAB, HIDDEN, LENGTH = 2048, 16, 512
@@ -86,12 +85,8 @@ def measure(division: str, grad: bool, seqs: tuple[int, int] = SEQS) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_trl_head.json"))
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        _worker()
+    out = out_or_work(__doc__, ROOT / "benchmarks/results/memory_trl_head.json", _worker)
+    if out is None:
         return
     from memory.deploy import TRL_HEAD
 
@@ -99,20 +94,12 @@ def main() -> None:
     for division, head in zip(DIVISIONS, ("trl_nodiv", "trl_copy", "trl"), strict=True):
         for grad in (True, False):
             m = measure(division, grad)
-            planned, planned_row = TRL_HEAD[head][0 if grad else 1], TRL_HEAD[head][2 if grad else 3]
-            details.append({**m, "head": head, "planned_per_token_vocab": planned,
-                            "planned_per_row_token_vocab": planned_row})
-            phase = "update (grad)" if grad else "log-prob pass (no grad)"
-            rows.append(row(f"TRL head {head} (division {division}), {phase}: bytes per completion token and "
-                            "vocabulary entry", round(m["per_token_vocab"], 3), "B/(token*V)",
-                            target=f"planner {planned} (fixed {planned_row}) within 5%",
-                            met=head_entry_matches(m["per_token_vocab"], m["per_row_token_vocab"], planned,
-                                                   planned_row),
-                            notes=f"one-row term measured {m['per_row_token_vocab']:.2f}, planned {planned_row}"))
-            print(f"{head:10s} grad={grad!s:5s} measured {m['per_token_vocab']:7.3f} (row "
-                  f"{m['per_row_token_vocab']:6.2f})  planned {planned} ({planned_row})")
+            details.append({**m, "head": head, "planned_per_token_vocab": TRL_HEAD[head][0 if grad else 1],
+                            "planned_per_row_token_vocab": TRL_HEAD[head][2 if grad else 3]})
+            rows.append(head_row(f"TRL head {head} (division {division}), completion tokens", m, TRL_HEAD[head], grad,
+                                 "row"))
     write_result("memory_trl_head", rows, details={"runs": details, "vocab": VOCAB, "hidden": HIDDEN,
-                                                   "length": LENGTH}, path=Path(args.out))
+                                                   "length": LENGTH}, path=out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ fuse away; flash-attn's kernels run in Triton's interpreter, not on a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import head_entry_matches, row, two_point_fit, write_result  # noqa: E402
+from benchmarks.common import head_row, out_or_work, two_point_fit, write_result  # noqa: E402
 
 TOKENS = (4096, 8192)
 VOCAB, HIDDEN, CHUNK = 2048, 16, 2048
@@ -120,12 +119,8 @@ def measure(mode: str, grad: bool, tokens: tuple[int, int] = TOKENS) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_verl_head.json"))
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        _worker()
+    out = out_or_work(__doc__, ROOT / "benchmarks/results/memory_verl_head.json", _worker)
+    if out is None:
         return
     from memory.deploy import VERL_HEAD
 
@@ -133,20 +128,11 @@ def main() -> None:
     for mode in MODES:
         for grad in (True, False):
             m = measure(mode, grad)
-            planned = VERL_HEAD[mode][0 if grad else 1]
-            planned_chunk = VERL_HEAD[mode][2 if grad else 3]
-            details.append({**m, "planned_per_token_vocab": planned, "planned_per_chunk_token_vocab": planned_chunk})
-            phase = "update (grad)" if grad else "log-prob pass (no grad)"
-            rows.append(row(f"veRL head {mode}, {phase}: bytes per token and vocabulary entry",
-                            round(m["per_token_vocab"], 3), "B/(token*V)",
-                            target=f"planner {planned} (fixed {planned_chunk}) within 5%",
-                            met=head_entry_matches(m["per_token_vocab"], m["per_chunk_token_vocab"], planned,
-                                                   planned_chunk),
-                            notes=f"chunk term measured {m['per_chunk_token_vocab']:.2f}, planned {planned_chunk}"))
-            print(f"{mode:20s} grad={grad!s:5s} measured {m['per_token_vocab']:7.3f} (chunk "
-                  f"{m['per_chunk_token_vocab']:6.2f})  planned {planned} ({planned_chunk})")
+            details.append({**m, "planned_per_token_vocab": VERL_HEAD[mode][0 if grad else 1],
+                            "planned_per_chunk_token_vocab": VERL_HEAD[mode][2 if grad else 3]})
+            rows.append(head_row(f"veRL head {mode}", m, VERL_HEAD[mode], grad, "chunk"))
     write_result("memory_verl_head", rows, details={"modes": details, "vocab": VOCAB, "hidden": HIDDEN,
-                                                    "chunk": CHUNK}, path=Path(args.out))
+                                                    "chunk": CHUNK}, path=out)
 
 
 if __name__ == "__main__":

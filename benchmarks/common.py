@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +131,32 @@ def head_entry_matches(slope: float, intercept: float, planned_slope: float, pla
     if planned_intercept:
         return abs(intercept - planned_intercept) <= rel * planned_intercept
     return abs(intercept) < 0.5
+
+
+def out_or_work(doc: str | None, default_out: Path, worker: Callable[[], None]) -> Path | None:
+    """The command line of a bench that measures in fresh processes of itself (``two_point_fit``): ``--out PATH``,
+    or the hidden ``--worker``, which runs ``worker`` and returns None."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker()
+        return None
+    return Path(args.out)
+
+
+def head_row(label: str, measured: dict[str, Any], entry: Sequence[float], grad: bool, fixed: str) -> dict[str, Any]:
+    """A README row for one entry of a log-prob head table (``entry``: bytes per token and vocabulary entry with
+    and without grad, then the fixed terms per ``fixed`` token) against its two-point measurement, printed too."""
+    slope, icpt = measured["per_token_vocab"], measured[f"per_{fixed}_token_vocab"]
+    planned, planned_fixed = entry[0 if grad else 1], entry[2 if grad else 3]
+    phase = "update (grad)" if grad else "log-prob pass (no grad)"
+    print(f"{label:34s} grad={grad!s:5s} measured {slope:7.3f} ({fixed} {icpt:6.2f})  planned {planned} "
+          f"({planned_fixed})")
+    return row(f"{label}, {phase}: bytes per token and vocabulary entry", round(slope, 3), "B/(token*V)",
+               target=f"planner {planned} (fixed {planned_fixed}) within 5%",
+               met=head_entry_matches(slope, icpt, planned, planned_fixed),
+               notes=f"{fixed} term measured {icpt:.2f}, planned {planned_fixed}")

@@ -16,7 +16,7 @@ BASE = ("actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct algorithm.adv_est
         "trainer.n_gpus_per_node=8 trainer.nnodes=1")
 
 
-def test_torch_counts_the_slept_engine_in_every_training_phase():
+def test_torch_counts_the_slept_engine_in_every_training_phase(tmp_path):
     """vLLM's sleep unmaps its weights and KV pool but torch's allocator still holds their blocks: the counter is
     each training phase's physical bytes with the engine's rows replaced by its weights + KV pool."""
     plan = plan_deployment(from_verl(BASE))
@@ -28,6 +28,11 @@ def test_torch_counts_the_slept_engine_in_every_training_phase():
     assert torch_counted_peak(plan) == max(by_hand.values())
     assert torch_counted_peak(plan) > plan.peak_bytes  # the slept engine is counted on top of training
     assert any(f"{torch_counted_peak(plan) / 2**30:.2f} GiB" in n for n in g.notes)  # and the plan says so
+    from memory.cli import main
+
+    assert main(["plan", "--from_verl", BASE, "--json", "--out", str(Path(tmp_path) / "p.json")]) == 0
+    rep = json.loads((Path(tmp_path) / "p.json").read_text())
+    assert rep["groups"]["all"]["torch_counted_peak_bytes"] == torch_counted_peak(plan)
 
 
 def test_without_a_sleeping_vllm_the_counter_is_the_physical_peak():
