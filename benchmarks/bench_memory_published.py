@@ -109,16 +109,16 @@ def verdict(row: dict) -> dict:
     measured lengths when the row has them)."""
     from memory.deploy import plan_deployment
 
-    mem = deployment(row).gpu_memory
     dep = deployment(row)
+    measured = measured_lengths(row) is not None
     at_max = plan_deployment(dep)
-    if measured_lengths(row):
+    if measured:
         v, at_min = ("fits" if at_max.fits else "oom"), at_max
     else:
         at_min = plan_deployment(dep.with_(prompt_len=1, response_len=1))
         v = "fits" if at_max.fits else ("oom" if not at_min.fits else "depends on lengths")
-    worst = max(at_max.groups, key=lambda g: g.peak_bytes / mem)
-    return {"planner": v, "lengths": "measured" if measured_lengths(row) else "bounds",
+    worst = max(at_max.groups, key=lambda g: g.peak_bytes / dep.gpu_memory)
+    return {"planner": v, "lengths": "measured" if measured else "bounds",
             "peak_at_max_bytes": at_max.peak_bytes, "peak_at_min_bytes": at_min.peak_bytes,
             "peak_group": worst.name, "peak_phase_at_max": worst.peak_phase}
 

@@ -1000,11 +1000,10 @@ def torch_counted_peak(plan: DeploymentPlan, group: str | None = None) -> int:
     g = next(x for x in plan.groups if x.name == name)
     if dep.engine.kind != "vllm" or not dep.engine.sleep or dep.engine.group != name:
         return g.peak_bytes
-    slept = plan.engine.weights + plan.engine.kv_pool
-    awake = ("generation",)
+    slept = plan.engine.weights + plan.engine.kv_pool  # counted in every phase; awake in generation only
 
     def counted(ph: str) -> int:
-        if ph in awake:
+        if ph == "generation":
             return g.totals[ph]
         physical_engine = sum(row[ph] for comp, row in g.table.items() if comp.startswith("engine."))
         return g.totals[ph] - physical_engine + slept
