@@ -1011,6 +1011,17 @@ def torch_counted_peak(plan: DeploymentPlan, group: str | None = None) -> int:
     return max(counted(ph) for ph in PHASES)
 
 
+def torch_counted_note(plan: DeploymentPlan, group: str) -> str | None:
+    """The report's line on ``torch_counted_peak`` where it differs from the physical peak (rendering only: the
+    searches that plan many layouts do not need it)."""
+    counted = torch_counted_peak(plan, group)
+    if counted == next(g.peak_bytes for g in plan.groups if g.name == group):
+        return None
+    return (f"torch.cuda.max_memory_allocated() will read about {counted / 2**30:.2f} GiB here (veRL's "
+            "perf/max_memory_allocated_gb): the sleeping vLLM's weights and KV pool stay allocated in torch's "
+            "allocator while their memory is unmapped")
+
+
 def plan_deployment(dep: Deployment) -> DeploymentPlan:
     """Per-group component x phase bytes per GPU, the peak phase, and whether each group fits."""
     eng = engine_memory(dep)
@@ -1018,14 +1029,7 @@ def plan_deployment(dep: Deployment) -> DeploymentPlan:
     notes = [eng.rule]
     if dep.engine.kind != "hf" and eng.max_seqs < 1:
         notes.append(f"{dep.engine.kind}: no room for a KV pool holding one {dep.seq}-token sequence")
-    plan = DeploymentPlan(dep, groups, eng, notes)
-    counted = torch_counted_peak(plan)
-    group = next(g for g in groups if g.name == dep.engine.group)
-    if counted != group.peak_bytes:
-        group.notes.append(f"torch.cuda.max_memory_allocated() will read about {counted / 2**30:.2f} GiB here (veRL's "
-                           "perf/max_memory_allocated_gb): the sleeping vLLM's weights and KV pool stay allocated in "
-                           "torch's allocator while their memory is unmapped")
-    return plan
+    return DeploymentPlan(dep, groups, eng, notes)
 
 
 def fits_with(dep: Deployment, **changes: Any) -> bool:

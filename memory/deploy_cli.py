@@ -26,6 +26,7 @@ from .deploy import (
     plan_deployment,
     role_checkpointing,
     role_sharding,
+    torch_counted_note,
     torch_counted_peak,
 )
 from .inputs import from_deepspeed_chat, from_openrlhf, from_trl, from_verl
@@ -190,7 +191,9 @@ def report(dep: Deployment) -> dict[str, Any]:
            "groups": {g.name: {"gpus": g.gpus, "roles": g.roles, "peak_bytes": g.peak_bytes,
                                "peak_phase": g.peak_phase, "fits": g.fits, "host_bytes_per_gpu": g.host_bytes,
                                "torch_counted_peak_bytes": torch_counted_peak(plan, g.name),
-                               "phases": g.totals, "table": g.table, "notes": g.notes} for g in plan.groups},
+                               "phases": g.totals, "table": g.table,
+                               "notes": g.notes + [n for n in [torch_counted_note(plan, g.name)] if n]}
+                      for g in plan.groups},
            "engine": {"kind": dep.engine.kind, "group": dep.engine.group, "tp": dep.engine.tp,
                       "gpu_memory_utilization": dep.engine.gpu_memory_utilization, "sleep": dep.engine.sleep,
                       "weights_bytes": plan.engine.weights, "kv_pool_bytes": plan.engine.kv_pool,
