@@ -66,7 +66,8 @@ def _worker() -> None:
         pd = torch.nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
         return torch.logsumexp(logits.float(), dim=-1) - torch.sum(pd * logits, dim=-1, dtype=torch.float32)
 
-    def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = CHUNK) -> torch.Tensor:
+    def entropy_from_logits_with_chunking(logits: torch.Tensor,
+                                          chunk_size: int = int(os.environ.get("CHUNK", CHUNK))) -> torch.Tensor:
         entropy = torch.zeros(logits.shape[0], device=logits.device)
         for i in range(0, logits.shape[0], chunk_size):
             logits_chunk = logits[i:i + chunk_size].float()
@@ -108,14 +109,15 @@ def _worker() -> None:
     print(json.dumps({"peaks": [measure_peak(step(t))[1].delta_peak_bytes for t in sizes]}))
 
 
-def measure(mode: str, grad: bool, tokens: tuple[int, int] = TOKENS) -> dict:
+def measure(mode: str, grad: bool, tokens: tuple[int, int] = TOKENS, chunk: int = CHUNK) -> dict:
     """Peaks of one mode at two token counts (a fresh process each), and the fitted per-token-and-vocab slope
-    and per-chunk-token intercept, in bytes."""
+    and per-chunk-token intercept, in bytes. ``chunk``: the chunked entropy's chunk (veRL's 2048; the tests take
+    a smaller one, and fewer tokens, since the per-chunk-token bytes do not depend on it)."""
     peaks, slope, intercept = two_point_fit(
-        __file__, {"TRITON_INTERPRET": "1", "MODE": mode, "GRAD": "1" if grad else "0",
+        __file__, {"TRITON_INTERPRET": "1", "MODE": mode, "GRAD": "1" if grad else "0", "CHUNK": str(chunk),
                    "TOKENS": ",".join(map(str, tokens))}, tokens, f"{mode} (grad={grad})", timeout=1200)
     return {"mode": mode, "grad": grad, "tokens": list(tokens), "peaks": peaks,
-            "per_token_vocab": slope / VOCAB, "per_chunk_token_vocab": intercept / (CHUNK * VOCAB)}
+            "per_token_vocab": slope / VOCAB, "per_chunk_token_vocab": intercept / (chunk * VOCAB)}
 
 
 def main() -> None:

@@ -265,8 +265,8 @@ def test_the_page_runs_the_dashboards_own_plotly_bundle_with_every_trace_type_it
     assert flame[0] >= 4  # root, step, rollout/update and the ops under them
 
 
-def test_live_follow_of_2000_steps_written_at_50_per_second_draws_every_point_once(page):
-    """A run written at 50 steps/s for 2,000 steps while the page follows it (and its alert and list polls
+def test_live_follow_of_2000_steps_written_at_100_per_second_draws_every_point_once(page):
+    """A run written at 100 steps/s for 2,000 steps while the page follows it (and its alert and list polls
     refresh the same run): every trace ends with each step exactly once, in order."""
     import threading
     import time
@@ -279,7 +279,7 @@ def test_live_follow_of_2000_steps_written_at_50_per_second_draws_every_point_on
         t0 = time.monotonic()
         for s in range(5, 2000):
             writer.log(s, metrics(s))
-            delay = t0 + (s - 4) / 50.0 - time.monotonic()
+            delay = t0 + (s - 4) / 100.0 - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
 

@@ -51,9 +51,9 @@ def follow(builder: Builder, selection: list[str], done: threading.Event, poll_s
 
 
 def test_live_follow_draws_every_step_exactly_once_while_other_threads_refresh(tmp_path):
-    """2,000 steps written at 50 steps/s while two threads refresh the run and run its detectors, as the
+    """2,000 steps written at 100 steps/s while two threads refresh the run and run its detectors, as the
     alerts and run-list callbacks do: the KL trace and the heatmap get each step once, in order."""
-    steps, rate = 2000, 50.0
+    steps, rate = 2000, 100.0
     writer = write_run(tmp_path / "live", 5, status=None)
     cache = RunCache(tmp_path)
     builder = Builder(cache)

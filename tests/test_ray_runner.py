@@ -2,13 +2,15 @@
 
 The in-process runs share one small local cluster (module fixture); the interrupt test runs ``train.py`` as a
 process of its own, which starts and stops its own cluster. Each Ray run starts four actor processes that import
-torch: tens of seconds on two shared cores, hence ``slow``.
+torch: tens of seconds on two shared cores, hence ``slow``, and the tests share runs (module fixtures) where one
+run can answer several questions.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,15 +80,86 @@ def cluster():
         signal.signal(sig, handler)
 
 
-@pytest.mark.slow
-def test_sync_mode_gives_the_local_runners_metrics(tmp_path, cluster, capsys):
+@pytest.fixture(scope="module")
+def sync_runs(cluster, tmp_path_factory) -> dict[str, Path]:
+    """Three runs of one config (2 epochs x 4 steps): local; on Ray, its first epoch (``ray_epoch1``, a copy kept
+    before the resume); the same Ray run resumed for the second epoch (``ray``). Each Ray run starts four actor
+    processes that import torch, so the tests of synchronous metrics, resume and a healthy diagnosis share these."""
     from rlhf_core.train.runner import train
 
-    local = train(parse_args([*BASE, "--run_dir", str(tmp_path / "local")]))
-    remote = train(parse_args([*BASE, "--run_dir", str(tmp_path / "ray"), "--engine", "ray"]))
-    assert local.status == remote.status == "finished"
-    a, b = Run(tmp_path / "local").metrics(), Run(tmp_path / "ray").metrics()
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    root = tmp_path_factory.mktemp("sync")
+    args = [*BASE, "--steps_per_epoch", "4"]
+    full = train(parse_args([*args, "--epochs", "2", "--run_dir", str(root / "local")]))
+    part = train(parse_args([*args, "--epochs", "1", "--run_dir", str(root / "ray"), "--engine", "ray"]))
+    assert full.status == part.status == "finished"
+    shutil.copytree(root / "ray", root / "ray_epoch1")
+    resumed = train(parse_args(["--resume", str(root / "ray"), "--epochs", "2"]))
+    assert resumed.status == "finished"
+    return {"local": root / "local", "ray_epoch1": root / "ray_epoch1", "ray": root / "ray"}
+
+
+@pytest.fixture(scope="module")
+def slow_run(cluster, tmp_path_factory) -> Path:
+    """Ray actors on bundles of their own, 7 steps; the rollout actor (timeline rank 1) sleeps 0.3 s inside its
+    phase from step 4 on."""
+    from rlhf_core.train.runner import train
+
+    run_dir = tmp_path_factory.mktemp("slow") / "run"
+    result = train(parse_args([*BASE, "--steps_per_epoch", "7", "--run_dir", str(run_dir), "--engine", "ray",
+                               "--ray_placement", "separate", "--debug_slow_rank", "1",
+                               "--debug_slow_seconds", "0.3", "--debug_slow_from_step", "4"]))
+    assert result.status == "finished"
+    return run_dir
+
+
+def _diagnose(run_dir: Path, capsys) -> list[dict]:
+    """``rlhfkit diagnose RUN --json``: the alerts."""
+    from rlhf_core.cli.diagnose import main as diagnose_main
+
+    capsys.readouterr()
+    assert diagnose_main([str(run_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# The two diagnosis tests come first in the file: the runs they judge by their timing are made while no other
+# test runs (``exclusive``, conftest.py); the tests after them reuse the same runs.
+@pytest.mark.slow
+@pytest.mark.exclusive
+def test_diagnose_of_a_healthy_ray_run_has_no_straggler(sync_runs, capsys):
+    """Synchronous, resumed once: every actor is on the critical path every step, the generation the longest of
+    them, and the new actors' first step after the resume is no straggler either."""
+    assert [a for a in _diagnose(sync_runs["ray"], capsys) if a["rule"] == "straggler"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.exclusive
+def test_diagnose_names_an_actor_that_became_slow_and_the_trainer_that_waited(slow_run, capsys):
+    alerts = [a for a in _diagnose(slow_run, capsys) if a["rule"] == "straggler"]
+    assert [(a["step"], a["rank"], a["evidence"]["role"], a["evidence"]["phase"]) for a in alerts] == [
+        (4, 1, "rollout", "rollout")], alerts
+    ev = alerts[0]["evidence"]
+    assert ev["time_s"] >= 0.3 > 0.1 > ev["baseline_s"]
+    assert ev["waited"][0]["rank"] == 0 and ev["waited"][0]["seconds"] >= 3 * 0.3  # the trainer, in actor_wait
+    assert "rank 0 (trainer) waited" in alerts[0]["message"]
+
+
+@pytest.mark.slow
+def test_a_slowed_actor_is_on_the_critical_path_and_the_trainer_shows_the_wait(slow_run):
+    from rlhf_core.runformat.timeline import analyse
+
+    report = analyse(read_timeline(slow_run, steps=(4, 7)))  # the steps of the 0.3 s rollouts
+    per_rank = report.per_rank()
+    assert per_rank[0]["wait_share"] > 0.5 and per_rank[0]["idle_share"] < 0.2  # the trainer waits for its actors
+    assert all(per_rank[r]["wait_s"] == 0 for r in (1, 2, 3))
+    top = report.critical_path_share()[0]
+    assert (top["rank"], top["phase"]) == (1, "rollout") and top["share"] > 0.5
+
+
+@pytest.mark.slow
+def test_sync_mode_gives_the_local_runners_metrics(sync_runs, capsys):
+    ray_dir = sync_runs["ray_epoch1"]
+    a, b = Run(sync_runs["local"]).metrics()[:4], Run(ray_dir).metrics()
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         ca, cb = comparable(ra), comparable(rb)
         assert ca.keys() == cb.keys()
@@ -94,10 +167,10 @@ def test_sync_mode_gives_the_local_runners_metrics(tmp_path, cluster, capsys):
             assert cb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (ra["step"], key)
     assert b[1]["kl/coef"] != b[0]["kl/coef"]  # the adaptive controller moved, identically
 
-    run = Run(tmp_path / "ray")
+    run = Run(ray_dir)
     meta = run.meta
     assert meta["status"] == "finished" and meta["engine"] == "ray" and meta["config"]["engine"] == "ray"
-    assert Run(tmp_path / "local").meta["engine"] == "local"
+    assert Run(sync_runs["local"]).meta["engine"] == "local"
     actors = meta["ray"]["actors"]
     assert set(actors) == set(ROLES.values()) and len({a["pid"] for a in actors.values()}) == 4
     lm_bytes = b[0]["src/weight_sync_bytes"]
@@ -105,24 +178,37 @@ def test_sync_mode_gives_the_local_runners_metrics(tmp_path, cluster, capsys):
     for rec in b:
         assert {f"time/{p}" for p in ("rollout", "reward", "ref_logprobs", "update", "weight_sync")} <= set(rec)
 
-    tl = read_timeline(tmp_path / "ray")
+    tl = read_timeline(ray_dir)
     assert {r: p.role for r, p in tl.processes.items()} == ROLES
     assert {p.pid for p in tl.processes.values()} == {a["pid"] for a in actors.values()}
     assert all(p.clock.get("method") in ("ray-ping-pong", "single-process") for p in tl.processes.values())
     # synchronous: each generation starts after the previous step's update and weight sync
-    rollout, update = spans(tmp_path / "ray", 1, "rollout"), spans(tmp_path / "ray", 0, "update")
-    assert not any(overlaps(rollout[s + 1], update[s]) for s in (1, 2))
-    assert all(spans(tmp_path / "ray", 1, "weight_sync")[s] for s in (1, 2, 3))
+    rollout, update = spans(ray_dir, 1, "rollout"), spans(ray_dir, 0, "update")
+    assert not any(overlaps(rollout[s + 1], update[s]) for s in (1, 2, 3))
+    assert all(spans(ray_dir, 1, "weight_sync")[s] for s in (1, 2, 3, 4))
 
     from profiler.timeline_trace import main as timeline_main
 
     capsys.readouterr()
-    out = tmp_path / "trace.json"
-    assert timeline_main([str(tmp_path / "ray"), "--out", str(out), "--json"]) == 0
+    out = ray_dir.parent / "trace.json"
+    assert timeline_main([str(ray_dir), "--out", str(out), "--json"]) == 0
     events = json.loads(out.read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events
     names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     assert sum(any(f"({role})" in n for n in names) for role in ROLES.values()) == 4
+
+
+@pytest.mark.slow
+def test_a_resumed_ray_run_continues_the_same_computation(sync_runs):
+    a, b = Run(sync_runs["local"]).metrics(), Run(sync_runs["ray"]).metrics()
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key, value in comparable(ra).items():
+            assert rb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (ra["step"], key)
+    run = Run(sync_runs["ray"])
+    assert run.meta["engine"] == "ray" and len(run.meta["resumed_at"]) == 1
+    assert {rank: sorted(steps) for rank, steps in read_timeline(sync_runs["ray"]).steps.items()} == {
+        rank: list(range(1, 9)) for rank in ROLES}
 
 
 @pytest.mark.slow
@@ -148,84 +234,6 @@ def test_off_policy_mode_overlaps_generation_with_the_update(tmp_path, cluster):
     assert run.meta["ray"]["placement"] == "separate" and len(run.meta["ray"]["bundles"]) == 4
     rollout, update = spans(run_dir, 1, "rollout"), spans(run_dir, 0, "update")
     assert all(overlaps(rollout[s + 1], update[s]) for s in (1, 2, 3))
-
-
-@pytest.mark.slow
-def test_a_slowed_actor_is_on_the_critical_path_and_the_trainer_shows_the_wait(tmp_path, cluster):
-    from rlhf_core.runformat.timeline import analyse
-    from rlhf_core.train.runner import train
-
-    run_dir = tmp_path / "slow"
-    result = train(parse_args([*BASE, "--run_dir", str(run_dir), "--engine", "ray", "--ray_placement", "separate",
-                               "--debug_slow_rank", "1", "--debug_slow_seconds", "0.3"]))
-    assert result.status == "finished"
-    report = analyse(read_timeline(run_dir))
-    per_rank = report.per_rank()
-    assert per_rank[0]["wait_share"] > 0.5 and per_rank[0]["idle_share"] < 0.2  # the trainer waits for its actors
-    assert all(per_rank[r]["wait_s"] == 0 for r in (1, 2, 3))
-    top = report.critical_path_share()[0]
-    assert (top["rank"], top["phase"]) == (1, "rollout") and top["share"] > 0.5  # the 0.3 s rollouts
-
-
-def _diagnose(run_dir: Path, capsys) -> list[dict]:
-    """``rlhfkit diagnose RUN --json``: the alerts."""
-    from rlhf_core.cli.diagnose import main as diagnose_main
-
-    capsys.readouterr()
-    assert diagnose_main([str(run_dir), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-@pytest.mark.slow
-@pytest.mark.exclusive  # which phases are slow is the point: no other test's load (conftest.py)
-def test_diagnose_names_an_actor_that_became_slow_and_the_trainer_that_waited(tmp_path, cluster, capsys):
-    from rlhf_core.train.runner import train
-
-    run_dir = tmp_path / "slow_rollout"
-    # the rollout actor (timeline rank 1) sleeps 0.3 s inside its phase from step 4 on
-    result = train(parse_args([*BASE, "--steps_per_epoch", "7", "--run_dir", str(run_dir), "--engine", "ray",
-                               "--debug_slow_rank", "1", "--debug_slow_seconds", "0.3",
-                               "--debug_slow_from_step", "4"]))
-    assert result.status == "finished"
-    alerts = [a for a in _diagnose(run_dir, capsys) if a["rule"] == "straggler"]
-    assert [(a["step"], a["rank"], a["evidence"]["role"], a["evidence"]["phase"]) for a in alerts] == [
-        (4, 1, "rollout", "rollout")], alerts
-    ev = alerts[0]["evidence"]
-    assert ev["time_s"] >= 0.3 > 0.1 > ev["baseline_s"]
-    assert ev["waited"][0]["rank"] == 0 and ev["waited"][0]["seconds"] >= 3 * 0.3  # the trainer, in actor_wait
-    assert "rank 0 (trainer) waited" in alerts[0]["message"]
-
-
-@pytest.mark.slow
-@pytest.mark.exclusive  # which phases are slow is the point: no other test's load (conftest.py)
-def test_diagnose_of_a_healthy_ray_run_has_no_straggler(tmp_path, cluster, capsys):
-    from rlhf_core.train.runner import train
-
-    run_dir = tmp_path / "healthy"
-    # synchronous: every actor is on the critical path every step, the generation the longest of them
-    result = train(parse_args([*BASE, "--steps_per_epoch", "7", "--run_dir", str(run_dir), "--engine", "ray"]))
-    assert result.status == "finished"
-    assert [a for a in _diagnose(run_dir, capsys) if a["rule"] == "straggler"] == []
-
-
-@pytest.mark.slow
-def test_a_resumed_ray_run_continues_the_same_computation(tmp_path, cluster):
-    from rlhf_core.train.runner import train
-
-    args = [*BASE, "--steps_per_epoch", "2"]
-    full = train(parse_args([*args, "--epochs", "2", "--run_dir", str(tmp_path / "full")]))
-    train(parse_args([*args, "--epochs", "1", "--run_dir", str(tmp_path / "part"), "--engine", "ray"]))
-    resumed = train(parse_args(["--resume", str(tmp_path / "part"), "--epochs", "2"]))
-    assert full.status == resumed.status == "finished"
-    a, b = Run(tmp_path / "full").metrics(), Run(tmp_path / "part").metrics()
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        for key, value in comparable(ra).items():
-            assert rb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (ra["step"], key)
-    run = Run(tmp_path / "part")
-    assert run.meta["engine"] == "ray" and len(run.meta["resumed_at"]) == 1
-    assert {rank: sorted(steps) for rank, steps in read_timeline(tmp_path / "part").steps.items()} == {
-        rank: [1, 2, 3, 4] for rank in ROLES}
 
 
 @pytest.mark.slow
@@ -259,13 +267,11 @@ def _session_processes(driver_pid: int) -> list[psutil.Process]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_stops_the_cluster(tmp_path, sig):
-    run_dir = tmp_path / "stopped"
+def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``train.py --engine ray`` in a process of its own, sent ``sig`` once it logged two steps; its stderr."""
     cmd = [sys.executable, "train.py", *BASE, "--steps_per_epoch", "200", "--run_dir", str(run_dir),
            "--engine", "ray"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 240
         metrics = run_dir / "metrics.jsonl"
@@ -274,9 +280,10 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_stops_the_cluster(tmp_p
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert _session_processes(proc.pid), "no Ray processes of this driver were found while it ran"
+        if env is None:  # a cluster of its own
+            assert _session_processes(proc.pid), "no Ray processes of this driver were found while it ran"
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -287,8 +294,54 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_stops_the_cluster(tmp_p
     assert meta["status"] == "interrupted"
     assert meta["reason"] == ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt")
     assert 2 <= len(Run(run_dir).metrics()) < 200
+    return proc, err
+
+
+def _gone(pids: list[int]) -> bool:
+    """Every process exited (or is a zombie its parent has not reaped yet)."""
+    for _ in range(40):
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_interrupted_and_stops_the_cluster_it_started(tmp_path):
+    proc, _ = _interrupt(tmp_path / "stopped", signal.SIGTERM)
     for _ in range(40):  # the raylet and workers exit just after the driver
         if not _session_processes(proc.pid):
             break
         time.sleep(0.5)
     assert not _session_processes(proc.pid)
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_on_a_running_cluster_stops_its_actors_and_leaves_the_cluster(tmp_path, cluster):
+    """``RAY_ADDRESS`` (``ray start``, ``ray job submit``): the run joins that cluster; Ctrl-C ends the run, its
+    four actors and its placement group, and the cluster keeps running."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc, _ = _interrupt(tmp_path / "joined", signal.SIGINT, env)
+    assert not _session_processes(proc.pid)  # no cluster of its own
+    actors = Run(tmp_path / "joined").meta["ray"]["actors"]
+    assert len(actors) == 4 and _gone([a["pid"] for a in actors.values()])
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+    for _ in range(40):  # the placement group is removed asynchronously
+        if ray.available_resources().get("CPU") == 2:
+            break
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == 2
+
+
+def test_an_address_with_no_cluster_is_one_line(tmp_path):
+    """A stale RAY_ADDRESS fails in seconds with one line, not after Ray's minutes of retries; no run is left."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    out = subprocess.run([sys.executable, "train.py", "--engine", "ray", "--run_dir", str(tmp_path / "r")], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there "
+                                                        "(Connection refused)")
+    assert not (tmp_path / "r").exists()

@@ -204,8 +204,9 @@ class TrainConfig:
     engine: str = field(default="local", metadata={
         "group": "engine", "choices": ENGINES,
         "help": "local: every stage in this process (or per torchrun rank); ray: generation, reference, reward and "
-                "trainer as Ray actors on a local Ray cluster the run starts and stops, the weights sent from the "
-                "trainer to the generation actor every step (the weight_sync phase); needs the [ray] extra"})
+                "trainer as Ray actors on a local Ray cluster the run starts and stops (or the running cluster "
+                "RAY_ADDRESS names), the weights sent from the trainer to the generation actor every step (the "
+                "weight_sync phase); needs the [ray] extra"})
     ray_placement: str = field(default="colocated", metadata={
         "group": "engine", "choices": RAY_PLACEMENTS,
         "help": "with --engine ray: colocated puts the four actors in one placement-group bundle (sharing its CPU "

@@ -1,7 +1,8 @@
 """``--engine ray``: the runner's step split over Ray actors, as OpenRLHF and veRL place RLHF roles.
 
 Four actors on a local Ray cluster that :func:`train_ray` starts and stops (or on the cluster the caller already
-connected to), each a process of its own with its own phase timer and timeline file:
+connected to, or the one ``RAY_ADDRESS`` names), each a process of its own with its own phase timer and timeline
+file:
 
 ===========  ====  ====================================================================================
 actor        rank  what it does each step
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -376,17 +378,41 @@ class TrainerActor:
 
 # ------------------------------------------------------------------------------------------------ driver
 def _init_ray(cfg: TrainConfig) -> bool:
-    """Start a quiet local cluster unless this process is already connected to one; True if started here."""
+    """Connect this process to a cluster unless it already is; True if connected here (the caller disconnects).
+
+    With ``RAY_ADDRESS`` set (a cluster started with ``ray start``, or the driver of ``ray job submit``, which sets
+    it) the run joins that cluster and leaves it running; otherwise it starts a quiet local one, which
+    ``ray.shutdown`` stops again."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (root, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True,
+                              "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as err:
+            raise RunnerError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({_first_line(err)})") from None
+        return True
     num_gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 0
-    ray.init(num_cpus=NUM_CPUS, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR, configure_logging=True,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(num_cpus=NUM_CPUS, num_gpus=num_gpus, include_dashboard=False, **common)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` address that nothing listens on fails in seconds here, not after Ray's minutes of retries
+    (``auto`` and ``ray://`` addresses are left to Ray)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RunnerError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 def _placement(cfg: TrainConfig) -> tuple[Any, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -432,14 +458,14 @@ def _mark(run_dir: Path, status: str, reason: str) -> None:
 
 
 def train_ray(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> RunResult:
-    """Run ``cfg`` on Ray actors; stops what it started (actors, placement group, the cluster) on every exit."""
+    """Run ``cfg`` on Ray actors; stops what it started (actors, placement group, a local cluster) on every exit."""
     if dist_utils.launched_by_torchrun():
         raise RunnerError("--engine ray runs its own processes; start it with python, not torchrun")
     assert cfg.run_dir is not None
     run_dir = Path(cfg.run_dir)
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.getsignal(signal.SIGTERM) if main_thread else None  # ray.init replaces it: put it back
-    started = _init_ray(cfg)
+    connected = _init_ray(cfg)
     pg = None
     handles: list[Any] = []
     # Ray's get turns any exception a signal handler raises into a plain KeyboardInterrupt: the handler notes
@@ -479,7 +505,7 @@ def train_ray(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> RunResult:
             ray.kill(handle)
         if pg is not None:
             remove_placement_group(pg)
-        if started:
+        if connected:  # stops the local cluster it started; from a RAY_ADDRESS cluster it only disconnects
             ray.shutdown()
         if main_thread and old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
