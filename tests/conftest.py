@@ -46,18 +46,20 @@ def smoke_run_dir(tmp_path_factory) -> Path:
 
 
 # Under pytest-xdist (``make test``: -n 2 --no-loadscope-reorder) each file runs on one worker, so its module
-# fixtures (a training run, a Ray cluster) are built once. The tests that start processes of their own are grouped
-# by what they start and run one after another on one worker, so two of a kind never run at once; the browser
-# tests too, so one Chromium runs at a time. Groups are queued in this order, before the files, so that neither
-# worker is left with one of them at the end. (xdist's own xdist_group mark is not honoured under pytest 9: its
-# worker renames the test's nodeid, which pytest 9 no longer lets it do; hence a scheduler of our own.)
+# fixtures (a training run, a Ray cluster) are built once. The tests that start processes of their own (Ray actors,
+# torchrun or gloo ranks) form one group that runs one test after another on one worker: two of them at once on two
+# cores ran several times slower than apart (a 17 s Ray test took 105 s, and a 13 s DeepSpeed rank test 72 s, when
+# they overlapped). The browser tests form another, so one Chromium runs at a time. Groups are queued in this
+# order, before the files, so that neither worker is left with one of them at the end. (xdist's own xdist_group
+# mark is not honoured under pytest 9: its worker renames the test's nodeid, which pytest 9 no longer lets it do;
+# hence a scheduler of our own.)
 XDIST_GROUPS: dict[str, tuple[str, ...]] = {
-    "ray": ("tests/test_ray_runner.py", "tests/test_ray_hook.py", "tests/test_timeline_ray.py"),
-    "ranks": ("tests/test_ddp.py", "tests/test_straggler_e2e.py", "tests/test_timeline_ddp.py",
-              "tests/test_adapters_ddp.py",
-              "tests/test_timeline_trl.py::test_trl_ranks_under_accelerate_share_one_clock",
-              "tests/test_memory_ds_tp.py::test_deepspeed_autotp_ranks_hold_what_the_planner_says",
-              "tests/test_memory_fsdp.py::test_fsdp1_state_dict_and_summon_match_verls_weight_sync_terms"),
+    "processes": ("tests/test_ray_runner.py", "tests/test_ray_hook.py", "tests/test_timeline_ray.py",
+                  "tests/test_ddp.py", "tests/test_straggler_e2e.py", "tests/test_timeline_ddp.py",
+                  "tests/test_adapters_ddp.py",
+                  "tests/test_timeline_trl.py::test_trl_ranks_under_accelerate_share_one_clock",
+                  "tests/test_memory_ds_tp.py::test_deepspeed_autotp_ranks_hold_what_the_planner_says",
+                  "tests/test_memory_fsdp.py::test_fsdp1_state_dict_and_summon_match_verls_weight_sync_terms"),
     "browser": ("tests/test_dashboard_browser.py",
                 "tests/test_dashboard_whatif.py::test_memory_tab_what_if_recomputes_in_the_browser",
                 "tests/test_dashboard_timeline.py::test_timeline_tab_in_chromium_shows_one_row_per_rank"),

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -212,31 +213,6 @@ def test_a_resumed_ray_run_continues_the_same_computation(sync_runs):
 
 
 @pytest.mark.slow
-def test_off_policy_mode_overlaps_generation_with_the_update(tmp_path, cluster):
-    from rlhf_core.train.runner import train
-
-    run_dir = tmp_path / "async"
-    # a slow rollout actor (0.3 s a step) makes the overlap certain on a busy machine
-    result = train(parse_args([*BASE, "--steps_per_epoch", "4", "--run_dir", str(run_dir), "--engine", "ray",
-                               "--off_policy_steps", "1", "--ray_placement", "separate",
-                               "--debug_slow_rank", "1", "--debug_slow_seconds", "0.3"]))
-    assert result.status == "finished"
-    run = Run(run_dir)
-    recs = run.metrics()
-    assert [r["step"] for r in recs] == [1, 2, 3, 4]
-    for rec in recs:
-        assert all(math.isfinite(rec[k]) for k in ("loss/total", "reward/mean", "kl/ref_k3", "grad/norm",
-                                                   "rollout/logprob_diff_max"))
-    # step 1 samples the weights it trains; later steps sample weights one update old
-    assert recs[0]["rollout/logprob_diff_max"] < 1e-4
-    assert all(r["rollout/logprob_diff_max"] > 1e-4 for r in recs[1:])
-    assert run.meta["status"] == "finished" and run.meta["ray"]["off_policy_steps"] == 1
-    assert run.meta["ray"]["placement"] == "separate" and len(run.meta["ray"]["bundles"]) == 4
-    rollout, update = spans(run_dir, 1, "rollout"), spans(run_dir, 0, "update")
-    assert all(overlaps(rollout[s + 1], update[s]) for s in (1, 2, 3))
-
-
-@pytest.mark.slow
 def test_a_dying_actor_fails_the_run_and_says_which(tmp_path, cluster):
     from rlhf_core.train.ray_engine import EngineError
     from rlhf_core.train.runner import train
@@ -267,20 +243,23 @@ def _session_processes(driver_pid: int) -> list[psutil.Process]:
     return out
 
 
-def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``train.py --engine ray`` in a process of its own, sent ``sig`` once it logged two steps; its stderr."""
+def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None, extra: Sequence[str] = (),
+               steps: int = 2) -> str:
+    """``train.py --engine ray`` in a process of its own, sent ``sig`` once it logged ``steps`` steps; checks that
+    it ended ``interrupted`` with exit code 130 and one line, and returns its stderr. ``env=None``: the run starts
+    its own cluster (the check that it did is made while it runs)."""
     cmd = [sys.executable, "train.py", *BASE, "--steps_per_epoch", "200", "--run_dir", str(run_dir),
-           "--engine", "ray"]
+           "--engine", "ray", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 240
         metrics = run_dir / "metrics.jsonl"
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            if metrics.exists() and metrics.read_text().count("\n") >= steps:
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if env is None:  # a cluster of its own
+        if env is None:
             assert _session_processes(proc.pid), "no Ray processes of this driver were found while it ran"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -293,8 +272,14 @@ def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None) -> tu
     meta = Run(run_dir).meta
     assert meta["status"] == "interrupted"
     assert meta["reason"] == ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt")
-    assert 2 <= len(Run(run_dir).metrics()) < 200
-    return proc, err
+    assert steps <= len(Run(run_dir).metrics()) < 200
+    if env is None:
+        for _ in range(40):  # the raylet and workers exit just after the driver
+            if not _session_processes(proc.pid):
+                break
+            time.sleep(0.5)
+        assert not _session_processes(proc.pid)
+    return err
 
 
 def _gone(pids: list[int]) -> bool:
@@ -309,24 +294,47 @@ def _gone(pids: list[int]) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted_and_stops_the_cluster_it_started(tmp_path):
-    proc, _ = _interrupt(tmp_path / "stopped", signal.SIGTERM)
-    for _ in range(40):  # the raylet and workers exit just after the driver
-        if not _session_processes(proc.pid):
-            break
-        time.sleep(0.5)
-    assert not _session_processes(proc.pid)
+    _interrupt(tmp_path / "stopped", signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def joined_async_run(cluster, tmp_path_factory) -> Path:
+    """An off-policy run (``--off_policy_steps 1``, actors on bundles of their own, a rollout actor slowed to 0.3 s
+    a step so that the overlap is certain on a busy machine) that joins the module's cluster through
+    ``RAY_ADDRESS`` (``ray start``, ``ray job submit``), stopped with Ctrl-C after four steps."""
+    import ray
+
+    run_dir = tmp_path_factory.mktemp("joined") / "run"
+    _interrupt(run_dir, signal.SIGINT, env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+               extra=["--off_policy_steps", "1", "--ray_placement", "separate", "--debug_slow_rank", "1",
+                      "--debug_slow_seconds", "0.3"], steps=4)
+    return run_dir
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_run_on_a_running_cluster_stops_its_actors_and_leaves_the_cluster(tmp_path, cluster):
-    """``RAY_ADDRESS`` (``ray start``, ``ray job submit``): the run joins that cluster; Ctrl-C ends the run, its
-    four actors and its placement group, and the cluster keeps running."""
+def test_off_policy_mode_overlaps_generation_with_the_update(joined_async_run):
+    run = Run(joined_async_run)
+    recs = run.metrics()
+    assert [r["step"] for r in recs] == list(range(1, len(recs) + 1)) and len(recs) >= 4
+    for rec in recs:
+        assert all(math.isfinite(rec[k]) for k in ("loss/total", "reward/mean", "kl/ref_k3", "grad/norm",
+                                                   "rollout/logprob_diff_max"))
+    # step 1 samples the weights it trains; later steps sample weights one update old
+    assert recs[0]["rollout/logprob_diff_max"] < 1e-4
+    assert all(r["rollout/logprob_diff_max"] > 1e-4 for r in recs[1:])
+    assert run.meta["ray"]["off_policy_steps"] == 1
+    assert run.meta["ray"]["placement"] == "separate" and len(run.meta["ray"]["bundles"]) == 4
+    rollout, update = spans(joined_async_run, 1, "rollout"), spans(joined_async_run, 0, "update")
+    assert all(overlaps(rollout[s + 1], update[s]) for s in (1, 2, 3))
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_on_a_running_cluster_stops_its_actors_and_leaves_the_cluster(joined_async_run):
+    """The run joined the cluster (``RAY_ADDRESS``); Ctrl-C ended the run (exit 130, ``interrupted``: checked in
+    the fixture), its four actors and its placement group, and the cluster keeps running."""
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc, _ = _interrupt(tmp_path / "joined", signal.SIGINT, env)
-    assert not _session_processes(proc.pid)  # no cluster of its own
-    actors = Run(tmp_path / "joined").meta["ray"]["actors"]
+    actors = Run(joined_async_run).meta["ray"]["actors"]
     assert len(actors) == 4 and _gone([a["pid"] for a in actors.values()])
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
     for _ in range(40):  # the placement group is removed asynchronously
