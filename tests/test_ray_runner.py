@@ -353,3 +353,28 @@ def test_an_address_with_no_cluster_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1].endswith("RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there "
                                                         "(Connection refused)")
     assert not (tmp_path / "r").exists()
+
+
+def test_only_a_host_and_port_with_nothing_listening_is_refused_early():
+    import socket
+
+    from rlhf_core.train.experience import RunnerError
+    from rlhf_core.train.ray_engine import _check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        _check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+        port = server.getsockname()[1]
+    with pytest.raises(RunnerError, match=f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there"):
+        _check_reachable(f"127.0.0.1:{port}")
+    for address in ("auto", "ray://head:10001", "head"):  # Ray's to resolve
+        _check_reachable(address)
+    try:
+        server6 = socket.socket(socket.AF_INET6)
+        server6.bind(("::1", 0))
+    except OSError:  # no IPv6 loopback here
+        return
+    with server6:
+        server6.listen()
+        _check_reachable(f"[::1]:{server6.getsockname()[1]}")

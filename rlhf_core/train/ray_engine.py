@@ -410,7 +410,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if "://" in address or not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [::1]:6379 too
     except OSError as err:
         raise RunnerError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err})") from None
 
