@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from devtools.headless import wait_for
 from rlhf_core.runformat.run_reader import Run
 from rlhf_core.runformat.timeline import read_timeline
 from rlhf_core.train.config import parse_args
@@ -244,10 +245,10 @@ def _session_processes(driver_pid: int) -> list[psutil.Process]:
 
 
 def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None, extra: Sequence[str] = (),
-               steps: int = 2) -> str:
+               steps: int = 2) -> None:
     """``train.py --engine ray`` in a process of its own, sent ``sig`` once it logged ``steps`` steps; checks that
-    it ended ``interrupted`` with exit code 130 and one line, and returns its stderr. ``env=None``: the run starts
-    its own cluster (the check that it did is made while it runs)."""
+    it ended ``interrupted`` with exit code 130 and one line. ``env=None``: the run starts its own cluster (checked
+    while it runs), which is gone soon after."""
     cmd = [sys.executable, "train.py", *BASE, "--steps_per_epoch", "200", "--run_dir", str(run_dir),
            "--engine", "ray", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -273,23 +274,13 @@ def _interrupt(run_dir: Path, sig: int, env: dict[str, str] | None = None, extra
     assert meta["status"] == "interrupted"
     assert meta["reason"] == ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt")
     assert steps <= len(Run(run_dir).metrics()) < 200
-    if env is None:
-        for _ in range(40):  # the raylet and workers exit just after the driver
-            if not _session_processes(proc.pid):
-                break
-            time.sleep(0.5)
-        assert not _session_processes(proc.pid)
-    return err
+    if env is None:  # the raylet and workers exit just after the driver
+        wait_for(lambda: not _session_processes(proc.pid), timeout=20, interval=0.5)
 
 
-def _gone(pids: list[int]) -> bool:
-    """Every process exited (or is a zombie its parent has not reaped yet)."""
-    for _ in range(40):
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return True
-        time.sleep(0.5)
-    return False
+def _alive(pids: list[int]) -> list[int]:
+    """The processes that still run (a zombie its parent has not reaped yet has exited)."""
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.slow
@@ -335,13 +326,11 @@ def test_ctrl_c_of_a_run_on_a_running_cluster_stops_its_actors_and_leaves_the_cl
     import ray
 
     actors = Run(joined_async_run).meta["ray"]["actors"]
-    assert len(actors) == 4 and _gone([a["pid"] for a in actors.values()])
+    assert len(actors) == 4
+    wait_for(lambda: not _alive([a["pid"] for a in actors.values()]), timeout=20, interval=0.5)
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
-    for _ in range(40):  # the placement group is removed asynchronously
-        if ray.available_resources().get("CPU") == 2:
-            break
-        time.sleep(0.5)
-    assert ray.available_resources().get("CPU") == 2
+    # the placement group is removed asynchronously
+    wait_for(lambda: ray.available_resources().get("CPU") == 2, timeout=20, interval=0.5)
 
 
 def test_an_address_with_no_cluster_is_one_line(tmp_path):
