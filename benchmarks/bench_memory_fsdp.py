@@ -65,7 +65,8 @@ def measure_one(model: str, gpus: int, batch: int, seq: int, ckpt: bool, lora: i
     from memory.arch import builtin_config
     from memory.memtrack import TrackSpec, measure_fsdp
 
-    spec = TrackSpec(builtin_config(model), batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora)
+    spec = TrackSpec(builtin_config(model), batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora,
+                     attn="flash")
     r = measure_fsdp(spec, gpus)
     return {"peaks": r.peaks, "seconds": round(r.seconds, 1), "max_rss_bytes": r.max_rss_bytes,
             "breakdown": r.breakdown}

@@ -50,7 +50,7 @@ def measure_one(model: str, batch: int, seq: int, ckpt: bool, lora: int, attn: s
 
     cfg = builtin_config(model)
     spec = TrackSpec(cfg, batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora,
-                     attn="sdpa" if attn == "flash" else attn)
+                     attn=attn)
     r = measure(spec)
     return {"peaks": r.peaks, "seconds": round(r.seconds, 1), "max_rss_bytes": r.max_rss_bytes,
             "breakdown": r.breakdown}

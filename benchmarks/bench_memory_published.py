@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks.common import row, write_result  # noqa: E402
+from benchmarks.common import RESULTS, row, write_result  # noqa: E402
 from memory.deploy import Deployment  # noqa: E402
 from memory.inputs import (  # noqa: E402
     GiB,
@@ -225,6 +225,16 @@ def main() -> int:
     return 0
 
 
+def _ulysses_note() -> str:
+    """What bench_memory_ulysses.py measured Ulysses SP 2 to add at the scripts' boundaries, when it has run."""
+    path = RESULTS / "memory_ulysses.json"
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())["details"]["rows"]
+    most = max(max(r["ulysses_bytes"].values()) for r in rows)
+    return f" and Ulysses SP 2 itself adds at most {most / 2**20:.0f} MiB to the model step there (memory_ulysses)"
+
+
 def summary(details: dict) -> list[dict]:
     """README row: agreement with published fit/out-of-memory rows, overall and per source family, with what is
     counted apart and why, and where the veRL LoRA boundaries sit."""
@@ -256,8 +266,8 @@ def summary(details: dict) -> list[dict]:
     if gaps:
         notes += (f"; every multi-GPU script (all run Ulysses SP 2) runs out of memory earlier than planned: per GPU "
                   f"the planner lacks, at its boundary, {gaps}; the same models at SP 1 on 8 GPUs in veRL's logs "
-                  "are not under-counted (memory_verl_runs), so no source explains it and it is not modelled "
-                  "(see docs/memory.md)")
+                  f"are not under-counted (memory_verl_runs){_ulysses_note()}, so no source explains it and it is "
+                  "not modelled (see docs/memory.md)")
     notes += (f"; {len(outside)} other disagreements (see details.disagreements)" if outside else "")
     if fits_only:
         notes += (f"; {', '.join(fits_only)}: every checked row is a published fit (those sources state no "

@@ -225,8 +225,12 @@ class TokenBytes:
         return self.dt * dtype_bytes + self.f32 * 4
 
 
-def layer_saved(arch: Arch, attn: str, seq: int) -> TokenBytes:
-    """Elements one decoder layer saves for backward, per token (``seq``: the attended length, for eager)."""
+def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True) -> TokenBytes:
+    """Elements one decoder layer saves for backward, per token (``seq``: the attended length, for eager).
+
+    ``trained_norms=False`` (LoRA: the norm weights are frozen): an RMSNorm's ``weight * x`` no longer keeps
+    ``x`` for the weight's gradient, so the normalized tensor is not saved (Llama-like: one dtype copy per
+    norm; Gemma-2: its fp32 copy). LayerNorm (GPT-2, OPT) is one fused op that saves the same either way."""
     if attn not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {attn!r}; choose from {', '.join(ATTN_IMPLS)}")
     h, q, kv, i, a = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate, arch.heads
@@ -234,8 +238,9 @@ def layer_saved(arch: Arch, attn: str, seq: int) -> TokenBytes:
     if fam in LLAMA_LIKE or fam == "gemma2" or fam not in ("gpt2", "opt"):
         # two RMSNorms: fp32 input + rsqrt (fp32), normalized in dtype + its output (the next matmul's input)
         norms = 4 if fam == "gemma2" else 2
-        norm_f32 = norms * (h + 1) + (norms * h if fam == "gemma2" else 0)  # gemma2 also keeps fp32 x·rsqrt
-        norm_dt = 2 * 2 * h if fam != "gemma2" else 2 * h
+        # gemma2 also keeps fp32 x·rsqrt for the weight's gradient
+        norm_f32 = norms * (h + 1) + (norms * h if fam == "gemma2" and trained_norms else 0)
+        norm_dt = (2 * 2 * h if trained_norms else 2 * h) if fam != "gemma2" else 2 * h
         mlp = 4 * i
         if attn == "flash":
             att_dt, att_f32 = 2 * q + 2 * kv, a
@@ -257,14 +262,16 @@ def layer_saved(arch: Arch, attn: str, seq: int) -> TokenBytes:
     return TokenBytes(ln_dt + att_dt + i, att_f32)
 
 
-def final_norm_saved(arch: Arch) -> TokenBytes:
-    """The final norm and the LM head's input, per token."""
+def final_norm_saved(arch: Arch, trained: bool = True) -> TokenBytes:
+    """The final norm and the LM head's input, per token. ``trained=False`` (LoRA: norm and head frozen): the
+    head needs only its weight for the input's gradient, and an RMSNorm keeps only what the input's gradient
+    needs (fp32 input and rsqrt)."""
     h = arch.hidden
     if arch.family in ("gpt2", "opt"):
-        return TokenBytes(2 * h + 2, 0)
+        return TokenBytes(2 * h + 2, 0) if trained else TokenBytes(h + 2, 0)
     if arch.family == "gemma2":
-        return TokenBytes(h, 2 * h + 1)
-    return TokenBytes(2 * h, h + 1)
+        return TokenBytes(h, 2 * h + 1) if trained else TokenBytes(0, h + 1)
+    return TokenBytes(2 * h, h + 1) if trained else TokenBytes(0, h + 1)
 
 
 def layer_transient(arch: Arch) -> TokenBytes:

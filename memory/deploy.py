@@ -625,7 +625,8 @@ def head_slack(role: Role, dep: Deployment) -> int:
         _, head, layer = _update_terms(role, dep)
     else:
         head = int(htokens * _head_bytes_per_token(role, dep, grad=True))
-        layer = int(tokens * layer_saved(role.arch, dep.attn, dep.seq).bytes(role.dtype_bytes))
+        layer = int(tokens * layer_saved(role.arch, dep.attn, dep.seq, trained_norms=not role.lora_rank)
+                    .bytes(role.dtype_bytes))
     return max(0, head - 2 * role.arch.vocab * htokens - layer)
 
 
@@ -634,11 +635,12 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     a = role.arch
     tokens = micro_tokens(dep, dep.micro_batch)
     db = role.dtype_bytes
-    per_layer = layer_saved(a, dep.attn, dep.seq).bytes(db)
+    frozen = bool(role.lora_rank)  # LoRA: norms and head frozen keep less (layer_saved, final_norm_saved)
+    per_layer = layer_saved(a, dep.attn, dep.seq, trained_norms=not frozen).bytes(db)
     n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4
     lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
     htokens = head_tokens(dep, dep.micro_batch)
-    head = htokens * _head_bytes_per_token(role, dep, grad=True) + tokens * final_norm_saved(a).bytes(db)
+    head = htokens * _head_bytes_per_token(role, dep, grad=True) + tokens * final_norm_saved(a, not frozen).bytes(db)
     head += _chunk_head_bytes(role, dep, True, htokens)
     if role_checkpointing(role, dep):
         layers = a.layers * tokens * a.hidden * db

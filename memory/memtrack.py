@@ -8,9 +8,11 @@ This is the ground truth the deployment planner (:mod:`memory.deploy`) is checke
 The measured step is the kit's reference RLHF step for one rank: ``scoring`` = a no-grad forward of the frozen
 model to per-token log-probs (logits -> fp32 log-softmax -> gather); ``update`` = the same with gradients,
 a policy-gradient loss, backward, and one AdamW step (single-tensor, states in the parameter dtype), with
-optimizer state already present (a steady-state step). Dropout is off, as RLHF trainers run it; attention
-is SDPA without a mask (causal, so GQA stays unrepeated: the planner's ``flash``), or ``eager``. The update
-is measured in two regions, forward+backward (``update``) and the optimizer step (``optimizer_step``).
+optimizer state already present (a steady-state step). Dropout is off, as RLHF trainers run it. Attention is
+``sdpa`` as transformers runs it here (under FakeTensorMode it builds a boolean causal mask, so SDPA gets the
+mask and GQA's KV heads repeated to the query heads), ``flash`` (SDPA called as flash attention runs: causal,
+no mask, KV heads unrepeated; the planner's ``flash``), or ``eager``. The update is measured in two regions,
+forward+backward (``update``) and the optimizer step (``optimizer_step``).
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ class TrackSpec:
     seq: int = 1024
     gradient_checkpointing: bool = False
     lora_rank: int = 0                 # 0: full fine-tuning
-    attn: str = "sdpa"                 # sdpa | eager
+    attn: str = "sdpa"                 # sdpa | eager | flash (see the module docstring)
     dtype: str = "bf16"
     name: str = ""
     phases: tuple[str, ...] = ("scoring", "update")
+    sequence_parallel: int = 1         # Ulysses degree: one rank of the group is measured (see measure)
 
 
 @dataclass
@@ -57,8 +60,13 @@ def _build(spec: TrackSpec):
             cfg[k] = 0.0
     hf = AutoConfig.for_model(model_type, **cfg)
     hf.use_cache = False
+    attn = spec.attn
+    if spec.sequence_parallel > 1 and attn != "flash":
+        raise ValueError("sequence_parallel > 1 is measured with attn='flash' only (veRL's Ulysses wraps flash)")
+    if attn == "flash":
+        attn = _register_flash_attention(spec.sequence_parallel)
     model = AutoModelForCausalLM.from_config(hf, dtype=getattr(torch, DTYPES[spec.dtype]),
-                                             attn_implementation=spec.attn)
+                                             attn_implementation=attn)
     if spec.gradient_checkpointing:
         with warnings.catch_warnings():  # transformers 5 renames it; the behaviour measured is this one
             warnings.simplefilter("ignore", FutureWarning)
@@ -113,12 +121,87 @@ def _tracker(model, opt):
     return mt
 
 
-def _logprobs(model, ids):
+def _logprobs(model, ids, position_ids=None):
     import torch
 
-    logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids, position_ids=position_ids).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _all_to_all(x, scatter_dim: int, gather_dim: int):
+    """veRL's ``all_to_all_tensor`` (verl/utils/ulysses.py): contiguous chunks in, empty chunks out, one cat."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    inputs = [t.contiguous() for t in torch.tensor_split(x, n, scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(n)]
+    dist.all_to_all(outputs, inputs)
+    return torch.cat(outputs, dim=gather_dim).contiguous()
+
+
+def _ulysses_functions():
+    """The two autograd functions of veRL's Ulysses: ``SeqAllToAll`` (all-to-all forward, the inverse
+    all-to-all backward) and ``Gather`` (all-gather of the per-token outputs, the rank's slice backward)."""
+    import torch
+    import torch.distributed as dist
+
+    class SeqAllToAll(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scatter_dim: int, gather_dim: int):
+            ctx.dims = scatter_dim, gather_dim
+            return _all_to_all(x, scatter_dim, gather_dim)
+
+        @staticmethod
+        def backward(ctx, grad):
+            scatter_dim, gather_dim = ctx.dims
+            return _all_to_all(grad, gather_dim, scatter_dim), None, None
+
+    class Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dim: int):
+            n = dist.get_world_size()
+            ctx.dim, ctx.part, ctx.n = dim, x.size(dim), n
+            out = torch.empty((x.size(0) * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x.contiguous())
+            return torch.cat(out.split(x.size(0), dim=0), dim=dim)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return (grad * ctx.n).split(ctx.part, dim=ctx.dim)[dist.get_rank()].contiguous(), None
+
+    return SeqAllToAll, Gather
+
+
+def _register_flash_attention(sequence_parallel: int = 1) -> str:
+    """Register SDPA called the way flash attention runs as a transformers attention implementation: causal,
+    no mask, GQA heads unrepeated. With ``sequence_parallel`` > 1 it is veRL's Ulysses attention
+    (``_ulysses_flash_attention_forward``): q, k, v of the rank's 1/sp of the tokens and all heads are exchanged
+    for all tokens and 1/sp of the heads, and the output goes back."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    name = "kit_causal_sdpa" if sequence_parallel == 1 else f"kit_ulysses{sequence_parallel}_sdpa"
+    seq_a2a, _ = _ulysses_functions()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        kwargs.pop("is_causal", None)
+        if sequence_parallel == 1:
+            return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+        repeats = max(sequence_parallel // key.size(1), 1)  # veRL repeats KV heads only when fewer than sp
+        key, value = (t.repeat_interleave(repeats, dim=1) if repeats > 1 else t for t in (key, value))
+        # veRL's layout is (batch, seq, heads, dim): seq gathered, heads scattered
+        q, k, v = (seq_a2a.apply(t.transpose(1, 2), 2, 1).transpose(1, 2) for t in (query, key, value))
+        out, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)
+        return seq_a2a.apply(out, 1, 2), None
+
+    def no_mask(*args, **kwargs):
+        return None
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, no_mask)
+    return name
 
 
 def _peak(tracker: Any) -> dict[str, int]:
@@ -128,16 +211,44 @@ def _peak(tracker: Any) -> dict[str, int]:
 
 
 def measure(spec: TrackSpec) -> TrackResult:
-    """Peak bytes of the scoring and update phases, each measured by its own tracker on fake tensors."""
+    """Peak bytes of the scoring and update phases, each measured by its own tracker on fake tensors.
+
+    With ``sequence_parallel`` = sp > 1 the step is one rank of a Ulysses group as veRL runs it
+    (``use_remove_padding``): the micro-batch's ``batch x seq`` tokens packed into one row, the rank holding
+    1/sp of them, attention exchanged by all-to-all and the per-token log-probs all-gathered back to the whole
+    row. A fake process group of sp ranks (created here when none exists) makes the collectives free while
+    every buffer they need is allocated."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    sp = spec.sequence_parallel
+    if sp > 1:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if not dist.is_initialized():
+            dist.init_process_group("fake", rank=0, world_size=sp, store=FakeStore())
+        if dist.get_world_size() != sp:
+            raise ValueError(f"sequence_parallel={sp} needs a process group of {sp} ranks, "
+                             f"not {dist.get_world_size()}")
+    _, gather = _ulysses_functions()
     t0 = time.perf_counter()
     breakdown: dict[str, dict[str, int]] = {}
     with FakeTensorMode():
         model = _build(spec)
         vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else spec.config["vocab_size"]
-        ids = torch.randint(0, vocab, (spec.batch, spec.seq))
+        if sp > 1:
+            local = -(-spec.batch * spec.seq // sp)
+            ids, pos = torch.randint(0, vocab, (1, local)), torch.arange(local).unsqueeze(0)
+            adv = torch.ones(1, local * sp)
+
+            def logprobs():
+                return gather.apply(_logprobs(model, ids, pos), 1)
+        else:
+            ids, adv = torch.randint(0, vocab, (spec.batch, spec.seq)), torch.ones(spec.batch, spec.seq)
+
+            def logprobs():
+                return _logprobs(model, ids)
         trained = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
         for p in trained:  # steady state: optimizer state exists before the measured step
@@ -147,13 +258,12 @@ def measure(spec: TrackSpec) -> TrackResult:
         if "scoring" in spec.phases:
             mt = _tracker(model, opt)
             with mt, torch.no_grad():
-                _logprobs(model, ids).sum()
+                logprobs().sum()
             breakdown["scoring"] = _peak(mt)
         if "update" in spec.phases:
             mt = _tracker(model, opt)
             with mt:
-                adv = torch.ones(spec.batch, spec.seq)
-                loss = -(_logprobs(model, ids) * adv).mean()
+                loss = -(logprobs() * adv).mean()
                 fw = next(iter(mt.get_tracker_snapshot("current").values()))
                 breakdown["after_forward"] = {str(k): int(v) for k, v in fw.items()}
                 loss.backward()

@@ -83,9 +83,12 @@ def test_config_path_folder_and_unknown_family(tmp_path):
         load_arch(str(tmp_path / "bad.json"))
 
 
-@pytest.mark.parametrize("family,attn", [("llama", "flash"), ("llama", "eager"), ("gpt2", "flash"), ("gpt2", "eager"),
-                                         ("opt", "flash"), ("opt", "eager"), ("gemma2", "eager")])
-def test_layer_saved_matches_what_autograd_saves(family, attn):
+@pytest.mark.parametrize("family,attn,trained_norms", [
+    ("llama", "flash", True), ("llama", "eager", True), ("gpt2", "flash", True), ("gpt2", "eager", True),
+    ("opt", "flash", True), ("opt", "eager", True), ("gemma2", "eager", True),
+    # LoRA freezes the norms (the linear layers' inputs stay saved: their adapters need them)
+    ("llama", "flash", False), ("gemma2", "eager", False), ("opt", "flash", False)])
+def test_layer_saved_matches_what_autograd_saves(family, attn, trained_norms):
     """Count the distinct non-parameter storages autograd saves in one decoder layer (two-layer minus
     one-layer model) and compare with the per-token formula."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -107,6 +110,9 @@ def test_layer_saved_matches_what_autograd_saves(family, attn):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg), dtype=torch.bfloat16,
                                              attn_implementation="sdpa" if attn == "flash" else attn).train()
+        for name, p in m.named_parameters():
+            if not trained_norms and ("norm" in name or "layer_norm" in name):
+                p.requires_grad_(False)
         params = {p.untyped_storage().data_ptr() for p in m.parameters()}
         seen = {}
 
@@ -122,5 +128,5 @@ def test_layer_saved_matches_what_autograd_saves(family, attn):
 
     measured = saved_bytes(2) - saved_bytes(1)
     cfg = dict(base, **{layers_key: 1})
-    predicted = layer_saved(arch_from_config(cfg), attn, s).bytes(2) * b * s
+    predicted = layer_saved(arch_from_config(cfg), attn, s, trained_norms).bytes(2) * b * s
     assert predicted == pytest.approx(measured, rel=0.02), (measured, predicted)

@@ -241,7 +241,7 @@ def test_planner_within_5_percent_of_memtracker(family, ckpt, lora, batch, seq):
     from memory.memtrack import TrackSpec, measure
 
     cfg = TINY[family]
-    r = measure(TrackSpec(cfg, batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora))
+    r = measure(TrackSpec(cfg, batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora, attn="flash"))
     dep = Deployment(actor=actor(arch_from_config(cfg), lora_rank=lora), groups={"all": 1},
                      sharding=Sharding("zero0", mixed_precision=False), engine=Engine("hf", group="all"),
                      micro_batch=batch, prompt_len=seq // 2, response_len=seq - seq // 2, rollout_per_gpu=1,

@@ -23,7 +23,8 @@ MEASURE = """
 import json, sys
 from memory.memtrack import TrackSpec, measure_fsdp
 cfg, gpus, batch, seq, ckpt, lora = json.loads(sys.argv[1])
-r = measure_fsdp(TrackSpec(cfg, batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora), gpus)
+r = measure_fsdp(TrackSpec(cfg, batch=batch, seq=seq, gradient_checkpointing=ckpt, lora_rank=lora, attn="flash"),
+                 gpus)
 print(json.dumps({"peaks": r.peaks, "breakdown": r.breakdown}))
 """
 
