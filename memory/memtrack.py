@@ -183,11 +183,11 @@ def _register_flash_attention(sequence_parallel: int = 1) -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     name = "kit_causal_sdpa" if sequence_parallel == 1 else f"kit_ulysses{sequence_parallel}_sdpa"
-    seq_a2a, _ = _ulysses_functions()
+    seq_a2a = _ulysses_functions()[0] if sequence_parallel > 1 else None
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         kwargs.pop("is_causal", None)
-        if sequence_parallel == 1:
+        if seq_a2a is None:
             return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
         repeats = max(sequence_parallel // key.size(1), 1)  # veRL repeats KV heads only when fewer than sp
         key, value = (t.repeat_interleave(repeats, dim=1) if repeats > 1 else t for t in (key, value))
@@ -231,7 +231,7 @@ def measure(spec: TrackSpec) -> TrackResult:
         if dist.get_world_size() != sp:
             raise ValueError(f"sequence_parallel={sp} needs a process group of {sp} ranks, "
                              f"not {dist.get_world_size()}")
-    _, gather = _ulysses_functions()
+        _, gather = _ulysses_functions()
     t0 = time.perf_counter()
     breakdown: dict[str, dict[str, int]] = {}
     with FakeTensorMode():
