@@ -20,6 +20,7 @@ from .deploy import (
     Engine,
     Role,
     Sharding,
+    known_gap_note,
     largest_micro_batch,
     largest_rollout_batch,
     min_gpus,
@@ -192,7 +193,8 @@ def report(dep: Deployment) -> dict[str, Any]:
                                "peak_phase": g.peak_phase, "fits": g.fits, "host_bytes_per_gpu": g.host_bytes,
                                "torch_counted_peak_bytes": torch_counted_peak(plan, g.name),
                                "phases": g.totals, "table": g.table,
-                               "notes": g.notes + [n for n in [torch_counted_note(plan, g.name)] if n]}
+                               "notes": g.notes + [n for n in (torch_counted_note(plan, g.name),
+                                                               known_gap_note(plan, g.name)) if n]}
                       for g in plan.groups},
            "engine": {"kind": dep.engine.kind, "group": dep.engine.group, "tp": dep.engine.tp,
                       "gpu_memory_utilization": dep.engine.gpu_memory_utilization, "sleep": dep.engine.sleep,
