@@ -31,15 +31,19 @@ CONFIGS = [
 ]
 
 
-def planned(model: str, batch: int, seq: int, ckpt: bool, lora: int, attn: str) -> dict[str, int]:
+def planned(model: str, batch: int, seq: int, ckpt: bool, lora: int, attn: str,
+            sequence_parallel: int = 1) -> dict[str, int]:
+    """The measured step as the planner lays it out: one GPU, ZeRO-0, pure bf16 (``sequence_parallel`` GPUs
+    sharing the micro-batch's tokens, Ulysses)."""
     from memory.arch import load_arch
     from memory.deploy import Deployment, Engine, Role, Sharding, plan_deployment
 
     arch = load_arch(model)
     actor = Role("actor", arch, trained=True, lora_rank=lora)
-    dep = Deployment(actor=actor, groups={"all": 1}, sharding=Sharding("zero0", mixed_precision=False),
+    dep = Deployment(actor=actor, groups={"all": sequence_parallel}, sharding=Sharding("zero0", mixed_precision=False),
                      engine=Engine("hf"), micro_batch=batch, prompt_len=seq // 2, response_len=seq - seq // 2,
-                     rollout_per_gpu=1, gradient_checkpointing=ckpt, attn=attn, optimizer_impl="single_tensor")
+                     rollout_per_gpu=1, gradient_checkpointing=ckpt, attn=attn, optimizer_impl="single_tensor",
+                     sequence_parallel=sequence_parallel)
     t = plan_deployment(dep).groups[0].totals
     return {"scoring": t["scoring"], "update": t["update"], "optimizer_step": t["optimizer_step"]}
 

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_memory_memtracker import planned  # noqa: E402
 from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
 
 # the first out-of-memory row of each multi-GPU LoRA script (all run Ulysses SP 2)
@@ -55,21 +56,6 @@ def measure_one(row_id: str, sp: int) -> dict:
                      gradient_checkpointing=s["checkpointing"], attn="flash", sequence_parallel=sp)
     r = measure(spec)
     return {"peaks": r.peaks, "batch": batch, "seconds": round(r.seconds, 1), "max_rss_bytes": r.max_rss_bytes}
-
-
-def planned(s: dict, sp: int, batch: int) -> dict[str, int]:
-    """The planner's single-rank layout of bench_memory_memtracker, on ``sp`` GPUs sharing the sequences."""
-    from memory.arch import load_arch
-    from memory.deploy import Deployment, Engine, Role, Sharding, plan_deployment
-
-    actor = Role("actor", load_arch(s["model"]), trained=True, lora_rank=s["lora_rank"])
-    dep = Deployment(actor=actor, groups={"all": sp}, sharding=Sharding("zero0", mixed_precision=False),
-                     engine=Engine("hf"), micro_batch=batch, prompt_len=s["seq"] // 2,
-                     response_len=s["seq"] - s["seq"] // 2, rollout_per_gpu=1,
-                     gradient_checkpointing=s["checkpointing"], attn="flash", optimizer_impl="single_tensor",
-                     sequence_parallel=sp)
-    t = plan_deployment(dep).groups[0].totals
-    return {ph: t[ph] for ph in PHASES}
 
 
 def main() -> int:
@@ -113,7 +99,9 @@ def _report(measured: dict[tuple[str, int], dict], out_path: Path) -> int:
         w = windows[row_id]
         out = {**s, "tokens_per_gpu": tokens, "batches": [m1["batch"], m2["batch"]],
                "measured_sp1": m1["peaks"], "measured_sp2": m2["peaks"],
-               "planned_sp2": planned(s, 2, m2["batch"]), "seconds": [m1["seconds"], m2["seconds"]],
+               "planned_sp2": {ph: v for ph, v in planned(s["model"], m2["batch"], s["seq"], s["checkpointing"],
+                                                          s["lora_rank"], "flash", 2).items() if ph in PHASES},
+               "seconds": [m1["seconds"], m2["seconds"]],
                "missing_window_bytes": [w["missing_bytes_low"], w["missing_bytes_high"]]}
         out["ulysses_bytes"] = {ph: m2["peaks"][ph] - m1["peaks"][ph] for ph in PHASES}
         out["planned_error_sp2"] = {ph: out["planned_sp2"][ph] / m2["peaks"][ph] - 1 for ph in PHASES}
