@@ -111,7 +111,7 @@ def test_layer_saved_matches_what_autograd_saves(family, attn, trained_norms):
         m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg), dtype=torch.bfloat16,
                                              attn_implementation="sdpa" if attn == "flash" else attn).train()
         for name, p in m.named_parameters():
-            if not trained_norms and ("norm" in name or "layer_norm" in name):
+            if not trained_norms and "norm" in name:
                 p.requires_grad_(False)
         params = {p.untyped_storage().data_ptr() for p in m.parameters()}
         seen = {}
