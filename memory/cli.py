@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .arch import builtin_names
 from .estimator import OPTIMIZERS, Prediction, StepSpec, shape_from_config
 from .planner import human, parse_bytes, plan, render, table
 
@@ -52,12 +53,15 @@ def load_model_config(name: str) -> Any:
 
         return AutoConfig.from_pretrained(name)
     except Exception as err:  # noqa: BLE001 - any loader failure is one line for the user
-        raise CliError(f"--model {name}: not 'tiny', a preset ({', '.join(PRESETS)}), a config.json or a "
+        raise CliError(f"--model {name}: not 'tiny', a preset ({', '.join(PRESETS)}), a built-in config "
+                       f"({', '.join(n for n in builtin_names() if n not in PRESETS)}), a config.json or a "
                        f"loadable model folder ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help=f"tiny, {', '.join(PRESETS)}, a model folder or a config.json")
+    p.add_argument("--model", default="tiny",
+                   help=f"tiny, {', '.join(PRESETS)}, a built-in config such as Llama-3-8B, Qwen2.5-7B or "
+                        "Llama-3-70B (an unknown name lists them all), a model folder or a config.json")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per step (scored together)")
     p.add_argument("--rollout_batch_size", type=int, default=None, help="prompts generated together")
     p.add_argument("--mini_batch_size", type=int, default=None, help="train micro-batch of the update")

@@ -538,8 +538,9 @@ def verl_head_mode(role: Role, dep: Deployment, grad: bool) -> str:
 
 
 def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
-    """Log-prob head per token: no-grad = bf16 logits + fp32 copy + fp32 log-softmax (10·V); with grad, the
-    saved fp32 log-softmax plus two fp32 vocab tensors in its backward (12·V). Value heads: a scalar.
+    """Log-prob head per token: no-grad = the logits + their fp32 copy + fp32 log-softmax (10·V in bf16; fp32
+    logits need no copy, ``.float()`` returns them: 8·V); with grad, the saved fp32 log-softmax plus two fp32
+    vocab tensors in its backward (12·V). Value heads: a scalar.
 
     ``model_dtype``: log-softmax on the model-dtype logits of a shifted view, as DeepSpeed-Chat's
     gather_log_probs (dschat/rlhf/ppo_trainer.py) runs it: no-grad = logits + the kernel's contiguous copy of the
@@ -557,10 +558,10 @@ def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
         return VERL_HEAD[verl_head_mode(role, dep, grad)][0 if grad else 1] * V + extra
     if dep.logprob_head in TRL_HEAD:
         return TRL_HEAD[dep.logprob_head][0 if grad else 1] * V + extra
+    db = role.dtype_bytes
     if dep.logprob_head == "model_dtype":
-        db = role.dtype_bytes
         return (4 * db * V + extra) if grad else 3 * db * V
-    return (12 * V + extra) if grad else 10 * V
+    return (12 * V + extra) if grad else (db + (0 if db == 4 else 4) + 4) * V
 
 
 def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool, tokens: int = 0) -> int:
@@ -805,9 +806,21 @@ def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMe
                             b, "DeepSpeed-HE: inference workspace (KV cache + kernel activations) = "
                                "InferenceContext::GenWorkSpace for batch x max_out_tokens")
     if e.kind == "hf":
-        kv = dep.rollout_per_gpu * dep.seq * tp_local(dep.actor, dep).arch.kv_bytes_per_token(db)
-        return EngineMemory(0, kv, dep.rollout_per_gpu * a.vocab * 4, 0, dep.rollout_per_gpu * dep.seq,
-                            dep.rollout_per_gpu, "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
+        local, b = tp_local(dep.actor, dep).arch, dep.rollout_per_gpu
+        kv_token = local.kv_bytes_per_token(db)
+        kv = b * dep.seq * kv_token
+        # generate copies the last position's logits to fp32 for sampling, at prefill and at every decode step
+        sampling = b * a.vocab * 4
+        # prefill: the prompt's no-grad forward, one layer's tensors at a time, beside the prompt's KV only (its
+        # head runs on the last position only, logits_to_keep=1)
+        body = b * dep.prompt_len * int(layer_transient(local).bytes(db))
+        if dep.attn == "eager":  # the scores, their fp32 softmax and its copy back to the dtype (none in fp32)
+            body += b * local.heads * dep.prompt_len ** 2 * (db + 4 + (db if db != 4 else 0))
+        prefill = b * dep.prompt_len * (local.hidden * db) + body - b * dep.response_len * kv_token
+        # decode: the cache grows by torch.cat, so one layer's keys (then values) exist twice for a moment
+        decode = b * dep.seq * local.kv_dim * db
+        return EngineMemory(0, kv, sampling + max(prefill, decode, 0), 0, b * dep.seq, b,
+                            "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
     act_tokens = e.max_num_batched_tokens
     act = int(act_tokens * layer_transient(a).bytes(db) // e.tp) + min(e.max_num_seqs, act_tokens) * a.vocab * 4
     overhead = act + e.cuda_graph_bytes

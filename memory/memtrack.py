@@ -334,3 +334,55 @@ def measure_fsdp(spec: TrackSpec, world_size: int) -> TrackResult:
     peaks = {ph: b["Total"] for ph, b in breakdown.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TrackResult(peaks, breakdown, time.perf_counter() - t0, rss)
+
+
+def measure_real(spec: TrackSpec, prompt_len: int) -> TrackResult:
+    """The same step on real tensors and real CPU kernels, with generation first, each phase measured by the
+    profiler's allocator replay (:func:`memory.measure.track_peak`) instead of ``MemTracker``: a second instrument
+    and no fake kernels between the planner and PyTorch. For small configs (every tensor is allocated).
+
+    ``generation`` = ``generate`` of ``spec.batch`` sequences from ``prompt_len``-token prompts to ``spec.seq``
+    tokens (KV cache, multinomial sampling, no early stop) with the model in eval mode, optimizer state present;
+    then ``scoring``, ``update`` and ``optimizer_step`` on the generated sequences, as :func:`measure` runs them.
+    The baseline of each phase is the bytes of the model, optimizer state and inputs alive at its start."""
+    import torch
+
+    from .measure import tensor_bytes, track_peak
+
+    if spec.sequence_parallel > 1:
+        raise ValueError("measure_real runs one process: sequence_parallel must be 1")
+    if not 0 < prompt_len < spec.seq:
+        raise ValueError(f"prompt_len must be in (0, seq={spec.seq}); got {prompt_len}")
+    t0 = time.perf_counter()
+    model = _build(spec)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
+    for p in trained:  # steady state: optimizer state exists before the measured step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(1, vocab, (spec.batch, prompt_len))
+    peaks: dict[str, int] = {}
+    model.eval()  # generate keeps its KV cache only outside checkpointed training mode, as trainers run it
+    with torch.no_grad(), track_peak("cpu", tensor_bytes(model, opt, prompts)) as res:
+        ids = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=spec.seq - prompt_len,
+                             min_new_tokens=spec.seq - prompt_len, do_sample=True, top_k=0, top_p=1.0,
+                             use_cache=True, pad_token_id=0, eos_token_id=None)
+    peaks["generation"] = res.peak_bytes
+    model.train()
+    adv = torch.ones(spec.batch, spec.seq)
+    with torch.no_grad(), track_peak("cpu", tensor_bytes(model, opt, ids, adv)) as res:
+        _logprobs(model, ids).sum()
+    peaks["scoring"] = res.peak_bytes
+    with track_peak("cpu", tensor_bytes(model, opt, ids, adv)) as res:
+        loss = -(_logprobs(model, ids) * adv).mean()
+        loss.backward()
+        del loss
+    peaks["update"] = res.peak_bytes
+    with track_peak("cpu", tensor_bytes(model, opt, ids, adv)) as res:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peaks["optimizer_step"] = res.peak_bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return TrackResult(peaks, {}, time.perf_counter() - t0, rss)

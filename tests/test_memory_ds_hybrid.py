@@ -154,10 +154,12 @@ VERL = ("python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo data.max_
         "actor_rollout_ref.rollout.tensor_model_parallel_size=2 trainer.n_gpus_per_node=8 trainer.nnodes=1")
 # LoRA's frozen norms (memory.arch.layer_saved(trained_norms=False), final_norm_saved) since the anchor: each
 # LoRA update lower by the dtype copies a frozen norm does not keep (22,020,096 B for the TRL rows, 88,080,384 B
-# for veRL's); no other phase and no full fine-tuning row moved
+# for veRL's); no other phase and no full fine-tuning row moved. HF generate's prefill (memory.deploy.engine_memory,
+# measured on real CPU tensors by benchmarks/bench_memory_small_real.py) since: the two HF-generate rows' generation
+# phase higher by 83,886,080 B (the prompt's forward, one layer at a time); no other phase moved
 BEFORE = {
-    "trl_zero3_lora_hf": {"all": (5658612992, 9475806464, 9172249856, 4989474048, 7129093376)},
-    "trl_zero3_full_hf": {"all": (30268071040, 20757935616, 21566393856, 23846849536, 18411222528)},
+    "trl_zero3_lora_hf": {"all": (5742499072, 9475806464, 9172249856, 4989474048, 7129093376)},
+    "trl_zero3_full_hf": {"all": (30351957120, 20757935616, 21566393856, 23846849536, 18411222528)},
     "trl_zero2_lora_vllm": {"all": (41142332416, 43489045504, 45275483648, 41172610048, 41142332416)},
     "openrlhf": {"actor": (5015130624, 22977237504, 18384499200, 5015130624, 7116476928),
                  "ref": (8030261248, 25992368128, 8030261248, 8030261248, 8030261248),

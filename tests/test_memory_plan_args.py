@@ -27,6 +27,14 @@ def test_a_builtin_deployment_model_alone_is_planned_as_a_deployment(capsys):
     assert "group train" not in capsys.readouterr().out
 
 
+def test_an_unknown_model_names_the_built_in_configs(capsys):
+    """A misspelt built-in name falls through to the single-device planner's loader; its one-line error used to
+    name only tiny and the GPT-2 presets, hiding the deployment configs the planner has."""
+    assert main(["plan", "--model", "Qwen2.5-7b-typo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Qwen2.5-7B" in err and "Llama-3-70B" in err
+
+
 @pytest.mark.parametrize("overrides, message", [
     ("trainer.n_gpus_per_node=abc", "--from_verl: trainer.n_gpus_per_node=abc is not a number"),
     ("actor_rollout_ref.rollout.gpu_memory_utilization=lots",
