@@ -204,6 +204,20 @@ def _register_flash_attention(sequence_parallel: int = 1) -> str:
     return name
 
 
+def _steady_optimizer(model):
+    """Single-tensor AdamW over the trained parameters, stepped once on zero gradients: a steady-state step, with
+    optimizer state present before the measured one."""
+    import torch
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
 def _peak(tracker: Any) -> dict[str, int]:
     """A tracker's peak snapshot of its one device, by category (FSDP's categories without their enum prefix)."""
     snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -249,12 +263,7 @@ def measure(spec: TrackSpec) -> TrackResult:
 
             def logprobs():
                 return _logprobs(model, ids)
-        trained = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
-        for p in trained:  # steady state: optimizer state exists before the measured step
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt = _steady_optimizer(model)
         if "scoring" in spec.phases:
             mt = _tracker(model, opt)
             with mt, torch.no_grad():
@@ -355,12 +364,7 @@ def measure_real(spec: TrackSpec, prompt_len: int) -> TrackResult:
         raise ValueError(f"prompt_len must be in (0, seq={spec.seq}); got {prompt_len}")
     t0 = time.perf_counter()
     model = _build(spec)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=1e-6, foreach=False, fused=False)
-    for p in trained:  # steady state: optimizer state exists before the measured step
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt = _steady_optimizer(model)
     vocab = model.config.vocab_size
     prompts = torch.randint(1, vocab, (spec.batch, prompt_len))
     peaks: dict[str, int] = {}
