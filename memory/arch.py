@@ -105,7 +105,7 @@ def count_params(cfg: dict[str, Any]) -> dict[str, int]:
         h, V = int(_get(cfg, "n_embd", "hidden_size")), int(cfg["vocab_size"])
         L = int(_get(cfg, "n_layer", "num_hidden_layers"))
         i = int(cfg.get("n_inner") or 4 * h)
-        pos = int(cfg.get("n_positions", 1024))
+        pos = int(_get(cfg, "n_positions", "max_position_embeddings", default=1024))  # GPT2Config maps the second
         layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
         embed = V * h + pos * h
         head, tied = 0, True
@@ -275,9 +275,48 @@ def final_norm_saved(arch: Arch, trained: bool = True) -> TokenBytes:
 
 
 def layer_transient(arch: Arch) -> TokenBytes:
-    """Largest set of tensors alive at once inside one no-grad layer forward, per token (scoring, generation):
-    the residual stream, the norm's fp32 copy and, at the MLP, gate/up/activation outputs."""
+    """Activations per token of one layer in a vLLM/SGLang profile run (the residual stream, the normed input and
+    the MLP's gate/up/activation outputs): an estimate for engines whose fused kernels are not HF's layers and
+    are not measured here. HF forwards (scoring, ``generate``) use :func:`nograd_layer_bytes`."""
     h, i = arch.hidden, arch.intermediate
     if arch.gated_mlp:
         return TokenBytes(2 * h + 3 * i, 0)
     return TokenBytes(2 * h + 2 * i, 0)
+
+
+def nograd_layer_bytes(arch: Arch, attn: str, attended: int, dtype_bytes: int, lora: bool = False) -> int:
+    """Peak bytes per token inside one no-grad decoder layer forward (scoring, ``generate``'s prefill), beyond
+    the one hidden state the caller counts (the model's input embeddings, kept by its forward to the end).
+
+    Read from transformers 5's layers and checked allocation by allocation on real tensors
+    (``tests/test_memory_small_real.py``): the model's loop keeps the layer's input, and eager's mask lives for
+    the whole forward (two for Gemma-2: sliding and full). The layer peaks at one of two moments:
+    - attention: the normed input, the rotated queries, with eager K and V repeated to every head and, at the
+      softmax, the scores, their fp32 copy (none in fp32) and the fp32 softmax;
+    - MLP: the residual, the normed input (kept by the caller's ``hidden_states``; OPT rebinds it, so it dies at
+      fc1), the activations (LoRA: the adapter's output and its scaled copy beside the base's) and, eager, the
+      probabilities, which the layer keeps in a local (``hidden_states, _ = self.self_attn(...)``).
+    """
+    if attn not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention implementation {attn!r}; choose from {', '.join(ATTN_IMPLS)}")
+    h, q, i, a, db = arch.hidden, arch.q_dim, arch.intermediate, arch.heads, dtype_bytes
+    fam, eager = arch.family, attn == "eager"
+    learned_positions = fam in ("gpt2", "opt")  # the position embeddings stay referenced beside the sum
+    held = h * db * (1 + learned_positions)
+    held += (2 if fam == "gemma2" else 1) * attended * db if eager else 0
+    held += 2 * arch.head_dim * db if not learned_positions else 0  # rotary cos and sin
+    if fam == "gpt2":  # fused c_attn (q, k, v are views of it); softmax in the dtype next to its input
+        att = h * db + 3 * h * db + (a * attended * 2 * db if eager else 0)
+    else:
+        rep = 2 * q * db if eager and arch.kv_heads < a else 0
+        att = h * db + q * db + rep + (a * attended * (db + 4 + (4 if db != 4 else 0)) if eager else 0)
+    probs = a * attended * db if eager else 0
+    if fam == "gpt2":  # the attention output stays in a local; gelu_new keeps its input and three temporaries
+        mlp = 3 * h * db + 4 * i * db
+    elif arch.gated_mlp:
+        mlp = 2 * h * db + (4 if lora else 3) * i * db
+    elif lora:  # fc1 with its adapter beside the normed input, or fc2's three outputs beside the activation
+        mlp = h * db + max(h + 3 * i, i + 3 * h) * db
+    else:
+        mlp = h * db + max(h + i, 2 * i) * db
+    return int(held + max(att, mlp + probs))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .arch import Arch, final_norm_saved, layer_saved, layer_transient
+from .arch import Arch, final_norm_saved, layer_saved, layer_transient, nograd_layer_bytes
 from .planner import largest_fitting
 
 PHASES = ("generation", "scoring", "update", "optimizer_step", "weight_sync")
@@ -594,7 +594,7 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
     a = role.arch
     db = role.dtype_bytes
     head = htokens * _head_bytes_per_token(role, dep, grad=False) + _chunk_head_bytes(role, dep, False, htokens)
-    body = tokens * layer_transient(a).bytes(db)
+    body = tokens * nograd_layer_bytes(a, dep.attn, dep.seq, db, lora=bool(role.lora_rank))
     gathered = 0
     sh = role_sharding(role, dep)
     if sh.shards_params and (sh.frozen_zero3 is not False or role.trained):
@@ -809,17 +809,17 @@ def engine_memory(dep: Deployment, free_at_start: int | None = None) -> EngineMe
         local, b = tp_local(dep.actor, dep).arch, dep.rollout_per_gpu
         kv_token = local.kv_bytes_per_token(db)
         kv = b * dep.seq * kv_token
-        # generate copies the last position's logits to fp32 for sampling, at prefill and at every decode step
-        sampling = b * a.vocab * 4
         # prefill: the prompt's no-grad forward, one layer's tensors at a time, beside the prompt's KV only (its
-        # head runs on the last position only, logits_to_keep=1)
-        body = b * dep.prompt_len * int(layer_transient(local).bytes(db))
-        if dep.attn == "eager":  # the scores, their fp32 softmax and its copy back to the dtype (none in fp32)
-            body += b * local.heads * dep.prompt_len ** 2 * (db + 4 + (db if db != 4 else 0))
-        prefill = b * dep.prompt_len * (local.hidden * db) + body - b * dep.response_len * kv_token
-        # decode: the cache grows by torch.cat, so one layer's keys (then values) exist twice for a moment
-        decode = b * dep.seq * local.kv_dim * db
-        return EngineMemory(0, kv, sampling + max(prefill, decode, 0), 0, b * dep.seq, b,
+        # head runs on the last position only, logits_to_keep=1); nothing of sampling exists yet
+        body = nograd_layer_bytes(local, dep.attn, dep.prompt_len, db, lora=bool(dep.actor.lora_rank))
+        prefill = b * dep.prompt_len * (local.hidden * db + body) - b * dep.response_len * kv_token
+        # decode: generate's loop keeps the last step's fp32 logits and probabilities in locals through the next
+        # forward (a temperature or top-k/p warper keeps one more, not counted: b·V·4 bytes); in that forward the
+        # cache grows by torch.cat, so one layer's keys (then values) exist twice for a moment, and then the new
+        # last-position logits and their fp32 copy join the old pair
+        held = 2 * b * a.vocab * 4
+        decode = held + max(b * dep.seq * local.kv_dim * db, b * a.vocab * (db + 4))
+        return EngineMemory(0, kv, max(prefill, decode, 0), 0, b * dep.seq, b,
                             "hf generate: KV cache = sequences x length x 2·L·kv_dim·bytes")
     act_tokens = e.max_num_batched_tokens
     act = int(act_tokens * layer_transient(a).bytes(db) // e.tp) + min(e.max_num_seqs, act_tokens) * a.vocab * 4

@@ -12,6 +12,7 @@ from memory.arch import (
     layer_saved,
     load_arch,
     meta_count,
+    nograd_layer_bytes,
 )
 
 # one real-size model per family plus the variants that change the count (tied/untied, GQA, qkv bias,
@@ -28,6 +29,14 @@ def test_parameter_count_equals_the_meta_device_count(name):
     assert analytic["params"] == total
     assert analytic["largest_param"] == largest
 
+
+
+def test_gpt2_config_with_transformers_common_names_counts_exactly():
+    """GPT2Config accepts hidden_size / num_hidden_layers / max_position_embeddings for its own n_* names; a
+    config written that way has as many learned positions as it says (the count once assumed 1024)."""
+    cfg = {"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 300, "max_position_embeddings": 2048}
+    assert count_params(cfg)["params"] == meta_count(cfg)[0]
 
 def test_large_models_counted_exactly_and_without_torch_at_plan_time():
     """70B-class models come from the table analytically; their meta count agrees too (one build each)."""
@@ -130,3 +139,8 @@ def test_layer_saved_matches_what_autograd_saves(family, attn, trained_norms):
     cfg = dict(base, **{layers_key: 1})
     predicted = layer_saved(arch_from_config(cfg), attn, s, trained_norms).bytes(2) * b * s
     assert predicted == pytest.approx(measured, rel=0.02), (measured, predicted)
+
+
+def test_nograd_layer_refuses_an_unknown_attention_implementation():
+    with pytest.raises(ValueError, match="unknown attention implementation 'xformers'"):
+        nograd_layer_bytes(load_arch("Qwen2.5-0.5B"), "xformers", 128, 2)

@@ -156,16 +156,20 @@ VERL = ("python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo data.max_
 # LoRA update lower by the dtype copies a frozen norm does not keep (22,020,096 B for the TRL rows, 88,080,384 B
 # for veRL's); no other phase and no full fine-tuning row moved. HF generate's prefill (memory.deploy.engine_memory,
 # measured on real CPU tensors by benchmarks/bench_memory_small_real.py) since: the two HF-generate rows' generation
-# phase higher by 83,886,080 B (the prompt's forward, one layer at a time); no other phase moved
+# phase higher by 83,886,080 B (the prompt's forward, one layer at a time); no other phase moved. The no-grad
+# layer read allocation by allocation (memory.arch.nograd_layer_bytes) since: the layer's input (kept by the model's
+# loop) and rotary cos/sin, 7,680 B per prompt token of the 8 x 512, and for LoRA the adapter's scaled output beside
+# the MLP's (37,888 B), while generate's sampling tensors no longer coexist with the prefill (-4,866,048 B): the
+# two HF-generate rows +26,591,232 and +181,780,480 B; OpenRLHF's critic scores with the first two (12,288 tokens)
 BEFORE = {
-    "trl_zero3_lora_hf": {"all": (5742499072, 9475806464, 9172249856, 4989474048, 7129093376)},
-    "trl_zero3_full_hf": {"all": (30351957120, 20757935616, 21566393856, 23846849536, 18411222528)},
+    "trl_zero3_lora_hf": {"all": (5924279552, 9475806464, 9172249856, 4989474048, 7129093376)},
+    "trl_zero3_full_hf": {"all": (30378548352, 20757935616, 21566393856, 23846849536, 18411222528)},
     "trl_zero2_lora_vllm": {"all": (41142332416, 43489045504, 45275483648, 41172610048, 41142332416)},
     "openrlhf": {"actor": (5015130624, 22977237504, 18384499200, 5015130624, 7116476928),
                  "ref": (8030261248, 25992368128, 8030261248, 8030261248, 8030261248),
                  # a critic has no LM head (Role.__post_init__): Llama-3-8B's 128256 x 4096 head, less the value
                  # head's 4096, in bf16 over the critic's 2 GPUs = 525,332,480 B below the first anchor
-                 "critic": (8998961536, 12459262336, 15178842496, 8998961536, 8998961536),
+                 "critic": (8998961536, 12566217088, 15178842496, 8998961536, 8998961536),
                  "vllm": (68719476736,) * 5},
     # veRL's own log-prob head (memory.deploy.VERL_HEAD) since the anchor: scoring 3737124864 B lower, exactly
     # (10 - 6) B x vocabulary x 4 x 1536 tokens; the update 6542018560 B lower (its head no longer the larger of

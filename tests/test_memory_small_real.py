@@ -18,6 +18,8 @@ from memory.measure import track_peak
     ("Llama-3-8B", "bf16", "flash", 4, 128, 128, False, 0),
     ("Qwen2.5-0.5B", "fp32", "flash", 4, 128, 128, True, 0),   # fp32 logits: the head makes no fp32 copy
     ("opt-1.3b", "bf16", "eager", 4, 96, 32, True, 0),         # eager scores in the prefill
+    ("gpt2", "bf16", "eager", 4, 128, 32, False, 0),           # softmax in the dtype; learned positions kept
+    ("Gemma-2-9B", "bf16", "eager", 2, 128, 32, False, 0),     # two masks (sliding and full)
 ])
 def test_planner_matches_real_tensors_in_every_phase(shape, dtype, attn, batch, prompt, response, ckpt, lora):
     measured = measure_one(shape, dtype, attn, batch, prompt, response, ckpt, lora)["peaks"]
@@ -26,14 +28,16 @@ def test_planner_matches_real_tensors_in_every_phase(shape, dtype, attn, batch, 
     assert all(abs(e) < 0.05 for e in errors.values()), errors
 
 
-def test_lora_training_phases_match_and_its_generation_is_a_known_shortfall():
-    """LoRA: scoring, update and optimizer step within 5%; generation is under-planned (the adapters' own
-    intermediates in the prefill are not counted; fp32 here, see the next test for bf16), by a known amount."""
-    args = ("Llama-3-8B", "fp32", "flash", 8, 64, 32, False, 8)
+@pytest.mark.parametrize("shape", ["Llama-3-8B", "opt-1.3b"])
+def test_lora_every_phase_matches_generation_included(shape):
+    """LoRA in fp32 (bf16's CPU head copy is the next test): the prefill's MLP holds the adapter's output and its
+    scaled copy beside the base projection's (gated: four intermediate-sized tensors, not three; OPT: fc1's three
+    beside the normed input), which the planner counts since it was measured here (-6.5% before)."""
+    args = (shape, "fp32", "flash", 8, 64, 32, False, 8)
     measured, predicted = measure_one(*args)["peaks"], planned(*args)
     errors = {ph: predicted[ph] / measured[ph] - 1 for ph in PHASES}
-    assert all(abs(errors[ph]) < 0.05 for ph in ("scoring", "update", "optimizer_step")), errors
-    assert -0.10 < errors["generation"] < 0, errors
+    assert all(abs(e) < 0.05 for e in errors.values()), errors
+    assert abs(errors["generation"]) < 0.01, errors
 
 
 @pytest.mark.parametrize("dtype, copies", [(torch.bfloat16, True), (torch.float32, False)])
