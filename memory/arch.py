@@ -291,8 +291,9 @@ def nograd_layer_bytes(arch: Arch, attn: str, attended: int, dtype_bytes: int, l
     Read from transformers 5's layers and checked allocation by allocation on real tensors
     (``tests/test_memory_small_real.py``): the model's loop keeps the layer's input, and eager's mask lives for
     the whole forward (two for Gemma-2: sliding and full). The layer peaks at one of two moments:
-    - attention: the normed input, the rotated queries, with eager K and V repeated to every head and, at the
-      softmax, the scores, their fp32 copy (none in fp32) and the fp32 softmax;
+    - attention: the normed input, the rotated queries, K and V repeated to every head (eager, and ``sdpa`` as
+      this module means it: with a padding mask) and, eager, at the softmax the scores, their fp32 copy (none in
+      fp32) and the fp32 softmax;
     - MLP: the residual, the normed input (kept by the caller's ``hidden_states``; OPT rebinds it, so it dies at
       fc1), the activations (LoRA: the adapter's output and its scaled copy beside the base's) and, eager, the
       probabilities, which the layer keeps in a local (``hidden_states, _ = self.self_attn(...)``).
@@ -302,13 +303,13 @@ def nograd_layer_bytes(arch: Arch, attn: str, attended: int, dtype_bytes: int, l
     h, q, i, a, db = arch.hidden, arch.q_dim, arch.intermediate, arch.heads, dtype_bytes
     fam, eager = arch.family, attn == "eager"
     learned_positions = fam in ("gpt2", "opt")  # the position embeddings stay referenced beside the sum
-    held = h * db * (1 + learned_positions)
+    held = h * db * (2 if learned_positions else 1)
     held += (2 if fam == "gemma2" else 1) * attended * db if eager else 0
     held += 2 * arch.head_dim * db if not learned_positions else 0  # rotary cos and sin
     if fam == "gpt2":  # fused c_attn (q, k, v are views of it); softmax in the dtype next to its input
         att = h * db + 3 * h * db + (a * attended * 2 * db if eager else 0)
     else:
-        rep = 2 * q * db if eager and arch.kv_heads < a else 0
+        rep = 2 * q * db if attn != "flash" and arch.kv_heads < a else 0  # repeat_kv: eager, or SDPA with a mask
         att = h * db + q * db + rep + (a * attended * (db + 4 + (4 if db != 4 else 0)) if eager else 0)
     probs = a * attended * db if eager else 0
     if fam == "gpt2":  # the attention output stays in a local; gelu_new keeps its input and three temporaries

@@ -30,13 +30,13 @@ def test_parameter_count_equals_the_meta_device_count(name):
     assert analytic["largest_param"] == largest
 
 
-
 def test_gpt2_config_with_transformers_common_names_counts_exactly():
     """GPT2Config accepts hidden_size / num_hidden_layers / max_position_embeddings for its own n_* names; a
     config written that way has as many learned positions as it says (the count once assumed 1024)."""
     cfg = {"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "vocab_size": 300, "max_position_embeddings": 2048}
     assert count_params(cfg)["params"] == meta_count(cfg)[0]
+
 
 def test_large_models_counted_exactly_and_without_torch_at_plan_time():
     """70B-class models come from the table analytically; their meta count agrees too (one build each)."""
