@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from memory.arch import Arch, arch_from_config
-from memory.deploy import PHASES, Deployment, plan_deployment
+from memory.deploy import PHASES, Deployment, plan_deployment, trl_head
 from memory.deploy_json import deployment_to_dict
 from memory.inputs import sharding_from_trl_args, trl_deployment
 from memory.planner import parse_bytes
@@ -93,8 +93,9 @@ def device_memory(device: str, override: int | str | None = None) -> tuple[int, 
 
 
 def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int,
-                       prompt_len: int | None = None) -> tuple[Deployment, dict[str, Any]]:
-    """The deployment of this trainer on its processes, and the inputs it was built from."""
+                       prompt_len: int | None = None, device: str = "cuda") -> tuple[Deployment, dict[str, Any]]:
+    """The deployment of this trainer on its processes, and the inputs it was built from. ``device``: where it
+    trains (TRL's fused log-prob head folds its tiles in a Triton kernel on CUDA/XPU, with torch ops elsewhere)."""
     cfg = {k: v for k, v in args.to_dict().items()}
     arch = live_arch(model)
     lora, four_bit = _lora(model)
@@ -114,7 +115,8 @@ def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int
                          gpus_per_node=gpus, dtype_bytes=dtype_bytes, lora_rank=lora, load_in_4bit=four_bit,
                          prompt_len=prompt_len if kind in GENERATING else None, trl_version=_trl_version())
     if kind in GENERATING:
-        dep = dep.with_(rollout_per_gpu=max(dep.rollout_per_gpu, int(cfg.get("num_generations") or 1)))
+        dep = dep.with_(rollout_per_gpu=max(dep.rollout_per_gpu, int(cfg.get("num_generations") or 1)),
+                        logprob_head=trl_head(_trl_version(), triton=device.startswith(("cuda", "xpu"))))
     else:  # the loss covers every token, not a completion: the reference fp32 log-softmax head
         dep = dep.with_(logprob_head="torch")
     inputs = {"trainer": trainer_name, "kind": kind, "world_size": gpus, "model": arch.name,
@@ -128,6 +130,7 @@ def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int
               "prompt_len_from": "argument" if prompt_len else ("max_prompt_length" if cfg.get("max_prompt_length")
                                                                 else "default 512 (TRL does not cut prompts)"),
               "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "optimizer": dep.optimizer,
+              "logprob_head": dep.logprob_head,
               **{k: cfg.get(k) for k in ("bf16", "fp16", "beta", "num_generations", "vllm_mode")}}
     return dep, inputs
 
@@ -137,7 +140,7 @@ def predict_trainer(args: Any, model: Any, trainer_name: str, device: str,
     """The ``memory.json`` report of a TRL/transformers trainer at train start (prediction, no measurement)."""
     t0 = time.perf_counter()
     total, source = device_memory(device, device_memory_override)
-    dep, inputs = trainer_deployment(args, model, trainer_name, total, prompt_len)
+    dep, inputs = trainer_deployment(args, model, trainer_name, total, prompt_len, device)
     report = deployment_report(dep, inputs, device, source, generating=inputs["kind"] in GENERATING)
     report["seconds"] = round(time.perf_counter() - t0, 4)
     return report

@@ -193,7 +193,8 @@ class Deployment:
     logprob_head: str = "torch"        # torch: fp32 log-softmax over the full vocabulary; chunked: one chunk;
     # model_dtype: log-softmax on the 16-bit logits, which stay alive through backward (DeepSpeed-Chat);
     # verl: veRL's actor head, flash-attn cross entropy plus entropy_impl (see VERL_HEAD);
-    # trl, trl_copy, trl_nodiv: TRL GRPO's, logits of the completion only, by TRL version (see TRL_HEAD)
+    # trl, trl_copy, trl_nodiv: TRL GRPO's, logits of the completion only, by TRL version (see TRL_HEAD);
+    # trl_fused, trl_fused_torch: TRL 1.15+'s fused LM head, no logits (see TRL_FUSED)
     entropy_impl: str = "compiled"     # verl head: how veRL computes the entropy (a key of VERL_HEAD)
     entropy_in_update: bool = False    # verl head: the update computes the entropy (entropy_coeff != 0)
     framework: str = "trl"             # trl | openrlhf | openrlhf-dotted | verl | deepspeed-chat (suggestions' flags)
@@ -221,9 +222,9 @@ class Deployment:
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
             raise ValueError(f"unknown optimizer_impl {self.optimizer_impl!r}; choose fused, foreach, single_tensor")
-        if self.logprob_head not in ("torch", "chunked", "model_dtype", "verl", *TRL_HEAD):
+        if self.logprob_head not in ("torch", "chunked", "model_dtype", "verl", *TRL_HEAD, *TRL_FUSED):
             raise ValueError(f"unknown logprob_head {self.logprob_head!r}; choose torch, chunked, model_dtype, verl, "
-                             "trl, trl_copy, trl_nodiv")
+                             f"{', '.join((*TRL_HEAD, *TRL_FUSED))}")
         if self.entropy_impl not in VERL_HEAD:
             raise ValueError(f"unknown entropy_impl {self.entropy_impl!r}; choose from {', '.join(VERL_HEAD)}")
         if self.fsdp_version not in (1, 2):
@@ -509,24 +510,45 @@ TRL_HEAD: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-def trl_head(version: str | None) -> str:
-    """The TRL_HEAD entry of a TRL version ("0.18.0"); None: the newest modelled (1.0 on)."""
+# TRL's fused LM head (1.15 on: GRPOTrainer/RLOOTrainer patch the model with trl.trainer.utils.add_fused_lm_head
+# and call it with ``fused_lm_head=True``): trl.kernels.chunked_logprob.ChunkedLogProbFunction projects the hidden
+# states through the head in [4096 tokens x 32768 vocabulary] tiles of one preallocated buffer (``mm_buf``, in the
+# compute dtype, sized 32768 wide even for a smaller vocabulary) and folds each tile into per-token statistics; no
+# logits tensor exists. "trl_fused": Triton devices (CUDA, XPU), which score only the completion tokens
+# (``hidden_states[mask]``) and fold in the kernel; "trl_fused_torch": other devices (TRL 1.16 on), which score
+# every position and fold each tile with torch ops, whose temporaries are tile-sized fp32 tensors (3 in forward;
+# 7 and a bool in backward, 8 when the compute dtype is not fp32). Backward accumulates the hidden states' and
+# the head's gradients in fp32 and returns them in the model dtype. Read in TRL 1.15.0 and 1.16.0, measured on
+# CPU against TRL 1.16's own GRPOTrainer (benchmarks/bench_memory_trl_real.py); the Triton path is not measured.
+TRL_FUSED = ("trl_fused", "trl_fused_torch")
+TRL_FUSED_TOKENS, TRL_FUSED_VOCAB = 4096, 32768   # TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE
+TRL_FUSED_TILE_BYTES = {False: 12, True: 29}       # torch fold: bytes per tile element, forward / backward (fp32)
+
+
+def trl_head(version: str | None, triton: bool = True) -> str:
+    """The log-prob head of a TRL version ("0.18.0"); None: the newest modelled (1.15 on). ``triton``: the device
+    runs TRL's Triton kernel (CUDA, XPU); TRL 1.15 has no other path, 1.16 folds tiles with torch elsewhere."""
     if not version:
-        return "trl"
+        return "trl_fused" if triton else "trl_fused_torch"
     try:
         major, minor = (int(p) for p in version.split(".")[:2])
     except ValueError:
         raise ValueError(f"TRL version {version!r}: expected MAJOR.MINOR[.PATCH]") from None
-    if major >= 1:
+    if major > 1 or (major == 1 and minor >= 15):
+        return "trl_fused" if triton or (major, minor) == (1, 15) else "trl_fused_torch"
+    if major == 1:
         return "trl"
     return "trl_copy" if minor >= 16 else "trl_nodiv"
 
 
 def head_tokens(dep: Deployment, micro: int) -> int:
-    """Tokens whose logits one GPU's head holds: every token of the micro-batch, or the completions' only (TRL
-    asks the model for ``logits_to_keep`` positions)."""
-    if dep.logprob_head in TRL_HEAD:
+    """Tokens one GPU's head scores: every token of the micro-batch, the completions' only (TRL asks the model for
+    ``logits_to_keep`` positions; its fused head on Triton devices keeps the labelled ones), or every position
+    but the last (TRL's fused head folded with torch)."""
+    if dep.logprob_head in TRL_HEAD or dep.logprob_head == "trl_fused":
         return micro * dep.response_len
+    if dep.logprob_head == "trl_fused_torch":
+        return micro * (dep.seq - 1)
     return micro_tokens(dep, micro)
 
 
@@ -553,12 +575,17 @@ def _head_bytes_per_token(role: Role, dep: Deployment, grad: bool) -> float:
     V = role.arch.vocab
     if dep.logprob_head == "chunked":
         return 0.0  # see _chunk_head_bytes
+    db = role.dtype_bytes
+    if dep.logprob_head in TRL_FUSED:
+        # the scored hidden states' copy (saved for backward) and the fp32 per-token statistics and outputs (12
+        # vectors) with the int64 labels; backward adds the fp32 gradient of the hidden states
+        h = role.arch.hidden
+        return h * db + 56 + (4 * h + 16 if grad else 0)
     extra = 2 * V if role.arch.family == "gemma2" else 0  # final logit soft-capping keeps the logits
     if dep.logprob_head == "verl":
         return VERL_HEAD[verl_head_mode(role, dep, grad)][0 if grad else 1] * V + extra
     if dep.logprob_head in TRL_HEAD:
         return TRL_HEAD[dep.logprob_head][0 if grad else 1] * V + extra
-    db = role.dtype_bytes
     if dep.logprob_head == "model_dtype":
         return (4 * db * V + extra) if grad else 3 * db * V
     return (12 * V + extra) if grad else (db + (0 if db == 4 else 4) + 4) * V
@@ -574,11 +601,30 @@ def _chunk_head_bytes(role: Role, dep: Deployment, grad: bool, tokens: int = 0) 
     if dep.logprob_head == "verl":
         per_row = VERL_HEAD[verl_head_mode(role, dep, grad)][2 if grad else 3]
         return int(per_row * role.arch.vocab * min(tokens, VERL_ENTROPY_CHUNK))
+    if dep.logprob_head in TRL_FUSED:
+        return _trl_fused_fixed(role, dep, grad, tokens)
     if dep.logprob_head != "chunked":
         return 0
     V = role.arch.vocab
     chunk_tokens = max(1, (1 << 21) // V)
     return int(chunk_tokens * V * 4 * (3 if grad else 2) + (role.arch.hidden * V * 4 if grad else 0))
+
+
+def _trl_fused_fixed(role: Role, dep: Deployment, grad: bool, tokens: int) -> int:
+    """TRL's fused head (TRL_FUSED) over ``tokens`` scored positions, beyond its per-token bytes: the tile buffer;
+    the torch fold's tile temporaries; in backward the head's fp32 gradient (full fine-tuning: LoRA freezes the
+    head) and, at its return, the model-dtype copies of both gradients (after the fold's temporaries are gone)."""
+    a, db = role.arch, role.dtype_bytes
+    rows, cols = min(tokens, TRL_FUSED_TOKENS), min(a.vocab, TRL_FUSED_VOCAB)
+    buf = rows * TRL_FUSED_VOCAB * db
+    tiles = 0
+    if dep.logprob_head == "trl_fused_torch":
+        tiles = rows * cols * (TRL_FUSED_TILE_BYTES[grad] + (4 if grad and db != 4 else 0))
+    if not grad:
+        return buf + tiles
+    head_grad = a.vocab * a.hidden if role.trained and not role.lora_rank else 0
+    copies = (head_grad + tokens * a.hidden) * db if db != 4 else 0
+    return buf + head_grad * 4 + max(tiles, copies)
 
 
 def micro_tokens(dep: Deployment, micro: int) -> int:
@@ -628,7 +674,10 @@ def head_slack(role: Role, dep: Deployment) -> int:
         head = int(htokens * _head_bytes_per_token(role, dep, grad=True))
         layer = int(tokens * layer_saved(role.arch, dep.attn, dep.seq, trained_norms=not role.lora_rank)
                     .bytes(role.dtype_bytes))
-    return max(0, head - 2 * role.arch.vocab * htokens - layer)
+    # what the head leaves through the layers' backward: the logits' gradient, or the fused head's hidden states
+    fused = dep.logprob_head in TRL_FUSED
+    kept = htokens * (role.arch.hidden * role.dtype_bytes if fused else 2 * role.arch.vocab)
+    return max(0, head - kept - layer)
 
 
 def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:

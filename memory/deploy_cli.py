@@ -69,7 +69,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (with --trl_config)")
     g.add_argument("--trl_version", default=None,
                    help="TRL version the run uses, e.g. 0.18.0 (with --trl_config): picks TRL's log-prob head; "
-                        "default: TRL 1.0 and later")
+                        "default: TRL 1.15 and later (its fused head, on a GPU)")
     g.add_argument("--from_openrlhf", default=None, metavar="FLAGS",
                    help="an OpenRLHF train_ppo_ray command line, or its whole launch script")
     g.add_argument("--from_verl", default=None, metavar="OVERRIDES",

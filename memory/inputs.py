@@ -318,7 +318,7 @@ def trl_deployment(cfg: dict[str, Any], arch: Arch, *, gpus: int, sharding: Shar
     ``generation_batch_size`` is TRL's global count (``per_device_train_batch_size x num_processes x
     steps_per_generation``), so each GPU generates its share of it. ``lora_rank``/``load_in_4bit`` override
     the config's ``use_peft``/``lora_r`` (the adapter reads them from the live model's PEFT config).
-    ``trl_version`` picks TRL's log-prob head (memory.deploy.TRL_HEAD); None plans TRL 1.0 and later.
+    ``trl_version`` picks TRL's log-prob head (memory.deploy.TRL_HEAD, TRL_FUSED); None plans TRL 1.15 and later.
     """
     use_vllm = bool(cfg.get("use_vllm", False))
     mode = str(cfg.get("vllm_mode") or "colocate")

@@ -1,13 +1,14 @@
 """TRL's GRPO log-prob head in the planner: the version that picks it, the completion-only logits it holds, the
 readers and the adapter that set it, and the table checked against TRL's own function measured on CPU."""
 import json
+from dataclasses import replace
 
 import pytest
 
 from benchmarks.bench_memory_trl_head import measure
 from benchmarks.common import head_entry_matches
 from memory.cli import main
-from memory.deploy import TRL_HEAD, _head_bytes_per_token, head_tokens, plan_deployment, trl_head
+from memory.deploy import TRL_HEAD, _chunk_head_bytes, _head_bytes_per_token, head_tokens, plan_deployment, trl_head
 from memory.inputs import trl_from_mappings
 
 CONFIG = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "per_device_train_batch_size": 16,
@@ -16,12 +17,32 @@ CONFIG = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "per_device_train_
 
 
 @pytest.mark.parametrize("version, head", [
-    (None, "trl"), ("1.16.0", "trl"), ("1.0.0", "trl"), ("0.18.0", "trl_copy"), ("0.16.1", "trl_copy"),
-    ("0.15.2", "trl_nodiv"), ("0.14", "trl_nodiv"),
+    (None, "trl_fused"), ("1.16.0", "trl_fused"), ("1.15.0", "trl_fused"), ("1.14.0", "trl"), ("1.0.0", "trl"),
+    ("0.18.0", "trl_copy"), ("0.16.1", "trl_copy"), ("0.15.2", "trl_nodiv"), ("0.14", "trl_nodiv"),
 ])
 def test_the_version_picks_the_head(version, head):
     assert trl_head(version) == head
     assert trl_from_mappings(dict(CONFIG), trl_version=version).logprob_head == head
+
+
+@pytest.mark.parametrize("version, head", [(None, "trl_fused_torch"), ("1.16.0", "trl_fused_torch"),
+                                           ("1.15.0", "trl_fused"), ("1.14.0", "trl")])
+def test_without_triton_trl_folds_the_fused_heads_tiles_with_torch_from_116(version, head):
+    assert trl_head(version, triton=False) == head
+
+
+def test_the_fused_head_holds_no_logits_but_its_tile_buffer():
+    """TRL 1.15+: the head's bytes do not grow with the vocabulary per token; the 4096 x 32768 buffer does not
+    grow past 4096 tokens; only full fine-tuning adds the head's fp32 gradient."""
+    dep = trl_from_mappings(dict(CONFIG), trl_version="1.16.0")
+    a, db = dep.actor.arch, dep.actor.dtype_bytes
+    assert _head_bytes_per_token(dep.actor, dep, False) == a.hidden * db + 56
+    buf = 4096 * 32768 * db
+    assert _chunk_head_bytes(dep.actor, dep, False, 16 * 2048) == buf
+    assert _chunk_head_bytes(dep.actor, dep, False, 100) == 100 * 32768 * db
+    full = _chunk_head_bytes(dep.actor, dep, True, 16 * 2048)
+    lora = dep.with_(actor=replace(dep.actor, lora_rank=16))
+    assert full - _chunk_head_bytes(lora.actor, lora, True, 16 * 2048) >= a.vocab * a.hidden * 4
 
 
 def test_a_bad_version_is_one_line_error(tmp_path, capsys):
@@ -41,9 +62,9 @@ def test_cli_takes_the_version_and_names_the_head(tmp_path, capsys):
 
 
 def test_only_the_completion_has_logits():
-    """TRL asks the model for logits_to_keep positions: a longer prompt adds no head bytes (the reference head,
-    over every token, grows with it)."""
-    dep = trl_from_mappings(dict(CONFIG))
+    """TRL (before its fused head, 1.15) asks the model for logits_to_keep positions: a longer prompt adds no
+    head bytes (the reference head, over every token, grows with it)."""
+    dep = trl_from_mappings(dict(CONFIG), trl_version="1.14.0")
     assert head_tokens(dep, 4) == 4 * 2048
     longer = dep.with_(prompt_len=4096)
     scoring = [plan_deployment(d).groups[0].table["actor.activations"]["scoring"] for d in (dep, longer)]
