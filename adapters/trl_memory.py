@@ -119,6 +119,8 @@ def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int
                         logprob_head=trl_head(_trl_version(), triton=device.startswith(("cuda", "xpu"))))
     else:  # the loss covers every token, not a completion: the reference fp32 log-softmax head
         dep = dep.with_(logprob_head="torch")
+    if dtype_bytes == 4 and (cfg.get("bf16") or cfg.get("fp16")):  # the Trainer runs under torch autocast
+        dep = dep.with_(autocast_bytes=2)
     inputs = {"trainer": trainer_name, "kind": kind, "world_size": gpus, "model": arch.name,
               "family": arch.family, "params": arch.params, "dtype_bytes": dtype_bytes, "lora_rank": lora,
               "load_in_4bit": four_bit, "reference": dep.reference is not None, "sharding": dep.sharding.kind,
@@ -130,7 +132,7 @@ def trainer_deployment(args: Any, model: Any, trainer_name: str, gpu_memory: int
               "prompt_len_from": "argument" if prompt_len else ("max_prompt_length" if cfg.get("max_prompt_length")
                                                                 else "default 512 (TRL does not cut prompts)"),
               "gradient_checkpointing": dep.gradient_checkpointing, "attn": dep.attn, "optimizer": dep.optimizer,
-              "logprob_head": dep.logprob_head,
+              "logprob_head": dep.logprob_head, "autocast_bytes": dep.autocast_bytes,
               **{k: cfg.get(k) for k in ("bf16", "fp16", "beta", "num_generations", "vllm_mode")}}
     return dep, inputs
 
@@ -164,7 +166,7 @@ def deployment_report(dep: Deployment, inputs: dict[str, Any], device: str = "cp
                            "per": "GPU (process)"},
             "device_memory_bytes": dep.gpu_memory, "device_memory_source": memory_source,
             "fits_device": peak <= dep.gpu_memory, "inputs": inputs, "deployment": deployment_to_dict(dep),
-            "measured": None, "comparable": False, "phase_map": PHASE_MAP}
+            "measured": None, "comparable": False, "phase_map": PHASE_MAP, "notes": plan.notes}
 
 
 class PhasePeaks:

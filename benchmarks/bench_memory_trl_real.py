@@ -37,12 +37,17 @@ LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 256, "num
          "num_key_value_heads": 2, "intermediate_size": 896, "tie_word_embeddings": False,
          "max_position_embeddings": 1024}
 # name, model ("tiny": the project's tiny GPT-2; else a config built with the tiny tokenizer's vocabulary),
-# per-device batch, generations per prompt, prompt words, completion tokens, gradient checkpointing
+# per-device batch, generations per prompt, prompt words, completion tokens, gradient checkpointing, bf16 (the
+# Trainer's autocast over the fp32 model, TRL's default on a GPU)
 CONFIGS = [
-    ("llama fp32 b8 g4 p48 c64", LLAMA, 8, 4, 48, 64, False),
-    ("llama fp32 ckpt b8 g8 p96 c32", LLAMA, 8, 8, 96, 32, True),
-    ("tiny gpt2 fp32 b16 g4 p32 c96", "tiny", 16, 4, 32, 96, False),
+    ("llama fp32 b8 g4 p48 c64", LLAMA, 8, 4, 48, 64, False, False),
+    ("llama fp32 ckpt b8 g8 p96 c32", LLAMA, 8, 8, 96, 32, True, False),
+    ("tiny gpt2 fp32 b16 g4 p32 c96", "tiny", 16, 4, 32, 96, False, False),
+    ("llama fp32 + bf16 autocast b8 g4 p48 c64 †", LLAMA, 8, 4, 48, 64, False, True),
 ]
+# †: autocast's activations (fp32 residual stream and norms, 16-bit linear inputs and outputs) are planned in the
+# parameters' dtype (memory.deploy.Deployment.autocast_bytes); reported, outside the target
+OUTSIDE_TARGET = "†"
 
 
 def _model_dir(spec: Any, tmp: Path) -> Path:
@@ -80,7 +85,7 @@ def _prompts(tok, words: int, n: int) -> list[str]:
     return prompts
 
 
-def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, ckpt: bool) -> dict:
+def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, ckpt: bool, bf16: bool) -> dict:
     """One TRL GRPO run of two steps; the second measured phase by phase; the adapter's prediction beside it."""
     import torch
     import transformers
@@ -105,7 +110,7 @@ def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, c
         args = GRPOConfig(output_dir=str(tmp / "out"), per_device_train_batch_size=batch, num_generations=gens,
                           max_completion_length=completion, generation_kwargs={"min_new_tokens": completion},
                           max_steps=2, beta=0.04, gradient_checkpointing=ckpt, report_to=[], use_cpu=True,
-                          bf16=False, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1)
+                          bf16=bf16, save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1)
         ranges: list[str] = []
 
         def ranged(name: str, fn, when=lambda: True):
@@ -209,10 +214,14 @@ def main() -> int:
         err = {ph: got["predicted"][ph] / got["measured"][ph] - 1 for ph in PHASES}
         rows.append({"name": name, **got, "error": err})
         print(f"{name:32s} " + "  ".join(f"{ph} {err[ph]:+.1%}" for ph in PHASES), flush=True)
-    worst = max(abs(e) for r in rows for e in r["error"].values())
+    kept = [r for r in rows if OUTSIDE_TARGET not in r["name"]]
+    worst = max(abs(e) for r in kept for e in r["error"].values())
+    apart = "; ".join(f"{r['name']}: " + ", ".join(f"{ph} {r['error'][ph]:+.1%}" for ph in PHASES)
+                      for r in rows if r not in kept)
     summary = [row("TRL adapter's prediction vs a real TRL GRPO run on CPU (profiler replay), worst abs. error",
                    round(100 * worst, 2), "%", f"within ±{TARGET:.0%}", worst <= TARGET,
-                   f"{len(rows)} runs x 4 phases of TRL's own GRPOTrainer, fp32, KL reference, HF generate")]
+                   f"{len(kept)} runs x 4 phases of TRL's own GRPOTrainer, fp32, KL reference, HF generate; "
+                   f"outside the target, autocast's activations planned in fp32: {apart}")]
     write_result("memory_trl_real", summary, {"rows": rows}, path=Path(a.out))
     return 0
 

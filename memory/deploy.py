@@ -218,6 +218,11 @@ class Deployment:
     # (DeepSpeed 0.19.5+ reading transformers' ``_tp_plan``, logits gathered whole)
     tensor_parallel: int = 1
     tensor_parallel_head: bool = False
+    # torch autocast over wider stored parameters (AMP: TRL's bf16=True on an fp32 model): its compute dtype's
+    # bytes. Planned: TRL's fused head computes in it; not planned: the layers' activations, which under autocast
+    # mix fp32 (residual stream, norms) and 16-bit tensors (each linear's cast input and output), so the plan
+    # keeps them in the stored dtype, an over-estimate (measured on CPU in benchmarks/bench_memory_trl_real.py)
+    autocast_bytes: int | None = None
 
     def __post_init__(self):
         if self.optimizer_impl not in ("fused", "foreach", "single_tensor"):
@@ -615,11 +620,12 @@ def _trl_fused_fixed(role: Role, dep: Deployment, grad: bool, tokens: int) -> in
     the torch fold's tile temporaries; in backward the head's fp32 gradient (full fine-tuning: LoRA freezes the
     head) and, at its return, the model-dtype copies of both gradients (after the fold's temporaries are gone)."""
     a, db = role.arch, role.dtype_bytes
+    cdb = dep.autocast_bytes or db  # the buffer's dtype: autocast's, else the hidden states'
     rows, cols = min(tokens, TRL_FUSED_TOKENS), min(a.vocab, TRL_FUSED_VOCAB)
-    buf = rows * TRL_FUSED_VOCAB * db
+    buf = rows * TRL_FUSED_VOCAB * cdb
     tiles = 0
     if dep.logprob_head == "trl_fused_torch":
-        tiles = rows * cols * (TRL_FUSED_TILE_BYTES[grad] + (4 if grad and db != 4 else 0))
+        tiles = rows * cols * (TRL_FUSED_TILE_BYTES[grad] + (4 if grad and cdb != 4 else 0))
     if not grad:
         return buf + tiles
     head_grad = a.vocab * a.hidden if role.trained and not role.lora_rank else 0
@@ -1115,6 +1121,10 @@ def plan_deployment(dep: Deployment) -> DeploymentPlan:
     eng = engine_memory(dep)
     groups = [plan_group(dep, g, eng) for g in dep.groups]
     notes = [eng.rule]
+    if dep.autocast_bytes and dep.autocast_bytes < dep.actor.dtype_bytes:
+        notes.append(f"autocast to {8 * dep.autocast_bytes}-bit over {8 * dep.actor.dtype_bytes}-bit parameters: "
+                     "activations are planned in the parameters' dtype, an over-estimate (autocast keeps the "
+                     "residual stream and norms in fp32 and the linears' inputs and outputs in 16 bits)")
     if dep.engine.kind != "hf" and eng.max_seqs < 1:
         notes.append(f"{dep.engine.kind}: no room for a KV pool holding one {dep.seq}-token sequence")
     return DeploymentPlan(dep, groups, eng, notes)

@@ -117,3 +117,26 @@ def test_table_matches_trls_own_function(division, grad, head):
     planned = TRL_HEAD[head]
     assert head_entry_matches(m["per_token_vocab"], m["per_row_token_vocab"], planned[0 if grad else 1],
                               planned[2 if grad else 3]), m
+
+
+def test_the_adapter_plans_autocast_over_fp32_weights(tiny_model_dir, tmp_path):
+    """bf16=True on an fp32 model: the fused head computes in bf16 (half the tile buffer), the plan notes that
+    the layers' activations are planned in fp32."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig
+
+    from adapters.trl_memory import trainer_deployment
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = {b: GRPOConfig(output_dir=str(tmp_path / str(b)), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=8, report_to=[], use_cpu=True, save_strategy="no", bf16=b)
+            for b in (False, True)}
+    plain, _ = trainer_deployment(args[False], model, "GRPOTrainer", 8 << 30, prompt_len=16, device="cpu")
+    amp, _ = trainer_deployment(args[True], model, "GRPOTrainer", 8 << 30, prompt_len=16, device="cpu")
+    assert plain.autocast_bytes is None and amp.autocast_bytes == 2
+    tokens = head_tokens(amp, 4)
+    buffer = min(tokens, 4096) * 32768
+    assert (_chunk_head_bytes(plain.actor, plain, False, tokens) - _chunk_head_bytes(amp.actor, amp, False, tokens)
+            == 2 * buffer)
+    assert any("autocast" in n for n in plan_deployment(amp).notes)
+    assert not any("autocast" in n for n in plan_deployment(plain).notes)
