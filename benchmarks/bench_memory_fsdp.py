@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
+from benchmarks.common import measure_each, row, write_result  # noqa: E402
 
 # name, built-in model, GPUs, micro-batch, sequence, checkpointing, LoRA rank, shaped the model
 CONFIGS = [
@@ -90,20 +90,20 @@ def main() -> int:
         print(json.dumps(measure_one(*CONFIGS[a.one][1:7])))
         return 0
     rows = []
-    for k, (name, *args) in enumerate(CONFIGS[:1] if a.quick else CONFIGS):
-        try:
-            meas = measure_isolated(__file__, k)
-        except RuntimeError as err:
-            print(f"{name}: {err}", file=sys.stderr)
-            return 1
-        pred = planned(*args[:6])
-        rows.append({"name": name, "model": args[0], "gpus": args[1], "batch": args[2], "seq": args[3],
-                     "checkpointing": args[4], "lora_rank": args[5], "shaped_model": args[6],
-                     "measured": meas["peaks"], "predicted": pred,
-                     "error": {ph: pred[ph] / meas["peaks"][ph] - 1 for ph in PHASES},
-                     "breakdown": meas["breakdown"], "seconds": meas["seconds"],
-                     "max_rss_bytes": meas["max_rss_bytes"]})
-        print(f"measured {name} in {meas['seconds']:.0f} s", file=sys.stderr, flush=True)
+    configs = CONFIGS[:1] if a.quick else CONFIGS
+    try:
+        for (name, *args), (_, meas) in zip(configs, measure_each(__file__, [c[0] for c in configs])):
+            pred = planned(*args[:6])
+            rows.append({"name": name, "model": args[0], "gpus": args[1], "batch": args[2], "seq": args[3],
+                         "checkpointing": args[4], "lora_rank": args[5], "shaped_model": args[6],
+                         "measured": meas["peaks"], "predicted": pred,
+                         "error": {ph: pred[ph] / meas["peaks"][ph] - 1 for ph in PHASES},
+                         "breakdown": meas["breakdown"], "seconds": meas["seconds"],
+                         "max_rss_bytes": meas["max_rss_bytes"]})
+            print(f"measured {name} in {meas['seconds']:.0f} s", file=sys.stderr, flush=True)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
     return _report(rows, Path(a.out))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
+from benchmarks.common import measure_each, row, write_result  # noqa: E402
 
 SHRINK = {"num_hidden_layers": 2, "hidden_size": 256, "vocab_size": 8192, "max_position_embeddings": 2048}
 SMALL: dict[str, dict[str, Any]] = {  # the built-in shape each one shrinks, and the shrunk config
@@ -115,20 +115,19 @@ def main() -> int:
         print(json.dumps(measure_one(*CONFIGS[a.one][1:])))
         return 0
     rows = []
-    for k, (name, *args) in enumerate(CONFIGS):
-        try:
-            meas = measure_isolated(__file__, k)
-        except RuntimeError as err:
-            print(f"{name}: {err}", file=sys.stderr)
-            return 1
-        pred = planned(*args)
-        rows.append({"name": name, "shape": args[0], "dtype": args[1], "attn": args[2], "batch": args[3],
-                     "prompt": args[4], "response": args[5], "checkpointing": args[6], "lora_rank": args[7],
-                     "measured": meas["peaks"], "predicted": pred,
-                     "error": {ph: pred[ph] / meas["peaks"][ph] - 1 for ph in PHASES},
-                     "in_target_set": not any(s in name for s in OUTSIDE_TARGET), "seconds": meas["seconds"]})
-        rows[-1]["cpu_artifact_phases"] = [ph for ph, hit in CPU_ARTIFACT.items() if hit(rows[-1])]
-        print(f"{name:30s} " + "  ".join(f"{ph} {rows[-1]['error'][ph]:+.1%}" for ph in PHASES), flush=True)
+    try:
+        for (name, *args), (_, meas) in zip(CONFIGS, measure_each(__file__, [c[0] for c in CONFIGS])):
+            pred = planned(*args)
+            rows.append({"name": name, "shape": args[0], "dtype": args[1], "attn": args[2], "batch": args[3],
+                         "prompt": args[4], "response": args[5], "checkpointing": args[6], "lora_rank": args[7],
+                         "measured": meas["peaks"], "predicted": pred,
+                         "error": {ph: pred[ph] / meas["peaks"][ph] - 1 for ph in PHASES},
+                         "in_target_set": not any(s in name for s in OUTSIDE_TARGET), "seconds": meas["seconds"]})
+            rows[-1]["cpu_artifact_phases"] = [ph for ph, hit in CPU_ARTIFACT.items() if hit(rows[-1])]
+            print(f"{name:30s} " + "  ".join(f"{ph} {rows[-1]['error'][ph]:+.1%}" for ph in PHASES), flush=True)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
     write_result("memory_small_real", summary(rows), {"rows": rows}, path=Path(a.out))
     return 0
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks.common import measure_isolated, row, write_result  # noqa: E402
+from benchmarks.common import measure_each, row, write_result  # noqa: E402
 
 PHASES = ("generation", "scoring", "update", "optimizer_step")
 TARGET = 0.05
@@ -205,15 +205,14 @@ def main() -> int:
         print(json.dumps(measure_one(*CONFIGS[a.one][1:])))
         return 0
     rows = []
-    for k, (name, *_rest) in enumerate(CONFIGS):
-        try:
-            got = measure_isolated(__file__, k)
-        except RuntimeError as err:
-            print(f"{name}: {err}", file=sys.stderr)
-            return 1
-        err = {ph: got["predicted"][ph] / got["measured"][ph] - 1 for ph in PHASES}
-        rows.append({"name": name, **got, "error": err})
-        print(f"{name:32s} " + "  ".join(f"{ph} {err[ph]:+.1%}" for ph in PHASES), flush=True)
+    try:
+        for name, got in measure_each(__file__, [c[0] for c in CONFIGS]):
+            error = {ph: got["predicted"][ph] / got["measured"][ph] - 1 for ph in PHASES}
+            rows.append({"name": name, **got, "error": error})
+            print(f"{name:32s} " + "  ".join(f"{ph} {error[ph]:+.1%}" for ph in PHASES), flush=True)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
     kept = [r for r in rows if OUTSIDE_TARGET not in r["name"]]
     worst = max(abs(e) for r in kept for e in r["error"].values())
     apart = "; ".join(f"{r['name']}: " + ", ".join(f"{ph} {r['error'][ph]:+.1%}" for ph in PHASES)

@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,16 @@ def measure_isolated(script: str | Path, index: int) -> dict[str, Any]:
         raise RuntimeError(f"measurement failed\n{out.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def measure_each(script: str | Path, names: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, measurement) of each configuration in order, each measured in its own fresh process
+    (:func:`measure_isolated`, ``script --one k`` for the k-th name); a failure raises RuntimeError naming it."""
+    for k, name in enumerate(names):
+        try:
+            yield name, measure_isolated(script, k)
+        except RuntimeError as err:
+            raise RuntimeError(f"{name}: {err}") from None
 
 
 def launch_ranks(script: str | Path, world: int, args: Sequence[str], what: str, timeout: float = 600,
