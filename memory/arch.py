@@ -225,16 +225,24 @@ class TokenBytes:
         return self.dt * dtype_bytes + self.f32 * 4
 
 
-def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True) -> TokenBytes:
+def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True, autocast: bool = False) -> TokenBytes:
     """Elements one decoder layer saves for backward, per token (``seq``: the attended length, for eager).
 
     ``trained_norms=False`` (LoRA: the norm weights are frozen): an RMSNorm's ``weight * x`` no longer keeps
     ``x`` for the weight's gradient, so the normalized tensor is not saved (Llama-like: one dtype copy per
-    norm; Gemma-2: its fp32 copy). LayerNorm (GPT-2, OPT) is one fused op that saves the same either way."""
+    norm; Gemma-2: its fp32 copy). LayerNorm (GPT-2, OPT) is one fused op that saves the same either way.
+
+    ``autocast`` (Llama-like only; fp32 parameters under torch autocast): ``dt`` counts elements in autocast's
+    16-bit dtype. The residual stream and the RMSNorms stay fp32 (each keeps its fp32 input, its normalized
+    tensor and rsqrt), and every projection casts its fp32 input for itself (q, k, v and gate, up: five cast
+    copies saved); the rest is as in a 16-bit model. Autocast's cast copies of the weights are not per token
+    (:func:`autocast_weight_bytes`)."""
     if attn not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {attn!r}; choose from {', '.join(ATTN_IMPLS)}")
     h, q, kv, i, a = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate, arch.heads
     fam = arch.family
+    if autocast and fam not in LLAMA_LIKE:
+        raise ValueError(f"autocast activations are modelled for {', '.join(LLAMA_LIKE)} only, not {fam}")
     if fam in LLAMA_LIKE or fam == "gemma2" or fam not in ("gpt2", "opt"):
         # two RMSNorms: fp32 input + rsqrt (fp32), normalized in dtype + its output (the next matmul's input)
         norms = 4 if fam == "gemma2" else 2
@@ -242,6 +250,8 @@ def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True) -> 
         norm_f32 = norms * (h + 1) + (norms * h if fam == "gemma2" and trained_norms else 0)
         norm_dt = (2 * 2 * h if trained_norms else 2 * h) if fam != "gemma2" else 2 * h
         mlp = 4 * i
+        if autocast:
+            norm_f32, norm_dt = 2 * ((2 * h if trained_norms else h) + 1), 5 * h
         if attn == "flash":
             att_dt, att_f32 = 2 * q + 2 * kv, a
         elif attn == "sdpa":
@@ -260,6 +270,16 @@ def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True) -> 
     att_dt = 3 * h + h if attn != "eager" else 4 * h + a * seq  # eager: fp32 softmax + its dtype copy
     att_f32 = a if attn != "eager" else a * seq
     return TokenBytes(ln_dt + att_dt + i, att_f32)
+
+
+def autocast_weight_bytes(arch: Arch, autocast_bytes: int) -> int:
+    """Autocast's cast copies of the decoder projections' weights (q, k, v, o and the MLP's, biases aside): each
+    matmul casts its fp32 weight to the autocast dtype and autograd saves the copy for backward (autocast also
+    caches the copies of weights that need a gradient until its context exits). Measured with
+    ``test_layer_saved_under_autocast_matches_what_autograd_saves``."""
+    h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    mlp = (3 if arch.gated_mlp else 2) * h * i
+    return arch.layers * (h * q + 2 * h * kv + q * h + mlp) * autocast_bytes
 
 
 def final_norm_saved(arch: Arch, trained: bool = True) -> TokenBytes:

@@ -19,7 +19,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .arch import Arch, final_norm_saved, layer_saved, layer_transient, nograd_layer_bytes
+from .arch import (
+    LLAMA_LIKE,
+    Arch,
+    autocast_weight_bytes,
+    final_norm_saved,
+    layer_saved,
+    layer_transient,
+    nograd_layer_bytes,
+)
 from .planner import largest_fitting
 
 PHASES = ("generation", "scoring", "update", "optimizer_step", "weight_sync")
@@ -219,9 +227,10 @@ class Deployment:
     tensor_parallel: int = 1
     tensor_parallel_head: bool = False
     # torch autocast over wider stored parameters (AMP: TRL's bf16=True on an fp32 model): its compute dtype's
-    # bytes. Planned: TRL's fused head computes in it; not planned: the layers' activations, which under autocast
-    # mix fp32 (residual stream, norms) and 16-bit tensors (each linear's cast input and output), so the plan
-    # keeps them in the stored dtype, an over-estimate (measured on CPU in benchmarks/bench_memory_trl_real.py)
+    # bytes. TRL's fused head computes in it; for Llama-like full fine-tuning under plain data parallelism the
+    # update keeps what autocast saves and the weights' cast copies (autocast_modelled); no-grad forwards' and
+    # other cases' activations stay in the stored dtype, an over-estimate (the plan notes it). Measured on CPU
+    # against TRL's own trainer in benchmarks/bench_memory_trl_real.py
     autocast_bytes: int | None = None
 
     def __post_init__(self):
@@ -657,14 +666,36 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
             root, layer = a.root_params * db, a.layer_params * db
             return int(tokens * a.hidden * db + max(head, body + 2 * layer, root + layer) + root)
         gathered = 2 * a.largest_param * db  # ZeRO-3: the gathered unit and its prefetch
-    return int(tokens * a.hidden * db + max(head, body) + gathered)
+    # autocast caches the cast copy of every weight that needs a gradient until its context exits
+    cache = autocast_weight_bytes(a, dep.autocast_bytes or 0) if autocast_modelled(role, dep) else 0
+    return int(tokens * a.hidden * db + max(head, body) + gathered + cache)
+
+
+def autocast_modelled(role: Role, dep: Deployment) -> bool:
+    """Whether the role's activations are planned as torch autocast keeps them (``Deployment.autocast_bytes``):
+    measured for Llama-like full fine-tuning under plain data parallelism; other cases keep the parameters'
+    dtype (an over-estimate of the activations; the plan notes it)."""
+    return (bool(dep.autocast_bytes) and (dep.autocast_bytes or 0) < role.dtype_bytes and role.trained
+            and role.arch.family in LLAMA_LIKE and not role.lora_rank and not role.load_in_4bit
+            and role_sharding(role, dep).kind == "zero0")
 
 
 def update_transient(role: Role, dep: Deployment) -> int:
     """Forward + backward of one train micro-batch: saved activations and the head's backward at its start;
-    with checkpointing, the layer inputs plus one recomputed layer."""
+    with checkpointing, the layer inputs plus one recomputed layer.
+
+    Under autocast (:func:`autocast_modelled`) autograd also saves the weights' cast copies; with checkpointing
+    those are dropped, but autocast's cache holds every copy until its context exits after the loss, and the
+    recomputed layer casts its own again."""
     saved, head, layer = _update_terms(role, dep)
-    return saved + max(head, layer)
+    if not autocast_modelled(role, dep):
+        return saved + max(head, layer)
+    casts = autocast_weight_bytes(role.arch, dep.autocast_bytes or 0)
+    if not role_checkpointing(role, dep):
+        return saved + casts + max(head, layer)
+    htokens = head_tokens(dep, dep.micro_batch)
+    head_forward = htokens * _head_bytes_per_token(role, dep, False) + _chunk_head_bytes(role, dep, False, htokens)
+    return saved + max(head, layer + casts // role.arch.layers, casts + int(head_forward))
 
 
 def head_slack(role: Role, dep: Deployment) -> int:
@@ -692,7 +723,9 @@ def _update_terms(role: Role, dep: Deployment) -> tuple[int, int, int]:
     tokens = micro_tokens(dep, dep.micro_batch)
     db = role.dtype_bytes
     frozen = bool(role.lora_rank)  # LoRA: norms and head frozen keep less (layer_saved, final_norm_saved)
-    per_layer = layer_saved(a, dep.attn, dep.seq, trained_norms=not frozen).bytes(db)
+    ac = autocast_modelled(role, dep)
+    per_layer = layer_saved(a, dep.attn, dep.seq, trained_norms=not frozen, autocast=ac).bytes(
+        (dep.autocast_bytes or db) if ac else db)
     n_proj = (7 if a.gated_mlp else 6) if a.family != "gpt2" else 4
     lora = tokens * role.lora_rank * db * n_proj  # each adapter keeps its rank-r intermediate (x is shared)
     htokens = head_tokens(dep, dep.micro_batch)
@@ -1122,9 +1155,11 @@ def plan_deployment(dep: Deployment) -> DeploymentPlan:
     groups = [plan_group(dep, g, eng) for g in dep.groups]
     notes = [eng.rule]
     if dep.autocast_bytes and dep.autocast_bytes < dep.actor.dtype_bytes:
+        where = ("the update's saved activations and the weights' cast copies follow autocast; no-grad "
+                 "forwards' activations are" if autocast_modelled(dep.actor, dep) else "activations are")
         notes.append(f"autocast to {8 * dep.autocast_bytes}-bit over {8 * dep.actor.dtype_bytes}-bit parameters: "
-                     "activations are planned in the parameters' dtype, an over-estimate (autocast keeps the "
-                     "residual stream and norms in fp32 and the linears' inputs and outputs in 16 bits)")
+                     f"{where} planned in the parameters' dtype, an over-estimate (autocast keeps the residual "
+                     "stream and norms in fp32 and the linears' inputs and outputs in 16 bits)")
     if dep.engine.kind != "hf" and eng.max_seqs < 1:
         notes.append(f"{dep.engine.kind}: no room for a KV pool holding one {dep.seq}-token sequence")
     return DeploymentPlan(dep, groups, eng, notes)

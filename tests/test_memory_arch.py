@@ -144,3 +144,42 @@ def test_layer_saved_matches_what_autograd_saves(family, attn, trained_norms):
 def test_nograd_layer_refuses_an_unknown_attention_implementation():
     with pytest.raises(ValueError, match="unknown attention implementation 'xformers'"):
         nograd_layer_bytes(load_arch("Qwen2.5-0.5B"), "xformers", 128, 2)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "flash"), ("llama", "eager"), ("qwen2", "flash")])
+def test_layer_saved_under_autocast_matches_what_autograd_saves(family, attn):
+    """fp32 parameters under CPU autocast to bf16 (AMP): one decoder layer's saved storages (two-layer minus
+    one-layer model), split into what grows with the tokens (two token counts) and what does not (the weights'
+    bf16 cast copies, autocast_weight_bytes), against layer_saved(autocast=True)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memory.arch import autocast_weight_bytes
+
+    base = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=300)
+
+    def saved_bytes(layers, b, s):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, num_hidden_layers=layers, **base),
+                                             dtype=torch.float32, attn_implementation="sdpa" if attn == "flash"
+                                             else attn).train()
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(input_ids=torch.randint(0, 300, (b, s)), use_cache=False)
+        return sum(seen.values())
+
+    b, s = 2, 12
+    layer = {n: saved_bytes(2, b, n) - saved_bytes(1, b, n) for n in (s, 2 * s)}
+    arch = arch_from_config({"model_type": family, "num_hidden_layers": 1, **base})
+    fixed = autocast_weight_bytes(arch, 2) // arch.layers
+    for n, measured in layer.items():
+        predicted = layer_saved(arch, attn, n, autocast=True).bytes(2) * b * n + fixed
+        assert predicted == pytest.approx(measured, rel=0.02), (n, measured, predicted)

@@ -22,12 +22,12 @@ def test_prediction_matches_a_real_trl_grpo_step_in_every_phase():
     assert all(abs(e) < 0.05 for e in errors.values()), errors
 
 
-def test_autocast_computes_the_fused_head_in_16_bits_and_overplans_the_layers():
+def test_autocast_over_fp32_weights_matches_in_every_phase():
     """TRL's default on a GPU: bf16=True over an fp32 model, so the Trainer runs under autocast. The fused head's
-    buffer is in the autocast dtype (planned); the layers' activations mix fp32 and bf16 and are planned in fp32,
-    an over-estimate the plan says in a note: here the update by about 11%."""
+    buffer is in the autocast dtype, the update keeps what autocast saves (fp32 norms and residual stream, each
+    projection's 16-bit input cast, the weights' cast copies) and scoring autocast's cache of those copies: the
+    update was +11% with the activations planned in fp32."""
     got = measure_one(*CONFIGS[3][1:])
     assert got["inputs"]["autocast_bytes"] == 2
     errors = {ph: got["predicted"][ph] / got["measured"][ph] - 1 for ph in PHASES}
-    assert all(abs(errors[ph]) < 0.05 for ph in ("generation", "scoring", "optimizer_step")), errors
-    assert 0 < errors["update"] < 0.20, errors
+    assert all(abs(e) < 0.05 for e in errors.values()), errors
