@@ -236,7 +236,7 @@ def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True, aut
     16-bit dtype. The residual stream and the RMSNorms stay fp32 (each keeps its fp32 input, its normalized
     tensor and rsqrt), and every projection casts its fp32 input for itself (q, k, v and gate, up: five cast
     copies saved); the rest is as in a 16-bit model. Autocast's cast copies of the weights are not per token
-    (:func:`autocast_weight_bytes`)."""
+    (``memory.deploy.autocast_casts``)."""
     if attn not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {attn!r}; choose from {', '.join(ATTN_IMPLS)}")
     h, q, kv, i, a = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate, arch.heads
@@ -270,16 +270,6 @@ def layer_saved(arch: Arch, attn: str, seq: int, trained_norms: bool = True, aut
     att_dt = 3 * h + h if attn != "eager" else 4 * h + a * seq  # eager: fp32 softmax + its dtype copy
     att_f32 = a if attn != "eager" else a * seq
     return TokenBytes(ln_dt + att_dt + i, att_f32)
-
-
-def autocast_weight_bytes(arch: Arch, autocast_bytes: int) -> int:
-    """Autocast's cast copies of the decoder projections' weights (q, k, v, o and the MLP's, biases aside): each
-    matmul casts its fp32 weight to the autocast dtype and autograd saves the copy for backward (autocast also
-    caches the copies of weights that need a gradient until its context exits). Measured with
-    ``test_layer_saved_under_autocast_matches_what_autograd_saves``."""
-    h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
-    mlp = (3 if arch.gated_mlp else 2) * h * i
-    return arch.layers * (h * q + 2 * h * kv + q * h + mlp) * autocast_bytes
 
 
 def final_norm_saved(arch: Arch, trained: bool = True) -> TokenBytes:

@@ -19,15 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .arch import (
-    LLAMA_LIKE,
-    Arch,
-    autocast_weight_bytes,
-    final_norm_saved,
-    layer_saved,
-    layer_transient,
-    nograd_layer_bytes,
-)
+from .arch import LLAMA_LIKE, Arch, final_norm_saved, layer_saved, layer_transient, nograd_layer_bytes
 from .planner import largest_fitting
 
 PHASES = ("generation", "scoring", "update", "optimizer_step", "weight_sync")
@@ -667,7 +659,7 @@ def scoring_transient(role: Role, dep: Deployment, n: int) -> int:
             return int(tokens * a.hidden * db + max(head, body + 2 * layer, root + layer) + root)
         gathered = 2 * a.largest_param * db  # ZeRO-3: the gathered unit and its prefetch
     # autocast caches the cast copy of every weight that needs a gradient until its context exits
-    cache = autocast_weight_bytes(a, dep.autocast_bytes or 0) if autocast_modelled(role, dep) else 0
+    cache = autocast_casts(role, dep) if autocast_modelled(role, dep) else 0
     return int(tokens * a.hidden * db + max(head, body) + gathered + cache)
 
 
@@ -680,6 +672,13 @@ def autocast_modelled(role: Role, dep: Deployment) -> bool:
             and role_sharding(role, dep).kind == "zero0")
 
 
+def autocast_casts(role: Role, dep: Deployment) -> int:
+    """Autocast's cast copies of the projection weights: each matmul casts its fp32 weight to the autocast dtype
+    and autograd saves the copy for backward (autocast also caches the copies of weights that need a gradient
+    until its context exits). Measured with ``test_layer_saved_under_autocast_matches_what_autograd_saves``."""
+    return role.linear_weight_params() * (dep.autocast_bytes or 0)
+
+
 def update_transient(role: Role, dep: Deployment) -> int:
     """Forward + backward of one train micro-batch: saved activations and the head's backward at its start;
     with checkpointing, the layer inputs plus one recomputed layer.
@@ -690,7 +689,7 @@ def update_transient(role: Role, dep: Deployment) -> int:
     saved, head, layer = _update_terms(role, dep)
     if not autocast_modelled(role, dep):
         return saved + max(head, layer)
-    casts = autocast_weight_bytes(role.arch, dep.autocast_bytes or 0)
+    casts = autocast_casts(role, dep)
     if not role_checkpointing(role, dep):
         return saved + casts + max(head, layer)
     htokens = head_tokens(dep, dep.micro_batch)

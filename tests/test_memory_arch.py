@@ -150,10 +150,10 @@ def test_nograd_layer_refuses_an_unknown_attention_implementation():
 def test_layer_saved_under_autocast_matches_what_autograd_saves(family, attn):
     """fp32 parameters under CPU autocast to bf16 (AMP): one decoder layer's saved storages (two-layer minus
     one-layer model), split into what grows with the tokens (two token counts) and what does not (the weights'
-    bf16 cast copies, autocast_weight_bytes), against layer_saved(autocast=True)."""
+    bf16 cast copies, autocast_casts), against layer_saved(autocast=True)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memory.arch import autocast_weight_bytes
+    from memory.deploy import Deployment, Role, autocast_casts
 
     base = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=300)
@@ -179,7 +179,8 @@ def test_layer_saved_under_autocast_matches_what_autograd_saves(family, attn):
     b, s = 2, 12
     layer = {n: saved_bytes(2, b, n) - saved_bytes(1, b, n) for n in (s, 2 * s)}
     arch = arch_from_config({"model_type": family, "num_hidden_layers": 1, **base})
-    fixed = autocast_weight_bytes(arch, 2) // arch.layers
+    fixed = autocast_casts(Role("actor", arch, trained=True, dtype_bytes=4),
+                           Deployment(actor=Role("actor", arch, trained=True), autocast_bytes=2))
     for n, measured in layer.items():
         predicted = layer_saved(arch, attn, n, autocast=True).bytes(2) * b * n + fixed
         assert predicted == pytest.approx(measured, rel=0.02), (n, measured, predicted)
