@@ -92,6 +92,22 @@ def test_config_path_folder_and_unknown_family(tmp_path):
         load_arch(str(tmp_path / "bad.json"))
 
 
+def _saved_storage_bytes(model, input_ids) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids, use_cache=False)
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("family,attn,trained_norms", [
     ("llama", "flash", True), ("llama", "eager", True), ("gpt2", "flash", True), ("gpt2", "eager", True),
     ("opt", "flash", True), ("opt", "eager", True), ("gemma2", "eager", True),
@@ -122,18 +138,7 @@ def test_layer_saved_matches_what_autograd_saves(family, attn, trained_norms):
         for name, p in m.named_parameters():
             if not trained_norms and "norm" in name:
                 p.requires_grad_(False)
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-        seen = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m(input_ids=torch.randint(0, 300, (b, s)), use_cache=False)
-        return sum(seen.values())
+        return _saved_storage_bytes(m, torch.randint(0, 300, (b, s)))
 
     measured = saved_bytes(2) - saved_bytes(1)
     cfg = dict(base, **{layers_key: 1})
@@ -163,18 +168,8 @@ def test_layer_saved_under_autocast_matches_what_autograd_saves(family, attn):
         m = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, num_hidden_layers=layers, **base),
                                              dtype=torch.float32, attn_implementation="sdpa" if attn == "flash"
                                              else attn).train()
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-        seen = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m(input_ids=torch.randint(0, 300, (b, s)), use_cache=False)
-        return sum(seen.values())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _saved_storage_bytes(m, torch.randint(0, 300, (b, s)))
 
     b, s = 2, 12
     layer = {n: saved_bytes(2, b, n) - saved_bytes(1, b, n) for n in (s, 2 * s)}
