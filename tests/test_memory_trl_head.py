@@ -13,7 +13,7 @@ from memory.inputs import trl_from_mappings
 
 CONFIG = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "per_device_train_batch_size": 16,
           "max_prompt_length": 512, "max_completion_length": 2048, "num_generations": 16, "beta": 0.0,
-          "gradient_checkpointing": True, "bf16": True}
+          "gradient_checkpointing": True, "bf16": True, "model_init_kwargs": {"dtype": "bfloat16"}}
 
 
 @pytest.mark.parametrize("version, head", [
@@ -140,3 +140,18 @@ def test_the_adapter_plans_autocast_over_fp32_weights(tiny_model_dir, tmp_path):
             == 2 * buffer)
     assert any("autocast" in n for n in plan_deployment(amp).notes)
     assert not any("autocast" in n for n in plan_deployment(plain).notes)
+
+
+@pytest.mark.parametrize("changes, dtype_bytes, autocast", [
+    ({}, 4, 2),                                                     # TRL's defaults: fp32 model, bf16 autocast
+    ({"bf16": False}, 4, None),                                     # fp32 throughout
+    ({"torch_dtype": "bfloat16"}, 2, None),                         # open-r1 style: the model loaded in bf16
+    ({"model_init_kwargs": {"dtype": "float32"}}, 4, 2),
+])
+def test_a_trl_config_without_a_dtype_plans_trls_fp32_model_under_autocast(changes, dtype_bytes, autocast):
+    """TRL loads the model in fp32 unless model_init_kwargs names a dtype; under plain data parallelism the
+    Trainer's bf16 (its default) then runs it under autocast."""
+    cfg = {k: v for k, v in CONFIG.items() if k != "model_init_kwargs"}
+    dep = trl_from_mappings({**cfg, **changes})
+    assert dep.sharding.kind == "zero0"
+    assert (dep.actor.dtype_bytes, dep.autocast_bytes) == (dtype_bytes, autocast)
