@@ -93,7 +93,7 @@ def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, c
     from trl import GRPOConfig, GRPOTrainer
 
     from adapters.trl_memory import predict_trainer
-    from memory.measure import tensor_bytes
+    from memory.measure import cpu_peaks_by_range, tensor_bytes
     from profiler.kineto_log import quiet_kineto
 
     transformers.logging.set_verbosity_error()
@@ -149,7 +149,7 @@ def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, c
                 if self.prof is not None:
                     with quiet_kineto():
                         self.prof.__exit__(None, None, None)
-                    self.peaks = phase_peaks(self.prof, self.baseline)
+                    self.peaks = cpu_peaks_by_range(self.prof, "phase:", self.baseline)
                     self.prof = None
 
         measure = Measure()
@@ -162,36 +162,6 @@ def measure_one(spec: Any, batch: int, gens: int, words: int, completion: int, c
     predicted = {ph: report["prediction"]["phases"][ph]["total"] for ph in PHASES}
     return {"measured": measure.peaks, "predicted": predicted, "prompt_len": prompt_len,
             "inputs": report["inputs"], "phases_seen": sorted(set(ranges))}
-
-
-def phase_peaks(prof: Any, baseline: int) -> dict[str, int]:
-    """Most bytes alive during each ``phase:*`` range of the profile: the baseline plus the running sum of the
-    CPU allocations and frees made in the profile (frees of older blocks are not this step's and are skipped),
-    read at every allocation made inside a range of that phase."""
-    from torch._C._profiler import _EventType
-
-    events: list[tuple[int, int, int, str | None]] = []
-    stack = [(e, None) for e in prof.profiler.kineto_results.experimental_event_tree()]
-    while stack:
-        ev, phase = stack.pop()
-        if ev.typed[0] == _EventType.Allocation:
-            if ev.typed[1].device.type == "cpu":
-                events.append((ev.start_time_ns, ev.typed[1].ptr, ev.typed[1].alloc_size, phase))
-            continue
-        if ev.name.startswith("phase:"):
-            phase = ev.name[len("phase:"):]
-        stack.extend((c, phase) for c in ev.children)
-    events.sort(key=lambda e: e[0])
-    live, mine, peaks = baseline, {}, {}
-    for _, ptr, size, phase in events:
-        if size > 0:
-            mine[ptr] = size
-            live += size
-            if phase is not None:
-                peaks[phase] = max(peaks.get(phase, 0), live)
-        elif ptr in mine:
-            live -= mine.pop(ptr)
-    return peaks
 
 
 def main() -> int:

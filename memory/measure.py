@@ -89,17 +89,43 @@ def tensor_bytes(*objs: Any, device: str | torch.device | None = None) -> int:
     return total
 
 
+def _cpu_allocations(prof, range_prefix: str | None) -> list[tuple[int, int, int, int, str | None]]:
+    """CPU allocator events in time order: (time ns, allocation id, address, signed bytes, the innermost enclosing
+    ``record_function`` range whose name starts with ``range_prefix``, without the prefix; None outside one)."""
+    allocs = []
+    stack: list[tuple[Any, str | None]] = [(e, None) for e in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        ev, rng = stack.pop()
+        if range_prefix is not None and ev.name.startswith(range_prefix):
+            rng = ev.name[len(range_prefix):]
+        stack.extend((c, rng) for c in ev.children)
+        if ev.typed[0] == _EventType.Allocation and ev.typed[1].device.type == "cpu":
+            allocs.append((ev.start_time_ns, ev.typed[1].allocation_id, ev.typed[1].ptr, ev.typed[1].alloc_size, rng))
+    allocs.sort(key=lambda a: a[:4])
+    return allocs
+
+
 def cpu_allocation_events(prof) -> list[tuple[int, int, int, int]]:
     """The profile's CPU allocator events in time order: (time ns, allocation id, address, signed bytes)."""
-    allocs = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        if ev.typed[0] == _EventType.Allocation and ev.typed[1].device.type == "cpu":
-            allocs.append((ev.start_time_ns, ev.typed[1].allocation_id, ev.typed[1].ptr, ev.typed[1].alloc_size))
-    allocs.sort()
-    return allocs
+    return [a[:4] for a in _cpu_allocations(prof, None)]
+
+
+def cpu_peaks_by_range(prof, range_prefix: str, baseline_bytes: int = 0) -> dict[str, int]:
+    """Most bytes alive during each ``record_function`` range named ``range_prefix + name`` (ranges of one name
+    pooled): the baseline plus the running sum of the profile's CPU allocations and frees (frees of blocks
+    allocated before the profile are skipped, as in :func:`track_peak`), read at every allocation inside it."""
+    live = baseline_bytes
+    mine: dict[int, int] = {}
+    peaks: dict[str, int] = {}
+    for _, _, ptr, size, rng in _cpu_allocations(prof, range_prefix):
+        if size > 0:
+            mine[ptr] = size
+            live += size
+            if rng is not None:
+                peaks[rng] = max(peaks.get(rng, 0), live)
+        elif ptr in mine:
+            live -= mine.pop(ptr)
+    return peaks
 
 
 def _cpu_peak_from_profile(prof) -> tuple[int, int, int, int]:

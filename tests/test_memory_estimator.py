@@ -82,6 +82,27 @@ def test_track_peak_counts_region_allocations_and_ignores_earlier_blocks():
     assert second.delta_peak_bytes < 4096 and third.delta_peak_bytes == 1 << 20
 
 
+def test_cpu_peaks_by_range_reads_each_range_at_its_own_allocations():
+    """Bytes alive during each named range: what the profile allocated before it and still holds counts, what it
+    freed does not; two ranges of one name pool into one peak."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from memory.measure import cpu_peaks_by_range
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("phase:a"):
+            x = torch.empty(4 << 20, dtype=torch.uint8)
+        y = torch.empty(1 << 20, dtype=torch.uint8)
+        with record_function("phase:b"):
+            z = torch.empty(2 << 20, dtype=torch.uint8)
+        del x, z
+        with record_function("phase:a"):
+            w = torch.empty(1 << 20, dtype=torch.uint8)
+    peaks = cpu_peaks_by_range(prof, "phase:", baseline_bytes=100)
+    assert peaks == {"a": 100 + (4 << 20), "b": 100 + (7 << 20)}
+    del y, w
+
+
 def test_prediction_within_10_percent_of_a_measured_step():
     spec = StepSpec(shape(2, 96, 6000, heads=3), batch_size=4, prompt_len=12, gen_len=12)
     measured = measure_step(spec)
