@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,16 +284,15 @@ def trl_from_mappings(cfg: dict[str, Any], *, accelerate: dict[str, Any] | None 
     if deepspeed:
         sharding = sharding_from_deepspeed(deepspeed)
     gpus = num_processes or (n_proc * machines if accelerate else _setting(cfg, "num_processes", n_proc, source))
+    # TRL loads the model in fp32 unless model_init_kwargs names a dtype, and under plain data parallelism nothing
+    # casts it: the Trainer's bf16/fp16 (bf16 by default) runs it under autocast. DeepSpeed and FSDP keep their own
+    # 16-bit working copies (Sharding.mixed_precision).
+    fp32 = sharding.kind == "zero0" and _trl_model_dtype(cfg) in (None, "float32")
     dep = trl_deployment(cfg, arch, gpus=int(gpus), sharding=sharding, gpu_memory=gpu_memory,
-                         gpus_per_node=gpus_per_node, source=source, trl_version=trl_version)
-    if sharding.kind == "zero0" and _trl_model_dtype(cfg) in (None, "float32"):
-        # TRL loads the model in fp32 unless model_init_kwargs names a dtype, and under plain data parallelism
-        # nothing casts it: the Trainer's bf16/fp16 (bf16 by default) runs it under autocast. DeepSpeed and FSDP
-        # keep their own 16-bit working copies (Sharding.mixed_precision).
-        amp = cfg.get("bf16", True) or cfg.get("fp16")
-        dep = dep.with_(actor=replace(dep.actor, dtype_bytes=4), autocast_bytes=2 if amp else None,
-                        reference=replace(dep.reference, dtype_bytes=4) if dep.reference else None)
-    return dep
+                         gpus_per_node=gpus_per_node, dtype_bytes=4 if fp32 else 2, source=source,
+                         trl_version=trl_version)
+    amp = fp32 and (cfg.get("bf16", True) or cfg.get("fp16"))
+    return dep.with_(autocast_bytes=2) if amp else dep
 
 
 def _trl_model_dtype(cfg: dict[str, Any]) -> str | None:
